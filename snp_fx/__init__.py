@@ -1,0 +1,9 @@
+"""snp_fx: structured neuron-level pruning (SNP) of transformers as a torch.fx pass."""
+from .analysis import Analysis, Group, Site
+from .api import analyze, apply, plan, prune
+from .errors import RewriteError, SNPError, TraceError
+from .plan import PruningPlan
+
+__all__ = ["analyze", "apply", "plan", "prune", "PruningPlan", "Analysis", "Group", "Site",
+           "SNPError", "TraceError", "RewriteError"]
+__version__ = "0.1.0"

@@ -1,0 +1,113 @@
+"""The public pipeline: trace -> analyze -> score -> plan -> rewrite -> verify."""
+from __future__ import annotations
+
+import copy
+
+import torch
+import torch.fx as fx
+
+from . import verify as _verify
+from .analysis import Analysis, propagate
+from .errors import RewriteError, SNPError
+from .plan import PruningPlan, keep_mask, l2_scores, make_plan
+from .rewrite import rewrite
+from .trace import normalize_inputs, trace
+
+TOLERANCE = 1e-4
+
+
+def analyze(model: torch.nn.Module, example_inputs, leaf_modules=()) -> Analysis:
+    """Trace ``model`` and find its attention sites and coupled channel groups.
+
+    ``model`` is copied first, so nothing that happens here (even an error
+    halfway) can change it.  ``example_inputs``: a tensor, a tuple of
+    positional tensors, or a dict of keyword inputs.
+    """
+    if not isinstance(model, torch.nn.Module):
+        raise SNPError(f"expected a torch.nn.Module or fx.GraphModule, got {type(model).__name__}")
+    work = copy.deepcopy(model).eval()
+    gm = trace(work, leaf_modules)
+    inputs = normalize_inputs(gm, example_inputs)
+    try:
+        return propagate(gm, inputs)
+    except SNPError:
+        raise
+    except Exception as e:
+        raise SNPError(f"the model does not run on the example inputs: {type(e).__name__}: {e}\n"
+                       "Pass inputs of the shape, dtype and device the model expects.") from e
+
+
+def _scores(analysis: Analysis, importance: str) -> torch.Tensor:
+    params = dict(analysis.gm.named_parameters())
+    params.update(dict(analysis.gm.named_buffers()))
+    if importance == "l2":
+        return l2_scores(analysis, params)
+    raise SNPError(f"unknown importance '{importance}'; available: 'l2'")
+
+
+def plan(model, example_inputs, ratios: dict, importance: str = "l2", analysis: Analysis | None = None,
+         leaf_modules=()) -> PruningPlan:
+    """Which channels to keep in every group, as a JSON-serialisable PruningPlan."""
+    a = analysis or analyze(model, example_inputs, leaf_modules)
+    p = make_plan(a, ratios, _scores(a, importance))
+    p.meta["importance"] = importance
+    return p
+
+
+def _prunes_residual(analysis: Analysis, p: PruningPlan) -> bool:
+    for name, entry in p.groups.items():
+        g = analysis.groups[name]
+        if g.kind == "residual" and len(entry["keep"]) < g.width:
+            return True
+    return False
+
+
+def apply(model, plan: PruningPlan, example_inputs, verify: bool = True, analysis: Analysis | None = None,
+          leaf_modules=()) -> fx.GraphModule:
+    """Rewrite ``model`` into a smaller GraphModule following ``plan``.
+
+    With ``verify`` (default) the result is checked on the example inputs:
+    mask equivalence with the original when the residual stream is kept,
+    matching output shapes otherwise.  A failed check raises RewriteError.
+    """
+    if not isinstance(plan, PruningPlan):
+        raise SNPError(f"plan must be a PruningPlan, got {type(plan).__name__}")
+    a = analysis or analyze(model, example_inputs, leaf_modules)
+    keep = keep_mask(a, plan)
+    pruned = rewrite(a, keep)
+    pruned.eval()
+    if verify:
+        _check(a, keep, pruned, plan)
+    pruned.train(model.training)
+    pruned.meta["snp_plan"] = plan.to_json()
+    return pruned
+
+
+@torch.no_grad()
+def _check(a: Analysis, keep, pruned, p: PruningPlan):
+    try:
+        out = pruned(*a.inputs)
+    except Exception as e:
+        raise RewriteError(f"the pruned graph does not run ({type(e).__name__}: {e}); please report this "
+                           "model; groups involved can be excluded with ratios={group: 0}") from e
+    if _prunes_residual(a, p):
+        ref = a.gm(*a.inputs)
+        if _verify.relative_error(out, ref) == float("inf"):
+            raise RewriteError("the pruned graph's outputs do not have the original shapes")
+        return
+    err = _verify.mask_equivalence(a, keep, pruned, a.inputs)
+    if not err < TOLERANCE:
+        raise RewriteError(f"internal check failed: pruned output differs from the masked original "
+                           f"(relative error {err:.2e}); please report this model")
+
+
+def prune(model, example_inputs, ratios: dict | None = None, importance: str = "l2", verify: bool = True,
+          leaf_modules=()) -> fx.GraphModule:
+    """Analyze, plan from ``ratios`` and rewrite in one call.
+
+    ``ratios``: fraction removed per kind — {"qk", "v", "ffn", "residual", "heads"} —
+    or per group name from ``analyze``; q/k and v remove the same count in every head.
+    """
+    a = analyze(model, example_inputs, leaf_modules)
+    p = plan(model, example_inputs, ratios or {}, importance, analysis=a)
+    return apply(model, p, example_inputs, verify=verify, analysis=a)

@@ -1,0 +1,13 @@
+"""Errors snp_fx raises: each says what was wrong and what to do."""
+
+
+class SNPError(ValueError):
+    """Bad input to snp_fx (model, inputs, ratios, plan)."""
+
+
+class TraceError(SNPError):
+    """The model could not be traced into an fx graph."""
+
+
+class RewriteError(RuntimeError):
+    """The rewrite could not realise a plan; the model is left untouched."""

@@ -1,0 +1,134 @@
+"""Op semantics table: how channel labels flow through every op we know.
+
+Ops are keyed by a normalised name (``op_key``) so torch functions, tensor
+methods, ``operator`` builtins and ATen overloads share one entry.  Each entry
+is a *kind*; the analysis (analysis.py) implements one rule per kind:
+
+  move       pure data movement, executed on the label tensors themselves
+  unary      elementwise on one tensor (activations, dropout, casts, ...)
+  binary     elementwise with broadcasting (couples the channels it aligns)
+  reduce     reduction over ``dim`` (sum is linear; mean/var/max are not)
+  softmax    normalisation over ``dim`` (not equivalent to zeroing if a channel dim)
+  like       zeros_like & co: new tensor shaped like the input
+  factory    new tensor from literal sizes (frozen: sizes are baked in)
+  linear / layer_norm / group_norm / batch_norm / conv / embedding
+  matmul / bmm / einsum / sdpa   contractions
+  shape      x.shape / x.size(): python ints (tracked for channel taint)
+  scalar     python arithmetic on ints
+  pad
+
+Anything not listed is *unknown*: every channel it touches is frozen and the
+reason is reported.  ``SIZE_ARGS`` says which ops take literal sizes that the
+rewrite must fix.
+"""
+from __future__ import annotations
+
+import operator
+
+import torch
+import torch.nn as nn
+
+MOVE = {
+    "reshape", "view", "permute", "transpose", "t", "flatten", "unflatten", "squeeze",
+    "unsqueeze", "contiguous", "expand", "expand_as", "view_as", "reshape_as", "getitem",
+    "select", "narrow", "split", "split_with_sizes", "chunk", "unbind", "cat", "concat",
+    "concatenate", "stack", "roll", "flip", "index_select", "gather", "repeat",
+    "repeat_interleave", "movedim", "swapaxes", "swapdims", "clone", "_unsafe_view",
+    "slice", "alias", "tile",
+}
+UNARY = {
+    "gelu", "relu", "relu_", "silu", "sigmoid", "tanh", "hardswish", "hardsigmoid", "mish",
+    "elu", "leaky_relu", "softplus", "relu6", "hardtanh", "dropout", "dropout_", "identity",
+    "float", "half", "bfloat16", "double", "to", "type", "type_as", "detach", "neg",
+    "exp", "sqrt", "rsqrt", "abs", "sin", "cos", "erf", "square", "reciprocal", "clamp",
+    "clamp_", "clip", "_to_copy", "native_dropout", "lift_fresh_copy", "pow_scalar",
+    "contiguous_", "log", "sign", "floor", "round", "nan_to_num",
+}
+BINARY = {
+    "add", "add_", "iadd", "sub", "sub_", "isub", "rsub", "mul", "mul_", "imul", "truediv",
+    "div", "div_", "itruediv", "pow", "maximum", "minimum", "where", "masked_fill",
+    "addcmul", "lerp", "floordiv", "mod", "eq", "ne", "lt", "gt", "le", "ge", "and_", "or_",
+}
+REDUCE = {"sum", "mean", "amax", "amin", "max", "min", "var", "std", "norm", "logsumexp", "prod", "all", "any"}
+SOFTMAX = {"softmax", "log_softmax", "_softmax", "_log_softmax"}
+LIKE = {"zeros_like", "ones_like", "empty_like", "full_like", "rand_like", "randn_like", "new_zeros_like"}
+FACTORY = {"zeros", "ones", "empty", "full", "arange", "rand", "randn", "new_zeros", "new_ones",
+           "new_empty", "new_full", "tensor", "linspace", "eye", "tril", "triu", "ones_like_"}
+CONTRACT = {"matmul": "matmul", "bmm": "matmul", "mm": "matmul", "einsum": "einsum",
+            "scaled_dot_product_attention": "sdpa"}
+SHAPE = {"size", "dim", "numel"}
+SCALAR = {"floordiv", "mul", "add", "sub", "truediv", "mod", "pow", "neg", "getitem", "int", "float"}
+
+FUNCTION_KINDS = {
+    "linear": "linear", "layer_norm": "layer_norm", "group_norm": "group_norm",
+    "batch_norm": "batch_norm", "conv1d": "conv", "conv2d": "conv", "embedding": "embedding",
+    "pad": "pad", "constant_pad_nd": "pad",
+}
+
+MODULE_KINDS: list[tuple[type, str]] = [
+    (nn.Linear, "linear"), (nn.LayerNorm, "layer_norm"), (nn.GroupNorm, "group_norm"),
+    (nn.modules.batchnorm._BatchNorm, "batch_norm"), (nn.Conv1d, "conv"), (nn.Conv2d, "conv"),
+    (nn.Embedding, "embedding"), (nn.Softmax, "softmax"), (nn.Flatten, "move"),
+    (nn.Unflatten, "move"),
+]
+UNARY_MODULES = (
+    nn.Identity, nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.GELU, nn.ReLU, nn.SiLU, nn.Sigmoid,
+    nn.Tanh, nn.Hardswish, nn.Hardsigmoid, nn.Mish, nn.LeakyReLU, nn.ELU, nn.Softplus, nn.ReLU6,
+    nn.Hardtanh,
+)
+# spatial pooling acts on free dims only; channels pass through untouched
+POOL_MODULES = (nn.AvgPool2d, nn.MaxPool2d, nn.AdaptiveAvgPool2d, nn.AdaptiveAvgPool1d, nn.AvgPool1d)
+
+# which positional arg holds the dim (for reduce/softmax/split/...)
+OPERATOR_NAMES = {operator.add: "add", operator.iadd: "add", operator.sub: "sub", operator.mul: "mul",
+                  operator.truediv: "truediv", operator.floordiv: "floordiv", operator.matmul: "matmul",
+                  operator.getitem: "getitem", operator.neg: "neg", operator.pow: "pow", operator.mod: "mod"}
+
+
+def op_key(node, modules) -> str:
+    """A normalised name for the op a node runs (module ops: their kind)."""
+    if node.op == "call_method":
+        return node.target
+    if node.op == "call_module":
+        return module_kind(modules[node.target])
+    t = node.target
+    if t in OPERATOR_NAMES:
+        return OPERATOR_NAMES[t]
+    if isinstance(t, torch._ops.OpOverload):
+        return t._schema.name.split("::")[-1]
+    if isinstance(t, torch._ops.OpOverloadPacket):
+        return t._qualified_op_name.split("::")[-1]
+    return getattr(t, "__name__", str(t))
+
+
+def module_kind(mod: nn.Module) -> str:
+    for cls, kind in MODULE_KINDS:
+        if isinstance(mod, cls):
+            return kind
+    if isinstance(mod, UNARY_MODULES) or type(mod).__name__ in ("GELUTanh", "QuickGELU", "Swish", "GELU"):
+        return "unary"
+    if isinstance(mod, POOL_MODULES):
+        return "pool"
+    return "module:" + type(mod).__name__
+
+
+def kind_of(key: str) -> str:
+    if key in FUNCTION_KINDS:
+        return FUNCTION_KINDS[key]
+    if key in CONTRACT:
+        return CONTRACT[key]
+    for kind, names in (("move", MOVE), ("unary", UNARY), ("binary", BINARY), ("reduce", REDUCE),
+                        ("softmax", SOFTMAX), ("like", LIKE), ("factory", FACTORY), ("shape", SHAPE)):
+        if key in names:
+            return kind
+    if key in ("linear", "layer_norm", "group_norm", "batch_norm", "conv", "embedding", "pool", "unary",
+               "softmax", "move"):
+        return key
+    return "unknown"
+
+
+# ops whose arguments are literal sizes tied to output dims: the rewrite fixes them
+SIZE_ARGS = {"reshape", "view", "expand", "unflatten", "_unsafe_view"}
+# positional index of the ``dim`` argument, for ops that take one
+DIM_ARG = {"split": 2, "split_with_sizes": 2, "chunk": 2, "narrow": 1, "select": 1, "unbind": 1,
+           "softmax": 1, "log_softmax": 1, "_softmax": 1, "_log_softmax": 1}

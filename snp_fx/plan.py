@@ -1,0 +1,206 @@
+"""PruningPlan: which channels each group keeps.  JSON-serialisable.
+
+Built from ratios (per kind or per group) and per-class scores; the scores
+come from ``importance`` (L2 weight norms by default).
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+
+import torch
+
+from .analysis import Analysis, Group
+from .errors import SNPError
+
+KINDS = ("qk", "v", "ffn", "residual", "heads")
+
+
+@dataclasses.dataclass
+class PruningPlan:
+    """``groups[name]`` = {"kind", "keep"}: kept indices per head (qk/v) or kept indices."""
+    groups: dict[str, dict]
+    meta: dict = dataclasses.field(default_factory=dict)
+
+    def to_json(self) -> str:
+        return json.dumps({"format": "snp_fx.plan/1", "meta": self.meta, "groups": self.groups}, indent=1)
+
+    @classmethod
+    def from_json(cls, text: str) -> "PruningPlan":
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise SNPError(f"plan is not valid JSON: {e}") from e
+        if not isinstance(data, dict) or data.get("format") != "snp_fx.plan/1":
+            raise SNPError("not an snp_fx plan (missing 'format': 'snp_fx.plan/1')")
+        return cls(groups=data["groups"], meta=data.get("meta", {}))
+
+    def save(self, path) -> None:
+        with open(path, "w") as f:
+            f.write(self.to_json())
+
+    @classmethod
+    def load(cls, path) -> "PruningPlan":
+        with open(path) as f:
+            return cls.from_json(f.read())
+
+    def widths(self) -> dict[str, object]:
+        """Kept width per group (per head for qk/v)."""
+        out = {}
+        for name, g in self.groups.items():
+            k = g["keep"]
+            out[name] = [len(h) for h in k] if g["kind"] in ("qk", "v") else len(k)
+        return out
+
+    def __str__(self) -> str:
+        lines = [f"{'group':<40} {'kind':<8} kept"]
+        for name, w in self.widths().items():
+            kind = self.groups[name]["kind"]
+            if isinstance(w, list):
+                heads = sum(1 for x in w if x)
+                per = sorted({x for x in w if x})
+                w = f"{heads} heads x {per[0] if len(per) == 1 else per}" if heads else "0"
+            lines.append(f"{name:<40} {kind:<8} {w}")
+        return "\n".join(lines)
+
+
+def l2_scores(analysis: Analysis, model_params: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Score of each class: sum of squared weights of every parameter slice in it."""
+    scores = torch.zeros(analysis.space.next_id, dtype=torch.float64)
+    for name, ids_per_dim in analysis.param_ids.items():
+        t = model_params.get(name)
+        if t is None:
+            continue
+        t = t.detach().double().cpu()
+        for d, ids in enumerate(ids_per_dim):
+            other = [i for i in range(t.dim()) if i != d]
+            sq = t.pow(2).sum(other) if other else t.pow(2)
+            scores.index_add_(0, analysis.class_of[ids], sq)
+    for name, ids in analysis.elem_ids.items():
+        t = model_params.get(name)
+        if t is not None:
+            scores.index_add_(0, analysis.class_of[ids.reshape(-1)], t.detach().double().cpu().pow(2).reshape(-1))
+    return scores
+
+
+def _check_ratio(key, r):
+    if not isinstance(r, (int, float)) or isinstance(r, bool) or not (0.0 <= r < 1.0):
+        raise SNPError(f"ratio for '{key}' must be a number in [0, 1), got {r!r}")
+
+
+def _keep_count(n: int, ratio: float, what: str) -> int:
+    k = int(round(n * (1.0 - ratio)))
+    if k < 1:
+        raise SNPError(f"ratio {ratio} would remove every channel of {what} (width {n}); "
+                       "keep at least one: use a smaller ratio")
+    return k
+
+
+def _topk_sorted(scores: torch.Tensor, k: int) -> list[int]:
+    idx = torch.argsort(scores, descending=True, stable=True)[:k]
+    return sorted(idx.tolist())
+
+
+def make_plan(analysis: Analysis, ratios: dict, scores: torch.Tensor) -> PruningPlan:
+    """Plan from ``ratios``: keys are kinds (qk, v, ffn, residual, heads) or group names."""
+    if not isinstance(ratios, dict):
+        raise SNPError(f"ratios must be a dict like {{'qk': 0.5, 'ffn': 0.3}}, got {type(ratios).__name__}")
+    site_names = {g.site for g in analysis.groups.values() if g.site}
+    for key, r in ratios.items():
+        if key not in KINDS and key not in analysis.groups and not (
+                key.endswith(".heads") and key[:-6] in site_names):
+            raise SNPError(f"unknown ratio key '{key}': use one of {list(KINDS)} or a group name from "
+                           f"analyze() (e.g. {list(analysis.groups)[:3]})")
+        _check_ratio(key, r)
+        g = analysis.groups.get(key)
+        if g is not None and not g.prunable and r > 0:
+            raise SNPError(f"group '{key}' cannot be pruned: {g.reason}")
+
+    def ratio_for(g: Group) -> float:
+        return float(ratios.get(g.name, ratios.get(g.kind, 0.0)))
+
+    plan: dict[str, dict] = {}
+    by_site: dict[str, dict[str, Group]] = {}
+    for g in analysis.groups.values():
+        if g.site:
+            by_site.setdefault(g.site, {})[g.kind] = g
+    for site, gs in by_site.items():
+        qk, v = gs.get("qk"), gs.get("v")
+        heads_ratio = float(ratios.get(site + ".heads", ratios.get("heads", 0.0)))
+        kept_heads = list(range(qk.heads))
+        can_drop_heads = qk.prunable and (v is not None and v.prunable and v.heads == qk.heads)
+        if heads_ratio > 0 and can_drop_heads:
+            n_keep = _keep_count(qk.heads, heads_ratio, f"heads of {site}")
+            head_score = scores[qk.classes].sum(1) / scores[qk.classes].sum() + \
+                scores[v.classes].sum(1) / scores[v.classes].sum()
+            kept_heads = _topk_sorted(head_score, n_keep)
+        for g in (qk, v):
+            if g is None or not g.prunable:
+                continue
+            k = _keep_count(g.width, ratio_for(g), g.name)
+            keep = []
+            for h in range(g.heads):
+                keep.append(_topk_sorted(scores[g.classes[h]], k) if h in kept_heads else [])
+            plan[g.name] = {"kind": g.kind, "keep": keep}
+    for g in analysis.groups.values():
+        if g.site or not g.prunable:
+            continue
+        k = _keep_count(g.width, ratio_for(g), g.name)
+        plan[g.name] = {"kind": g.kind, "keep": _topk_sorted(scores[g.classes], k)}
+    return PruningPlan(plan, meta={"ratios": {k: float(v) for k, v in ratios.items()}})
+
+
+def keep_mask(analysis: Analysis, plan: PruningPlan) -> torch.Tensor:
+    """keep[id] for every unit id: False where the plan removes its class."""
+    keep_cls = torch.ones(analysis.space.next_id, dtype=torch.bool)
+    for name, entry in plan.groups.items():
+        g = analysis.groups.get(name)
+        if g is None:
+            raise SNPError(f"plan names group '{name}', which this model does not have; "
+                           f"its groups are {list(analysis.groups)[:5]}...")
+        if entry.get("kind") != g.kind:
+            raise SNPError(f"plan group '{name}' has kind {entry.get('kind')!r}, the model's is {g.kind!r}")
+        if not g.prunable:
+            raise SNPError(f"plan prunes group '{name}', which cannot be pruned: {g.reason}")
+        keep = entry["keep"]
+        if g.classes.dim() == 2:
+            if not isinstance(keep, list) or len(keep) != g.heads:
+                raise SNPError(f"plan group '{name}' must list kept indices for each of its {g.heads} heads")
+            widths = {len(h) for h in keep if h}
+            if len(widths) > 1:
+                raise SNPError(f"plan group '{name}' keeps different widths per head {sorted(widths)}; "
+                               "heads of one site must keep the same count")
+            if not widths:
+                raise SNPError(f"plan group '{name}' removes every head; keep at least one")
+            rows = [(h, idx) for h, idx in enumerate(keep)]
+        else:
+            rows = [(None, keep)]
+            if not keep:
+                raise SNPError(f"plan group '{name}' keeps no channel; keep at least one")
+        for h, idx in rows:
+            cls = g.classes[h] if h is not None else g.classes
+            if any((not isinstance(i, int)) or i < 0 or i >= cls.numel() for i in idx) or len(set(idx)) != len(idx):
+                raise SNPError(f"plan group '{name}' has invalid indices (must be distinct ints in "
+                               f"[0, {cls.numel()}))")
+            m = torch.ones(cls.numel(), dtype=torch.bool)
+            m[idx] = False
+            keep_cls[cls[m]] = False
+    # dependent classes (heads, head-indexed tables) exist while any support exists
+    for dep, sup in analysis.support.items():
+        if sup:
+            keep_cls[dep] = bool(keep_cls[torch.tensor(sorted(sup))].any())
+    _check_heads(analysis, plan, keep_cls)
+    return keep_cls[analysis.class_of]
+
+
+def _check_heads(analysis, plan, keep_cls):
+    for site in {g.site for g in analysis.groups.values() if g.site}:
+        qk = analysis.groups.get(site + ".qk")
+        v = analysis.groups.get(site + ".v")
+        if qk is None or v is None or qk.heads != v.heads:
+            continue
+        a = keep_cls[qk.classes].any(1)
+        b = keep_cls[v.classes].any(1)
+        if not torch.equal(a, b):
+            raise SNPError(f"site {site}: a head must be removed from q/k and v together "
+                           f"(q/k keeps heads {a.nonzero().flatten().tolist()}, v keeps {b.nonzero().flatten().tolist()})")

@@ -1,0 +1,404 @@
+"""Rewrite: emit a new, physically smaller GraphModule for a keep mask.
+
+Every parameter and buffer is sliced on its pruned dims (parameter dims carry
+unit ids from the analysis); every literal size tied to a pruned dim is
+recomputed from the node's labels; a fused qkv reshape that cannot stay
+regular is split into per-slot parts; scaled_dot_product_attention keeps the
+original scale.  The input GraphModule and its modules are never modified.
+"""
+from __future__ import annotations
+
+import copy
+import math
+import operator
+
+import torch
+import torch.fx as fx
+import torch.nn as nn
+
+from . import labels as L
+from . import ops
+from .analysis import Analysis
+from .errors import RewriteError
+
+
+class Irregular(Exception):
+    pass
+
+
+class _Rewriter:
+    def __init__(self, analysis: Analysis, keep: torch.Tensor):
+        self.a = analysis
+        self.gm = analysis.gm
+        self.keep = keep  # keep[id] for every unit id
+        self.modules = dict(self.gm.named_modules())
+        self.graph = fx.Graph()
+        self.env: dict[fx.Node, fx.Node] = {}
+        self.attrs: dict[str, object] = {}
+        self.skip: set[fx.Node] = set()
+
+    # ---- sizes ---------------------------------------------------------------
+    def kept(self, lab: torch.Tensor) -> torch.Tensor:
+        return torch.where(lab >= 0, self.keep[lab.clamp(min=0)], torch.ones_like(lab, dtype=torch.bool))
+
+    def new_sizes(self, lab: torch.Tensor, shape, dims=None) -> list[int]:
+        """Pruned shape of a tensor with reduced labels ``lab`` and real ``shape``.
+
+        The last channel dim may keep different indices per outer slice (per
+        head) but the same count; outer channel dims keep whole slices.
+        """
+        shape = list(shape)
+        lab = lab.reshape((1,) * (len(shape) - lab.dim()) + tuple(lab.shape))
+        k = self.kept(lab)
+        var = [d for d in range(len(shape)) if lab.shape[d] > 1] if dims is None else \
+            [d for d in dims if lab.shape[d] == shape[d]]
+        if not var:
+            if not bool(k.all()):
+                raise Irregular("a tensor whose channels are all removed")
+            return shape
+        kk = L.expand(k, tuple(lab.shape[d] if d in var else 1 for d in range(len(shape))))
+        for d in var[:-1]:
+            other = [i for i in range(len(shape)) if i != d]
+            shape[d] = int(kk.any(dim=other).sum()) if other else int(kk.sum())
+        last = var[-1]
+        counts = kk.sum(dim=last)
+        nz = counts[counts > 0]
+        if nz.numel() and not bool((nz == nz.reshape(-1)[0]).all()):
+            raise Irregular(f"dim {last} keeps different counts per slice: {sorted(set(nz.reshape(-1).tolist()))}")
+        shape[last] = int(nz.reshape(-1)[0]) if nz.numel() else 0
+        if math.prod(shape[d] for d in var) != int(kk.sum()):
+            raise Irregular("kept channels do not form a regular block")
+        return shape
+
+    def sizes_of(self, node: fx.Node):
+        return self.new_sizes(self.a.labels[node.name], self.a.shapes[node.name])
+
+    # ---- parameters ----------------------------------------------------------
+    def slice_tensor(self, name: str, t: torch.Tensor) -> torch.Tensor:
+        out = t.detach()
+        for d, m in enumerate(self.a.dim_masks(name, t.shape, self.keep)):
+            if not bool(m.all()):
+                out = out.index_select(d, m.nonzero().flatten().to(out.device))
+        out = out.clone()
+        if isinstance(t, nn.Parameter):
+            return nn.Parameter(out, requires_grad=t.requires_grad)
+        return out
+
+    def prune_module(self, target: str, node: fx.Node) -> nn.Module:
+        mod = copy.deepcopy(self.modules[target])
+        for pname, p in list(mod.named_parameters(recurse=False)):
+            setattr(mod, pname, self.slice_tensor(f"{target}.{pname}", p))
+        for bname, b in list(mod.named_buffers(recurse=False)):
+            if b is not None:
+                mod._buffers[bname] = self.slice_tensor(f"{target}.{bname}", b)
+        w = getattr(mod, "weight", None)
+        if isinstance(mod, nn.Linear):
+            mod.out_features, mod.in_features = w.shape
+        elif isinstance(mod, nn.LayerNorm):
+            n_in = self.sizes_of(node.args[0])[-1]
+            mod.normalized_shape = (n_in,)
+        elif isinstance(mod, (nn.Conv1d, nn.Conv2d)):
+            depthwise = mod.groups == mod.in_channels == mod.out_channels and mod.groups > 1
+            mod.out_channels = w.shape[0]
+            mod.in_channels = w.shape[0] if depthwise else w.shape[1] * mod.groups
+            if depthwise:
+                mod.groups = w.shape[0]
+        elif isinstance(mod, nn.modules.batchnorm._BatchNorm):
+            mod.num_features = mod.running_mean.shape[0] if mod.running_mean is not None else w.shape[0]
+        elif isinstance(mod, nn.GroupNorm):
+            mod.num_channels = w.shape[0] if w is not None else self.sizes_of(node.args[0])[1]
+        elif isinstance(mod, nn.Embedding):
+            mod.embedding_dim = w.shape[1]
+        return mod
+
+    # ---- graph ---------------------------------------------------------------
+    def run(self) -> fx.GraphModule:
+        for node in self.gm.graph.nodes:
+            if node in self.skip:
+                continue
+            if node.op == "output":
+                self.graph.output(fx.node.map_arg(node.args[0], lambda n: self.env[n]))
+                continue
+            new = self.graph.node_copy(node, lambda n: self.env[n])
+            self.env[node] = new
+            try:
+                self.fix(node, new)
+            except Irregular as e:
+                raise RewriteError(f"cannot rewrite node `{node.name}` ({node.format_node()}): {e}") from None
+        gm = fx.GraphModule(self.attrs, self.graph, class_name=self.gm.__class__.__name__)
+        gm.graph.eliminate_dead_code()
+        gm.graph.lint()
+        gm.delete_all_unused_submodules()
+        gm.recompile()
+        gm.meta = dict(getattr(self.gm, "meta", {}))
+        return gm
+
+    def fix(self, node: fx.Node, new: fx.Node):
+        if node.op == "get_attr":
+            t = _get_attr(self.gm, node.target)
+            self.attrs[node.target] = self.slice_tensor(node.target, t) if isinstance(t, torch.Tensor) else t
+            return
+        if node.op == "call_module":
+            self.attrs[node.target] = self.prune_module(node.target, node)
+            return
+        if node.op not in ("call_function", "call_method"):
+            return
+        key = ops.op_key(node, self.modules)
+        lab = self.a.labels.get(node.name)
+        if key in ops.SIZE_ARGS:
+            self.fix_sizes(node, new, key)
+        elif key == "layer_norm":
+            n_in = self.sizes_of(node.args[0])
+            k = len(node.args[1]) if len(node.args) > 1 else len(node.kwargs["normalized_shape"])
+            _set_arg(new, 1, "normalized_shape", tuple(n_in[-k:]))
+        elif key in ("split", "split_with_sizes", "chunk") and isinstance(lab, (list, tuple)):
+            self.fix_split(node, new, key)
+        elif key in ("index_select", "gather"):
+            x = node.args[0]
+            lab, shape = self.a.labels[x.name], self.a.shapes[x.name]
+            d = node.args[1] % len(shape)
+            if d in L.varying_dims(lab) and self.count_kept(lab, shape, d, 0, shape[d]) != shape[d]:
+                raise Irregular(f"`{key}` along a pruned dim")
+        elif key == "narrow":
+            self.fix_narrow(node, new)
+        elif key == "getitem" and isinstance(self.a.labels.get(getattr(node.args[0], "name", None)), torch.Tensor):
+            self.fix_getitem(node, new)
+        elif key == "scaled_dot_product_attention":
+            self.fix_sdpa(node, new)
+
+    # reshape / view / expand / unflatten ---------------------------------------
+    def fix_sizes(self, node, new, key):
+        lab = self.a.labels[node.name]
+        shape = self.a.shapes[node.name]
+        if not isinstance(lab, torch.Tensor) or not L.varying_dims(lab):
+            return
+        try:
+            sizes = self.new_sizes(lab, shape)
+        except Irregular:
+            if key in ("reshape", "view") and self.split_fused(node, new):
+                return
+            raise
+        if key == "unflatten":
+            dim = node.args[1] % len(shape)
+            orig = list(node.args[2])
+            out_dims = range(dim, dim + len(orig))
+            new_list = [self.size_arg(new, o, sizes[d], shape[d], lab.shape[d] > 1) for o, d in zip(orig, out_dims)]
+            new.args = (new.args[0], node.args[1], tuple(new_list))
+            return
+        orig, setter = _size_list(node)
+        if len(orig) != len(shape):
+            raise Irregular(f"{key} with {len(orig)} sizes for a {len(shape)}-d result")
+        mapped, _ = _size_list(new)
+        new_list = [self.size_arg(new, m, sizes[d], shape[d], lab.shape[d] > 1) for d, m in enumerate(mapped)]
+        setter(new, new_list)
+
+    def size_arg(self, new, arg, new_size, old_size, varying):
+        if not varying or new_size == old_size:
+            return arg
+        if isinstance(arg, int):
+            return -1 if arg == -1 else new_size
+        if isinstance(arg, fx.Node):
+            src = self._orig_of(arg)
+            if src is not None and self.a.taint.get(src.name) is not None:
+                return new_size  # derived from a channel count: the literal is exact
+            with self.graph.inserting_before(new):  # scale a dynamic size (e.g. batch * heads)
+                m = self.graph.call_function(operator.mul, (arg, new_size))
+                return self.graph.call_function(operator.floordiv, (m, old_size))
+        raise Irregular(f"size argument {arg!r} on a pruned dim")
+
+    def _orig_of(self, new_node):
+        for k, v in self.env.items():
+            if v is new_node:
+                return k
+        return None
+
+    def split_fused(self, node, new) -> bool:
+        """Fused qkv whose slots keep different widths: split before the reshape."""
+        lab = self.a.labels[node.name]
+        shape = list(self.a.shapes[node.name])
+        var = L.varying_dims(lab)
+        slot = var[0]
+        src = node.args[0]
+        src_lab = self.a.labels[src.name]
+        if L.varying_dims(src_lab) != [src_lab.dim() - 1] or len(var) < 2:
+            return False
+        # the chain of permutes up to unbind(slot)
+        chain, cur, pos = [], node, slot
+        while len(cur.users) == 1:
+            (user,) = cur.users
+            ukey = ops.op_key(user, self.modules)
+            if ukey == "permute":
+                perm = _perm_args(user)
+                chain.append(user)
+                pos = perm.index(pos)
+                cur = user
+                continue
+            if ukey == "transpose":
+                a, b = [x % len(shape) for x in user.args[1:3]]
+                chain.append(user)
+                pos = b if pos == a else a if pos == b else pos
+                cur = user
+                continue
+            if ukey == "unbind" and (user.args[1] if len(user.args) > 1 else user.kwargs.get("dim", 0)) % len(shape) == pos:
+                unbind = user
+                break
+            return False
+        else:
+            return False
+        n_slots = shape[slot]
+        part_sizes, part_shapes = [], []
+        for i in range(n_slots):
+            sub = lab.narrow(slot, i, 1)
+            s = self.new_sizes(sub, shape[:slot] + [1] + shape[slot + 1:], dims=var[1:])
+            part_shapes.append(s)
+            part_sizes.append(math.prod(s[d] for d in var[1:]))
+        self.graph.erase_node(new)
+        x = self.env[src]
+        orig_sizes, _ = _size_list(node)
+        mapped = [fx.node.map_arg(a, lambda n: self.env[n]) for a in orig_sizes]
+        split = self.graph.call_function(torch.split, (x, part_sizes, -1))
+        outs = []
+        for i in range(n_slots):
+            part = self.graph.call_function(operator.getitem, (split, i))
+            sizes = [part_shapes[i][d] if d in var else mapped[d] for d in range(len(shape))]
+            cur_new = self.graph.call_method("reshape", (part, *sizes))
+            for c in chain:
+                cur_new = self.graph.create_node(c.op, c.target, (cur_new, *c.args[1:]), dict(c.kwargs))
+            outs.append(self.graph.call_method("squeeze", (cur_new, pos)))
+        self.env[node] = split
+        self.skip.update(chain)
+        self.skip.add(unbind)
+        for user in list(unbind.users):
+            if ops.op_key(user, self.modules) != "getitem":
+                raise Irregular("unbind of a fused qkv used other than by indexing")
+            self.env[user] = outs[user.args[1]]
+            self.skip.add(user)
+        return True
+
+    # split / narrow / getitem ----------------------------------------------------
+    def fix_split(self, node, new, key):
+        outs = self.a.labels[node.name]
+        out_shapes = self.a.shapes[node.name]
+        x = node.args[0]
+        dim = (node.args[2] if len(node.args) > 2 else node.kwargs.get("dim", 0)) % len(self.a.shapes[x.name])
+        if dim not in L.varying_dims(self.a.labels[x.name]):
+            return
+        sizes = [self.new_sizes(lab, shp, dims=[d for d in range(len(shp)) if lab.shape[d] > 1] or [dim])[dim]
+                 for lab, shp in zip(outs, out_shapes)]
+        if key == "chunk":
+            if len(set(sizes)) != 1:
+                raise Irregular("chunk into pieces that keep different widths")
+            return
+        _set_arg(new, 1, "split_size_or_sections" if node.op == "call_function" else "split_size", sizes)
+
+    def count_kept(self, lab, shape, dim, start, stop) -> int:
+        sub = lab.narrow(dim, start, stop - start)
+        shp = list(shape)
+        shp[dim] = stop - start
+        dims = [d for d in range(len(shp)) if lab.shape[d] > 1]
+        return self.new_sizes(sub, shp, dims=dims)[dim] if stop > start else 0
+
+    def fix_narrow(self, node, new):
+        x = node.args[0]
+        lab, shape = self.a.labels[x.name], self.a.shapes[x.name]
+        dim, start, length = node.args[1] % len(shape), node.args[2], node.args[3]
+        if dim not in L.varying_dims(lab):
+            return
+        s = self.count_kept(lab, shape, dim, 0, start)
+        n = self.count_kept(lab, shape, dim, start, start + length)
+        new.args = (new.args[0], node.args[1], s, n)
+
+    def fix_getitem(self, node, new):
+        x = node.args[0]
+        lab, shape = self.a.labels[x.name], self.a.shapes[x.name]
+        var = L.varying_dims(lab)
+        idx = node.args[1] if isinstance(node.args[1], tuple) else (node.args[1],)
+        if not var:
+            return
+        out, d = [], 0
+        n_real = sum(1 for it in idx if it is not None and it is not Ellipsis)
+        for it in idx:
+            if it is Ellipsis:
+                out.append(it)
+                d = len(shape) - (n_real - sum(1 for j in out if j is not None and j is not Ellipsis))
+                continue
+            if it is None:
+                out.append(it)
+                continue
+            is_tensor = isinstance(it, fx.Node) and isinstance(self.a.shapes.get(it.name), tuple)
+            if d in var and (isinstance(it, fx.Node) and not is_tensor or isinstance(it, slice) and any(
+                    isinstance(b, fx.Node) for b in (it.start, it.stop, it.step))):
+                raise Irregular("dynamic index into a pruned dim")
+            if d in var and is_tensor:
+                if self.count_kept(lab, shape, d, 0, shape[d]) != shape[d]:
+                    raise Irregular("gathers with an index tensor along a pruned dim")
+                out.append(it)
+            elif d in var and isinstance(it, slice):
+                start, stop, _ = it.indices(shape[d])
+                s = self.count_kept(lab, shape, d, 0, start)
+                out.append(slice(s, s + self.count_kept(lab, shape, d, start, stop)))
+            elif d in var and isinstance(it, int):
+                i = it % shape[d]
+                if self.count_kept(lab, shape, d, i, i + 1) == 0:
+                    raise Irregular("indexes a removed channel")
+                out.append(self.count_kept(lab, shape, d, 0, i))
+            else:
+                out.append(it)
+            d += 1
+        new_idx = fx.node.map_arg(tuple(out), lambda n: self.env[n])
+        new.args = (new.args[0], new_idx if isinstance(node.args[1], tuple) else new_idx[0])
+
+    def fix_sdpa(self, node, new):
+        q = node.args[0] if node.args else node.kwargs["query"]
+        old_e = self.a.shapes[q.name][-1]
+        new_e = self.sizes_of(q)[-1]
+        if new_e == old_e:
+            return
+        if len(node.args) > 6 or node.kwargs.get("scale") is not None:
+            return  # an explicit scale stays as it is
+        kw = dict(new.kwargs)
+        kw["scale"] = old_e ** -0.5
+        new.kwargs = kw
+
+
+def _get_attr(gm, target):
+    obj = gm
+    for part in target.split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
+def _set_arg(node, pos, name, value):
+    if len(node.args) > pos:
+        args = list(node.args)
+        args[pos] = value
+        node.args = tuple(args)
+    else:
+        kw = dict(node.kwargs)
+        kw[name] = value
+        node.kwargs = kw
+
+
+def _size_list(node):
+    """(sizes, setter) for reshape/view/expand called with varargs, a list, or size=."""
+    if "size" in node.kwargs or "shape" in node.kwargs:
+        k = "size" if "size" in node.kwargs else "shape"
+
+        def set_kw(n, v):
+            kw = dict(n.kwargs)
+            kw[k] = tuple(v)
+            n.kwargs = kw
+        return list(node.kwargs[k]), set_kw
+    if len(node.args) == 2 and isinstance(node.args[1], (list, tuple)):
+        return list(node.args[1]), lambda n, v: setattr(n, "args", (n.args[0], type(node.args[1])(v)))
+    return list(node.args[1:]), lambda n, v: setattr(n, "args", (n.args[0], *v))
+
+
+def _perm_args(node):
+    if len(node.args) == 2 and isinstance(node.args[1], (list, tuple)):
+        return list(node.args[1])
+    return list(node.args[1:]) or list(node.kwargs.get("dims", ()))
+
+
+def rewrite(analysis: Analysis, keep: torch.Tensor) -> fx.GraphModule:
+    return _Rewriter(analysis, keep).run()
