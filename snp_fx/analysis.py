@@ -118,6 +118,16 @@ class _Propagator(fx.Interpreter):
             for t in self.tainted(a):
                 self.space.freeze(t, reason)
 
+    def frozen_output(self, result, reason):
+        """Labels for the result of an op we do not follow: one fresh, frozen unit."""
+        def one(r):
+            if not isinstance(r, torch.Tensor):
+                return None
+            u = self.space.new(1)
+            self.space.freeze(u, reason)
+            return u.reshape((1,) * r.dim()) if r.dim() else u.reshape(())
+        return _map_struct(result, one)
+
     def full(self, value, result):
         return _map_struct(result, lambda r: L.constant(value, r.dim()) if isinstance(r, torch.Tensor) else None)
 
@@ -157,7 +167,7 @@ class _Propagator(fx.Interpreter):
         if not in_labs and kind not in ("linear", "embedding", "conv", "layer_norm", "batch_norm", "group_norm"):
             # pure python / shape arithmetic, or tensor factories
             if kind == "factory" and isinstance(result, torch.Tensor):
-                return self.full(FROZEN, result)
+                return self.frozen_output(result, f"{n.name}: `{key}` makes a tensor of literal size")
             if isinstance(result, torch.Tensor):
                 return self.full(NONE, result)
             t = self.tainted(list(n.args) + list(n.kwargs.values()))
@@ -192,7 +202,7 @@ class _Propagator(fx.Interpreter):
             reason = f"{n.name}: op `{key}` is not in the op table"
             self.unknown[n.name] = reason
             self.freeze_all(n, reason)
-            return self.full(FROZEN, result)
+            return self.frozen_output(result, reason)
         return fn(n, key, args, kwargs, result)
 
     def dim_taint(self, node_arg):
@@ -214,13 +224,14 @@ class _Propagator(fx.Interpreter):
     rule_like = rule_unary
 
     def rule_factory(self, n, key, args, kwargs, result):
-        return self.full(FROZEN, result)
+        return self.frozen_output(result, f"{n.name}: `{key}` makes a tensor of literal size")
 
     def rule_pool(self, n, key, args, kwargs, result):
         lab = self.lab(n.args[0])
         if any(d >= 2 for d in L.varying_dims(lab)):
-            self.freeze_all(n, f"{n.name}: pooling over a channel dim")
-            return self.full(FROZEN, result)
+            reason = f"{n.name}: pooling over a channel dim"
+            self.freeze_all(n, reason)
+            return self.frozen_output(result, reason)
         return L.reduce(lab[..., :1, :1] if lab.dim() >= 4 else lab)
 
     def rule_binary(self, n, key, args, kwargs, result):
@@ -269,8 +280,9 @@ class _Propagator(fx.Interpreter):
         reduced_var = [d for d in dims if d in var]
         if reduced_var:
             if any(d not in dims for d in var):
-                self.freeze_all(n, f"{n.name}: `{key}` over some channel dims but not others")
-                return self.full(FROZEN, result)
+                reason = f"{n.name}: `{key}` over some channel dims but not others"
+                self.freeze_all(n, reason)
+                return self.frozen_output(result, reason)
             if key != "sum":
                 self.space.mark_sensitive(lab, f"{n.name}: `{key}` over channels")
             out = L.constant(NONE, lab.dim())
@@ -298,8 +310,9 @@ class _Propagator(fx.Interpreter):
         for i in range(0, len(pad), 2):
             d = lab.dim() - 1 - i // 2
             if (pad[i] or pad[i + 1]) and d in L.varying_dims(lab):
-                self.freeze_all(n, f"{n.name}: padding a channel dim")
-                return self.full(FROZEN, result)
+                reason = f"{n.name}: padding a channel dim"
+                self.freeze_all(n, reason)
+                return self.frozen_output(result, reason)
         return lab
 
     def rule_move(self, n, key, args, kwargs, result):
@@ -314,8 +327,9 @@ class _Propagator(fx.Interpreter):
         elif isinstance(args[0], torch.Tensor):
             lab0 = labs[0]
             if not self.indexing_ok(n, key, args, kwargs, lab0):
-                self.freeze_all(n, f"{n.name}: `{key}` gathers along a channel dim")
-                return self.full(FROZEN, result)
+                reason = f"{n.name}: `{key}` gathers along a channel dim"
+                self.freeze_all(n, reason)
+                return self.frozen_output(result, reason)
             data_args[0] = L.expand(lab0, args[0].shape)
         else:
             return self.full(NONE, result)
@@ -327,8 +341,9 @@ class _Propagator(fx.Interpreter):
             else:
                 out = n.target(*data_args, **kwargs)
         except Exception as e:  # noqa: BLE001 - any failure means we do not understand it
-            self.freeze_all(n, f"{n.name}: `{key}` could not be followed on labels ({e})")
-            return self.full(FROZEN, result)
+            reason = f"{n.name}: `{key}` could not be followed on labels ({e})"
+            self.freeze_all(n, reason)
+            return self.frozen_output(result, reason)
         return _map_struct(out, lambda t: L.reduce(t) if isinstance(t, torch.Tensor) else None)
 
     def indexing_ok(self, n, key, args, kwargs, lab):
@@ -367,8 +382,9 @@ class _Propagator(fx.Interpreter):
             wn = n.args[1] if len(n.args) > 1 else n.kwargs.get("weight")
             bn = n.args[2] if len(n.args) > 2 else n.kwargs.get("bias")
             if not (isinstance(wn, fx.Node) and wn.op == "get_attr"):
-                self.freeze_all(n, f"{n.name}: linear with a computed weight")
-                return self.full(FROZEN, result)
+                reason = f"{n.name}: linear with a computed weight"
+                self.freeze_all(n, reason)
+                return self.frozen_output(result, reason)
             w_name, w = wn.target, args[1] if len(args) > 1 else kwargs["weight"]
             b = args[2] if len(args) > 2 else kwargs.get("bias")
             b_name = bn.target if isinstance(bn, fx.Node) and bn.op == "get_attr" else None
@@ -399,8 +415,9 @@ class _Propagator(fx.Interpreter):
         else:
             wn = n.args[1]
             if not (isinstance(wn, fx.Node) and wn.op == "get_attr"):
-                self.freeze_all(n, f"{n.name}: embedding with a computed weight")
-                return self.full(FROZEN, result)
+                reason = f"{n.name}: embedding with a computed weight"
+                self.freeze_all(n, reason)
+                return self.frozen_output(result, reason)
             w_name, w = wn.target, args[1]
         ids = self.pids(w_name, w)[1]
         self.producers.append((w_name, ids))
@@ -432,11 +449,13 @@ class _Propagator(fx.Interpreter):
             wn = wnode.target if isinstance(wnode, fx.Node) and wnode.op == "get_attr" else None
             bn = bnode.target if isinstance(bnode, fx.Node) and bnode.op == "get_attr" else None
             if (w is not None and wn is None) or (b is not None and bn is None):
-                self.freeze_all(n, f"{n.name}: layer_norm with computed affine parameters")
-                return self.full(FROZEN, result)
+                reason = f"{n.name}: layer_norm with computed affine parameters"
+                self.freeze_all(n, reason)
+                return self.frozen_output(result, reason)
         if len(shape) != 1:
-            self.freeze_all(n, f"{n.name}: layer_norm over {len(shape)} dims")
-            return self.full(FROZEN, result)
+            reason = f"{n.name}: layer_norm over {len(shape)} dims"
+            self.freeze_all(n, reason)
+            return self.frozen_output(result, reason)
         self._affine(n, [(wn, w), (bn, b)], x_lab, x_lab.dim() - 1)
         if x_lab.dim() - 1 in L.varying_dims(x_lab):
             self.space.mark_sensitive(x_lab, f"{n.name}: layer_norm")
@@ -447,8 +466,9 @@ class _Propagator(fx.Interpreter):
         mod = self.modules.get(n.target) if n.op == "call_module" else None
         groups = mod.num_groups if mod is not None else args[1]
         if groups != 1 or any(d != 1 for d in L.varying_dims(x_lab)) or mod is None:
-            self.freeze_all(n, f"{n.name}: group_norm with {groups} groups")
-            return self.full(FROZEN, result)
+            reason = f"{n.name}: group_norm with {groups} groups"
+            self.freeze_all(n, reason)
+            return self.frozen_output(result, reason)
         self._affine(n, [(n.target + ".weight", mod.weight), (n.target + ".bias", mod.bias)], x_lab, 1)
         self.space.mark_sensitive(x_lab, f"{n.name}: group_norm")
         return x_lab
@@ -456,8 +476,9 @@ class _Propagator(fx.Interpreter):
     def rule_batch_norm(self, n, key, args, kwargs, result):
         x_lab = self.lab(n.args[0])
         if n.op != "call_module" or any(d != 1 for d in L.varying_dims(x_lab)):
-            self.freeze_all(n, f"{n.name}: batch_norm form not supported")
-            return self.full(FROZEN, result)
+            reason = f"{n.name}: batch_norm form not supported"
+            self.freeze_all(n, reason)
+            return self.frozen_output(result, reason)
         mod = self.modules[n.target]
         pairs = [(f"{n.target}.{k}", getattr(mod, k)) for k in ("weight", "bias", "running_mean", "running_var")]
         self._affine(n, [(k, t) for k, t in pairs if isinstance(t, torch.Tensor)], x_lab, 1)
@@ -466,8 +487,9 @@ class _Propagator(fx.Interpreter):
     def rule_conv(self, n, key, args, kwargs, result):
         x_lab = self.lab(n.args[0])
         if n.op != "call_module" or any(d != 1 for d in L.varying_dims(x_lab)):
-            self.freeze_all(n, f"{n.name}: conv form not supported")
-            return self.full(FROZEN, result)
+            reason = f"{n.name}: conv form not supported"
+            self.freeze_all(n, reason)
+            return self.frozen_output(result, reason)
         mod = self.modules[n.target]
         out_ids, in_ids = self.pids(n.target + ".weight", mod.weight)[:2]
         x_ch = L.expand(x_lab, x_lab.shape).movedim(1, -1).reshape(-1, x_lab.shape[1])[0]
@@ -543,8 +565,9 @@ class _Propagator(fx.Interpreter):
     def rule_matmul(self, n, key, args, kwargs, result):
         a, b = args[0], args[1]
         if a.dim() < 2 or b.dim() < 2:
-            self.freeze_all(n, f"{n.name}: matmul with a vector")
-            return self.full(FROZEN, result)
+            reason = f"{n.name}: matmul with a vector"
+            self.freeze_all(n, reason)
+            return self.frozen_output(result, reason)
         return self.contract(n, self.lab(n.args[0]), self.lab(n.args[1]), result.dim())
 
     def rule_einsum(self, n, key, args, kwargs, result):
@@ -553,16 +576,18 @@ class _Propagator(fx.Interpreter):
         nodes = n.args[1:] if not isinstance(n.args[1], (list, tuple)) else n.args[1]
         m = re.fullmatch(r"([a-z]+),([a-z]+)->([a-z]*)", eq)
         if not m or len(ops_) != 2:
-            self.freeze_all(n, f"{n.name}: einsum '{eq}' form not supported")
-            return self.full(FROZEN, result)
+            reason = f"{n.name}: einsum '{eq}' form not supported"
+            self.freeze_all(n, reason)
+            return self.frozen_output(result, reason)
         sa, sb, so = m.groups()
         batch = [c for c in so if c in sa and c in sb]
         con = [c for c in sa if c in sb and c not in so]
         fa = [c for c in sa if c not in sb]
         fb = [c for c in sb if c not in sa]
         if len(con) != 1 or len(fa) != 1 or len(fb) != 1 or len(batch) + 2 != len(so):
-            self.freeze_all(n, f"{n.name}: einsum '{eq}' form not supported")
-            return self.full(FROZEN, result)
+            reason = f"{n.name}: einsum '{eq}' form not supported"
+            self.freeze_all(n, reason)
+            return self.frozen_output(result, reason)
         la = L.expand(self.lab(nodes[0]), ops_[0].shape).permute([sa.index(c) for c in batch + fa + con])
         lb = L.expand(self.lab(nodes[1]), ops_[1].shape).permute([sb.index(c) for c in batch + con + fb])
         out = self.contract(n, L.reduce(la), L.reduce(lb), len(so))

@@ -37,19 +37,26 @@ def analyze(model: torch.nn.Module, example_inputs, leaf_modules=()) -> Analysis
                        "Pass inputs of the shape, dtype and device the model expects.") from e
 
 
-def _scores(analysis: Analysis, importance: str) -> torch.Tensor:
-    params = dict(analysis.gm.named_parameters())
-    params.update(dict(analysis.gm.named_buffers()))
+IMPORTANCES = ("l2", "random")
+
+
+def scores(analysis: Analysis, importance: str = "l2", seed: int = 0) -> torch.Tensor:
+    """Importance of every channel class (higher = keep).  ``l2``: weight norms; ``random``: seeded."""
     if importance == "l2":
+        params = dict(analysis.gm.named_parameters())
+        params.update(dict(analysis.gm.named_buffers()))
         return l2_scores(analysis, params)
-    raise SNPError(f"unknown importance '{importance}'; available: 'l2'")
+    if importance == "random":
+        g = torch.Generator().manual_seed(seed)
+        return torch.rand(analysis.space.next_id, generator=g, dtype=torch.float64)
+    raise SNPError(f"unknown importance '{importance}'; available: {list(IMPORTANCES)}")
 
 
 def plan(model, example_inputs, ratios: dict, importance: str = "l2", analysis: Analysis | None = None,
-         leaf_modules=()) -> PruningPlan:
+         leaf_modules=(), seed: int = 0) -> PruningPlan:
     """Which channels to keep in every group, as a JSON-serialisable PruningPlan."""
     a = analysis or analyze(model, example_inputs, leaf_modules)
-    p = make_plan(a, ratios, _scores(a, importance))
+    p = make_plan(a, ratios, scores(a, importance, seed))
     p.meta["importance"] = importance
     return p
 
@@ -102,12 +109,12 @@ def _check(a: Analysis, keep, pruned, p: PruningPlan):
 
 
 def prune(model, example_inputs, ratios: dict | None = None, importance: str = "l2", verify: bool = True,
-          leaf_modules=()) -> fx.GraphModule:
+          leaf_modules=(), seed: int = 0) -> fx.GraphModule:
     """Analyze, plan from ``ratios`` and rewrite in one call.
 
     ``ratios``: fraction removed per kind — {"qk", "v", "ffn", "residual", "heads"} —
     or per group name from ``analyze``; q/k and v remove the same count in every head.
     """
     a = analyze(model, example_inputs, leaf_modules)
-    p = plan(model, example_inputs, ratios or {}, importance, analysis=a)
+    p = plan(model, example_inputs, ratios or {}, importance, analysis=a, seed=seed)
     return apply(model, p, example_inputs, verify=verify, analysis=a)

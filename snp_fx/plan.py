@@ -88,8 +88,10 @@ def _check_ratio(key, r):
         raise SNPError(f"ratio for '{key}' must be a number in [0, 1), got {r!r}")
 
 
-def _keep_count(n: int, ratio: float, what: str) -> int:
+def _keep_count(n: int, ratio: float, what: str, strict: bool = True) -> int:
     k = int(round(n * (1.0 - ratio)))
+    if k < 1 and not strict:  # a model-wide ratio keeps one channel/head in small groups
+        return 1
     if k < 1:
         raise SNPError(f"ratio {ratio} would remove every channel of {what} (width {n}); "
                        "keep at least one: use a smaller ratio")
@@ -119,6 +121,9 @@ def make_plan(analysis: Analysis, ratios: dict, scores: torch.Tensor) -> Pruning
     def ratio_for(g: Group) -> float:
         return float(ratios.get(g.name, ratios.get(g.kind, 0.0)))
 
+    def count(g: Group) -> int:
+        return _keep_count(g.width, ratio_for(g), g.name, strict=g.name in ratios)
+
     plan: dict[str, dict] = {}
     by_site: dict[str, dict[str, Group]] = {}
     for g in analysis.groups.values():
@@ -126,18 +131,19 @@ def make_plan(analysis: Analysis, ratios: dict, scores: torch.Tensor) -> Pruning
             by_site.setdefault(g.site, {})[g.kind] = g
     for site, gs in by_site.items():
         qk, v = gs.get("qk"), gs.get("v")
-        heads_ratio = float(ratios.get(site + ".heads", ratios.get("heads", 0.0)))
+        heads_key = site + ".heads" if site + ".heads" in ratios else "heads"
+        heads_ratio = float(ratios.get(heads_key, 0.0))
         kept_heads = list(range(qk.heads))
         can_drop_heads = qk.prunable and (v is not None and v.prunable and v.heads == qk.heads)
         if heads_ratio > 0 and can_drop_heads:
-            n_keep = _keep_count(qk.heads, heads_ratio, f"heads of {site}")
+            n_keep = _keep_count(qk.heads, heads_ratio, f"heads of {site}", strict=heads_key != "heads")
             head_score = scores[qk.classes].sum(1) / scores[qk.classes].sum() + \
                 scores[v.classes].sum(1) / scores[v.classes].sum()
             kept_heads = _topk_sorted(head_score, n_keep)
         for g in (qk, v):
             if g is None or not g.prunable:
                 continue
-            k = _keep_count(g.width, ratio_for(g), g.name)
+            k = count(g)
             keep = []
             for h in range(g.heads):
                 keep.append(_topk_sorted(scores[g.classes[h]], k) if h in kept_heads else [])
@@ -145,8 +151,7 @@ def make_plan(analysis: Analysis, ratios: dict, scores: torch.Tensor) -> Pruning
     for g in analysis.groups.values():
         if g.site or not g.prunable:
             continue
-        k = _keep_count(g.width, ratio_for(g), g.name)
-        plan[g.name] = {"kind": g.kind, "keep": _topk_sorted(scores[g.classes], k)}
+        plan[g.name] = {"kind": g.kind, "keep": _topk_sorted(scores[g.classes], count(g))}
     return PruningPlan(plan, meta={"ratios": {k: float(v) for k, v in ratios.items()}})
 
 

@@ -193,14 +193,17 @@ class _Rewriter:
         setter(new, new_list)
 
     def size_arg(self, new, arg, new_size, old_size, varying):
+        if isinstance(arg, fx.Node):
+            src = self._orig_of(arg)
+            if src is not None and self.a.taint.get(src.name) is not None:
+                # read from a channel dim: at run time it gives that dim's pruned
+                # width, which need not be this dim's; the literal is exact
+                return new_size
         if not varying or new_size == old_size:
             return arg
         if isinstance(arg, int):
             return -1 if arg == -1 else new_size
         if isinstance(arg, fx.Node):
-            src = self._orig_of(arg)
-            if src is not None and self.a.taint.get(src.name) is not None:
-                return new_size  # derived from a channel count: the literal is exact
             with self.graph.inserting_before(new):  # scale a dynamic size (e.g. batch * heads)
                 m = self.graph.call_function(operator.mul, (arg, new_size))
                 return self.graph.call_function(operator.floordiv, (m, old_size))

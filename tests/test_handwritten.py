@@ -1,0 +1,68 @@
+"""Hand-written transformers: every attention form, random widths and random plans."""
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+import snp_fx
+from models import BlockSpec, MHATransformer, PlainViT, randomize_norms
+from oracles import check_mask_equivalence
+
+FORMS = ["matmul", "matmul_after", "einsum", "bmm", "sdpa"]
+
+
+@pytest.mark.parametrize("form", FORMS)
+def test_every_attention_form_is_found(form):
+    torch.manual_seed(0)
+    model = PlainViT(form=form).eval()
+    a = snp_fx.analyze(model, torch.randn(2, 3, 32, 32))
+    assert len(a.sites) == 2
+    assert len(a.prunable("qk")) == 2 and len(a.prunable("v")) == 2
+    assert len(a.prunable("ffn")) == 2 and len(a.prunable("residual")) == 1
+    assert a.groups["blocks.0.attn.qk"].classes.shape == (4, 8)
+
+
+specs = st.builds(BlockSpec, heads=st.integers(1, 4), qk_dim=st.integers(2, 8), v_dim=st.integers(2, 8),
+                  hidden=st.integers(4, 32))
+
+
+@settings(max_examples=25, deadline=None, suppress_health_check=list(HealthCheck))
+@given(blocks=st.lists(specs, min_size=1, max_size=3), form=st.sampled_from(FORMS),
+       pool=st.sampled_from(["cls", "mean"]), batch=st.integers(1, 3),
+       qk=st.floats(0, 0.8), v=st.floats(0, 0.8), ffn=st.floats(0, 0.8), heads=st.sampled_from([0, 0.3, 0.6]),
+       seed=st.integers(0, 10**6))
+def test_mask_equivalence_random_models_and_plans(blocks, form, pool, batch, qk, v, ffn, heads, seed):
+    torch.manual_seed(seed)
+    model = randomize_norms(PlainViT(dim=16, blocks=blocks, form=form, pool=pool).eval(), seed)
+    a = snp_fx.analyze(model, torch.randn(batch, 3, 32, 32))
+    ratios = {"qk": qk, "v": v, "ffn": ffn, "heads": heads}
+    for g in a.prunable():  # ratios that would empty a group are an error; keep them valid here
+        if round(g.width * (1 - ratios.get(g.kind, 0))) < 1:
+            ratios[g.kind] = 0.0
+    if any(round(s.heads * (1 - heads)) < 1 for s in blocks):
+        ratios["heads"] = 0.0
+    check_mask_equivalence(a, ratios, seed)
+
+
+def test_scale_is_kept_for_sdpa():
+    torch.manual_seed(0)
+    model = PlainViT(form="sdpa").eval()
+    x = torch.randn(1, 3, 32, 32)
+    pruned = snp_fx.prune(model, x, {"qk": 0.5})
+    assert "scale = 0.35355" in pruned.code  # 1/sqrt(8): the original width, not the pruned 4
+
+
+def test_multihead_attention_is_reported_not_crashed():
+    torch.manual_seed(0)
+    model = MHATransformer().eval()
+    x = torch.randn(2, 7, 16)
+    a = snp_fx.analyze(model, x)
+    assert not a.sites
+    assert any("MultiheadAttention" in r for r in a.unknown_ops.values())
+    assert "MultiheadAttention" in str(a)
+    # what can be pruned still is (the FFNs), exactly
+    ffn = a.prunable("ffn")
+    assert len(ffn) == 2
+    check_mask_equivalence(a, {"ffn": 0.5}, seed=0)
+    with pytest.raises(snp_fx.SNPError, match="cannot be pruned: .*MultiheadAttention"):
+        snp_fx.prune(model, x, {"residual": 0.5})

@@ -1,0 +1,64 @@
+"""Every required timm model: analysis finds its sites, identity, mask equivalence on random plans."""
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+import snp_fx
+from conftest import TIMM_MODELS, timm_analysis, timm_model
+from oracles import check_mask_equivalence
+from snp_fx.verify import relative_error
+
+EXPECTED_SITES = {  # attention blocks per model
+    "deit_tiny_patch16_224": 12, "deit_small_patch16_224": 12, "deit_base_patch16_224": 12,
+    "deit_tiny_distilled_patch16_224": 12, "vit_tiny_patch16_224": 12, "vit_small_patch16_224": 12,
+    "vit_base_patch16_224": 12, "deit3_small_patch16_224": 12, "beit_base_patch16_224": 12,
+    "swin_tiny_patch4_window7_224": 12, "pvt_v2_b0": 8, "efficientformer_l1": 1,
+}
+
+
+@pytest.mark.parametrize("name", TIMM_MODELS)
+def test_analysis_finds_every_site_and_group(name):
+    a = timm_analysis(name)
+    assert len(a.sites) == EXPECTED_SITES[name]
+    for kind in ("qk", "v", "ffn", "residual"):
+        assert a.prunable(kind), f"no prunable {kind} group in {name}:\n{a}"
+    assert len(a.prunable("qk")) == EXPECTED_SITES[name]
+    assert len(a.prunable("v")) == EXPECTED_SITES[name]
+    text = str(a)
+    assert "Attention sites" in text and "Unprunable" in text
+    # the classifier is reported, with its reason
+    assert any("model output" in g.reason for g in a.groups.values() if not g.prunable)
+
+
+@pytest.mark.parametrize("name", TIMM_MODELS)
+def test_identity(name):
+    a = timm_analysis(name)
+    model = timm_model(name)
+    pruned = snp_fx.prune(model, a.inputs[0], ratios={})
+    with torch.no_grad():
+        assert relative_error(pruned(*a.inputs), model(*a.inputs)) < 1e-6
+    assert sum(p.numel() for p in pruned.parameters()) == sum(p.numel() for p in model.parameters())
+
+
+ratio = st.sampled_from([0.0, 0.1, 0.25, 0.5, 0.75])
+
+
+@pytest.mark.parametrize("name", TIMM_MODELS)
+@settings(max_examples=4, deadline=None, suppress_health_check=list(HealthCheck))
+@given(qk=ratio, v=ratio, ffn=ratio, heads=st.sampled_from([0.0, 0.0, 0.25, 0.5]), seed=st.integers(0, 10**6))
+def test_mask_equivalence_random_plans(name, qk, v, ffn, heads, seed):
+    check_mask_equivalence(timm_analysis(name), {"qk": qk, "v": v, "ffn": ffn, "heads": heads}, seed)
+
+
+@pytest.mark.parametrize("name", ["deit_tiny_patch16_224", "swin_tiny_patch4_window7_224", "pvt_v2_b0",
+                                  "efficientformer_l1", "beit_base_patch16_224"])
+def test_residual_pruning_runs_and_shrinks(name):
+    a = timm_analysis(name)
+    model = timm_model(name)
+    pruned = snp_fx.prune(model, a.inputs[0], {"residual": 0.25, "qk": 0.25, "ffn": 0.25})
+    n0 = sum(p.numel() for p in model.parameters())
+    n1 = sum(p.numel() for p in pruned.parameters())
+    assert n1 < 0.85 * n0
+    with torch.no_grad():
+        assert pruned(*a.inputs).shape == model(*a.inputs).shape
