@@ -73,6 +73,10 @@ def normalize_inputs(gm: fx.GraphModule, example_inputs) -> tuple:
                        f"got {type(example_inputs).__name__}")
     if len(args) > len(placeholders):
         raise SNPError(f"{len(args)} example inputs given but the model takes {len(placeholders)}")
+    names = [p.target for p in placeholders]
+    unknown = sorted(set(kwargs) - set(names))
+    if unknown:
+        raise SNPError(f"unknown input names {unknown}; the model takes {names}")
     out = list(args)
     for p in placeholders[len(args):]:
         if p.target in kwargs:
@@ -81,9 +85,6 @@ def normalize_inputs(gm: fx.GraphModule, example_inputs) -> tuple:
             out.append(p.args[0])
         else:
             raise SNPError(f"no example input for the model's argument `{p.target}`")
-    if kwargs:
-        raise SNPError(f"unknown input names {sorted(kwargs)}; the model takes "
-                       f"{[p.target for p in placeholders]}")
     return tuple(out)
 
 
