@@ -33,6 +33,8 @@ class Site:
     v: torch.Tensor | None = None
     av_node: str | None = None
     name: str = ""
+    # (args, kwargs) of the site node -> (Q, K), both (..., tokens, E): what calibration reads
+    operands: object = None
 
 
 @dataclasses.dataclass
@@ -77,6 +79,7 @@ class _Propagator(fx.Interpreter):
         self.param_ids: dict[str, list[torch.Tensor]] = {}
         self.elem_ids: dict[str, torch.Tensor] = {}
         self.producers: list[tuple[str, torch.Tensor]] = []
+        self.producer_dim: dict[str, int] = {}  # which weight dim makes the channels (0 but embeddings)
         self.sites: list[Site] = []
         self.dep_site: dict[int, Site] = {}
         self.unknown: dict[str, str] = {}
@@ -421,6 +424,7 @@ class _Propagator(fx.Interpreter):
             w_name, w = wn.target, args[1]
         ids = self.pids(w_name, w)[1]
         self.producers.append((w_name, ids))
+        self.producer_dim[w_name] = 1
         return ids.reshape((1,) * (result.dim() - 1) + (-1,))
 
     def _affine(self, n, names_tensors, x_lab, axis):
@@ -568,7 +572,13 @@ class _Propagator(fx.Interpreter):
             reason = f"{n.name}: matmul with a vector"
             self.freeze_all(n, reason)
             return self.frozen_output(result, reason)
-        return self.contract(n, self.lab(n.args[0]), self.lab(n.args[1]), result.dim())
+        out = self.contract(n, self.lab(n.args[0]), self.lab(n.args[1]), result.dim())
+        self._set_operands(n, lambda args, kwargs: (args[0], args[1].transpose(-1, -2)))
+        return out
+
+    def _set_operands(self, n, fn):
+        if self.sites and self.sites[-1].node == n.name and self.sites[-1].operands is None:
+            self.sites[-1].operands = fn
 
     def rule_einsum(self, n, key, args, kwargs, result):
         eq = args[0].replace(" ", "")
@@ -591,6 +601,11 @@ class _Propagator(fx.Interpreter):
         la = L.expand(self.lab(nodes[0]), ops_[0].shape).permute([sa.index(c) for c in batch + fa + con])
         lb = L.expand(self.lab(nodes[1]), ops_[1].shape).permute([sb.index(c) for c in batch + con + fb])
         out = self.contract(n, L.reduce(la), L.reduce(lb), len(so))
+        pa = [sa.index(c) for c in batch + fa + con]
+        pb = [sb.index(c) for c in batch + fb + con]
+        self._set_operands(n, lambda args, kwargs: (
+            (args[1:] if not isinstance(args[1], (list, tuple)) else args[1])[0].permute(pa),
+            (args[1:] if not isinstance(args[1], (list, tuple)) else args[1])[1].permute(pb)))
         order = batch + fa + fb
         return L.reduce(out.permute([order.index(c) for c in so]))
 
@@ -609,6 +624,15 @@ class _Propagator(fx.Interpreter):
             lk = lk.repeat_interleave(rep, dim=-3)
             lv = lv.repeat_interleave(rep, dim=-3)
         scores = self.contract(n, lq, L.reduce(lk.transpose(-2, -1)), q.dim())
+
+        def sdpa_operands(args, kwargs):
+            got = dict(zip(names, args))
+            got.update(kwargs)
+            qq, kk = got["query"], got["key"]
+            if qq.dim() >= 3 and kk.shape[-3] != qq.shape[-3]:
+                kk = kk.repeat_interleave(qq.shape[-3] // kk.shape[-3], dim=-3)
+            return qq, kk
+        self._set_operands(n, sdpa_operands)
         site = self.sites[-1] if self.sites and self.sites[-1].node == n.name else None
         if site is not None:
             site.kind = "sdpa"
@@ -680,6 +704,7 @@ class Analysis:
         self.taint = prop.taint
         self.param_ids = prop.param_ids
         self.elem_ids = prop.elem_ids
+        self.producers = [(name, prop.producer_dim.get(name, 0)) for name, _ in prop.producers]
         self.space = prop.space
         self.sites = prop.sites
         self.unknown_ops = prop.unknown

@@ -9,7 +9,8 @@ import torch.fx as fx
 from . import verify as _verify
 from .analysis import Analysis, propagate
 from .errors import RewriteError, SNPError
-from .plan import PruningPlan, keep_mask, l2_scores, make_plan
+from .importance import DEFAULT_GAMMA, compute_scores
+from .plan import PruningPlan, keep_mask, make_plan
 from .rewrite import rewrite
 from .trace import normalize_inputs, trace
 
@@ -37,27 +38,17 @@ def analyze(model: torch.nn.Module, example_inputs, leaf_modules=()) -> Analysis
                        "Pass inputs of the shape, dtype and device the model expects.") from e
 
 
-IMPORTANCES = ("l2", "random")
+def plan(model, example_inputs, ratios: dict, importance: str = "snp", analysis: Analysis | None = None,
+         leaf_modules=(), seed: int = 0, calibration=None, gamma: int = DEFAULT_GAMMA,
+         progress: bool = True) -> PruningPlan:
+    """Which channels to keep in every group, as a JSON-serialisable PruningPlan.
 
-
-def scores(analysis: Analysis, importance: str = "l2", seed: int = 0) -> torch.Tensor:
-    """Importance of every channel class (higher = keep).  ``l2``: weight norms; ``random``: seeded."""
-    if importance == "l2":
-        params = dict(analysis.gm.named_parameters())
-        params.update(dict(analysis.gm.named_buffers()))
-        return l2_scores(analysis, params)
-    if importance == "random":
-        g = torch.Generator().manual_seed(seed)
-        return torch.rand(analysis.space.next_id, generator=g, dtype=torch.float64)
-    raise SNPError(f"unknown importance '{importance}'; available: {list(IMPORTANCES)}")
-
-
-def plan(model, example_inputs, ratios: dict, importance: str = "l2", analysis: Analysis | None = None,
-         leaf_modules=(), seed: int = 0) -> PruningPlan:
-    """Which channels to keep in every group, as a JSON-serialisable PruningPlan."""
+    ``importance``: "snp" (default), "l1", "l2", "gm", "random", "reverse" (see snp_fx.importance).
+    ``calibration``: batches for the q/k scores (default: the example inputs).
+    """
     a = analysis or analyze(model, example_inputs, leaf_modules)
-    p = make_plan(a, ratios, scores(a, importance, seed))
-    p.meta["importance"] = importance
+    p = make_plan(a, ratios, compute_scores(a, importance, calibration, gamma, seed, progress))
+    p.meta.update(importance=importance, gamma=gamma)
     return p
 
 
@@ -108,13 +99,15 @@ def _check(a: Analysis, keep, pruned, p: PruningPlan):
                            f"(relative error {err:.2e}); please report this model")
 
 
-def prune(model, example_inputs, ratios: dict | None = None, importance: str = "l2", verify: bool = True,
-          leaf_modules=(), seed: int = 0) -> fx.GraphModule:
+def prune(model, example_inputs, ratios: dict | None = None, importance: str = "snp", verify: bool = True,
+          leaf_modules=(), seed: int = 0, calibration=None, gamma: int = DEFAULT_GAMMA,
+          progress: bool = True) -> fx.GraphModule:
     """Analyze, plan from ``ratios`` and rewrite in one call.
 
     ``ratios``: fraction removed per kind — {"qk", "v", "ffn", "residual", "heads"} —
     or per group name from ``analyze``; q/k and v remove the same count in every head.
     """
     a = analyze(model, example_inputs, leaf_modules)
-    p = plan(model, example_inputs, ratios or {}, importance, analysis=a, seed=seed)
+    p = plan(model, example_inputs, ratios or {}, importance, analysis=a, seed=seed, calibration=calibration,
+             gamma=gamma, progress=progress)
     return apply(model, p, example_inputs, verify=verify, analysis=a)

@@ -88,7 +88,7 @@ def main(argv=None) -> int:
     p.add_argument("model", help="timm model name or pkg.module:factory")
     p.add_argument("--ratios", default="qk=0.5,v=0.25,ffn=0.3",
                    help="fraction removed per kind (qk, v, ffn, residual, heads) or per group name")
-    p.add_argument("--importance", default="l2", help="channel scores: l2 or random")
+    p.add_argument("--importance", default="snp", help="channel scores: snp, l1, l2, gm, random, reverse")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--pretrained", action="store_true", help="load timm's pretrained weights")
     p.add_argument("--out", help="directory for plan.json")

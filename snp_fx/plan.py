@@ -64,25 +64,6 @@ class PruningPlan:
         return "\n".join(lines)
 
 
-def l2_scores(analysis: Analysis, model_params: dict[str, torch.Tensor]) -> torch.Tensor:
-    """Score of each class: sum of squared weights of every parameter slice in it."""
-    scores = torch.zeros(analysis.space.next_id, dtype=torch.float64)
-    for name, ids_per_dim in analysis.param_ids.items():
-        t = model_params.get(name)
-        if t is None:
-            continue
-        t = t.detach().double().cpu()
-        for d, ids in enumerate(ids_per_dim):
-            other = [i for i in range(t.dim()) if i != d]
-            sq = t.pow(2).sum(other) if other else t.pow(2)
-            scores.index_add_(0, analysis.class_of[ids], sq)
-    for name, ids in analysis.elem_ids.items():
-        t = model_params.get(name)
-        if t is not None:
-            scores.index_add_(0, analysis.class_of[ids.reshape(-1)], t.detach().double().cpu().pow(2).reshape(-1))
-    return scores
-
-
 def _check_ratio(key, r):
     if not isinstance(r, (int, float)) or isinstance(r, bool) or not (0.0 <= r < 1.0):
         raise SNPError(f"ratio for '{key}' must be a number in [0, 1), got {r!r}")
@@ -103,8 +84,13 @@ def _topk_sorted(scores: torch.Tensor, k: int) -> list[int]:
     return sorted(idx.tolist())
 
 
-def make_plan(analysis: Analysis, ratios: dict, scores: torch.Tensor) -> PruningPlan:
-    """Plan from ``ratios``: keys are kinds (qk, v, ffn, residual, heads) or group names."""
+def make_plan(analysis: Analysis, ratios: dict, scores) -> PruningPlan:
+    """Plan from ``ratios``: keys are kinds (qk, v, ffn, residual, heads) or group names.
+
+    ``scores``: a ``Scores`` (or a tensor of class scores); the lowest go first.
+    """
+    head_scores = getattr(scores, "heads", {})
+    scores = getattr(scores, "classes", scores)
     if not isinstance(ratios, dict):
         raise SNPError(f"ratios must be a dict like {{'qk': 0.5, 'ffn': 0.3}}, got {type(ratios).__name__}")
     site_names = {g.site for g in analysis.groups.values() if g.site}
@@ -137,8 +123,10 @@ def make_plan(analysis: Analysis, ratios: dict, scores: torch.Tensor) -> Pruning
         can_drop_heads = qk.prunable and (v is not None and v.prunable and v.heads == qk.heads)
         if heads_ratio > 0 and can_drop_heads:
             n_keep = _keep_count(qk.heads, heads_ratio, f"heads of {site}", strict=heads_key != "heads")
-            head_score = scores[qk.classes].sum(1) / scores[qk.classes].sum() + \
-                scores[v.classes].sum(1) / scores[v.classes].sum()
+            head_score = head_scores.get(site)
+            if head_score is None:  # share of the site's q/k and v scores held by each head
+                head_score = scores[qk.classes].sum(1) / scores[qk.classes].sum() + \
+                    scores[v.classes].sum(1) / scores[v.classes].sum()
             kept_heads = _topk_sorted(head_score, n_keep)
         for g in (qk, v):
             if g is None or not g.prunable:

@@ -1,0 +1,156 @@
+"""Importance of every channel class: higher = keep.
+
+``compute_scores(analysis, importance, ...)`` returns ``Scores`` with one
+float per unit class and, per attention site, one per head.
+
+* ``snp`` (default): q/k pairs by attention-score preservation (calibration,
+  see snp.py); v and FFN neurons by inter-neuron redundancy of their producing
+  weight rows; residual channels by the authors' "average" policy with
+  total-sum scaling of per-layer L2 norms; heads by the energy of their
+  pre-softmax score matrices ||Q_h K_h^T||_F^2 (normalised per layer).
+* ``l1`` / ``l2``: weight norms of every parameter slice of the class.
+* ``gm``: FPGM geometric-median distance of the producing rows.
+* ``random``: seeded uniform.  ``reverse``: ``snp`` negated (sanity check).
+"""
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+
+from ..errors import SNPError
+from .calibrate import calibrate_qk
+from .snp import geometric_median_scores, redundancy_scores
+
+IMPORTANCES = ("snp", "l1", "l2", "gm", "random", "reverse")
+DEFAULT_GAMMA = 4
+
+
+@dataclasses.dataclass
+class Scores:
+    classes: torch.Tensor                 # (n_ids,) float64, indexed by class id
+    heads: dict[str, torch.Tensor] = dataclasses.field(default_factory=dict)  # site -> (H,)
+
+
+def params_of(analysis) -> dict[str, torch.Tensor]:
+    out = dict(analysis.gm.named_parameters())
+    out.update(dict(analysis.gm.named_buffers()))
+    return out
+
+
+def norm_scores(analysis, params, p: int) -> torch.Tensor:
+    """Sum over every parameter slice of a class of |w|^p."""
+    scores = torch.zeros(analysis.space.next_id, dtype=torch.float64)
+    for name, ids_per_dim in analysis.param_ids.items():
+        t = params.get(name)
+        if t is None:
+            continue
+        t = t.detach().double().cpu().abs().pow(p)
+        for d, ids in enumerate(ids_per_dim):
+            other = [i for i in range(t.dim()) if i != d]
+            scores.index_add_(0, analysis.class_of[ids], t.sum(other) if other else t)
+    for name, ids in analysis.elem_ids.items():
+        t = params.get(name)
+        if t is not None:
+            scores.index_add_(0, analysis.class_of[ids.reshape(-1)], t.detach().double().cpu().abs().pow(p).reshape(-1))
+    return scores
+
+
+def producer_rows(analysis, params, classes: torch.Tensor) -> torch.Tensor:
+    """(n, F): for each class, the weight rows (all producers, concatenated) that create it."""
+    flat = classes.reshape(-1)
+    feats = []
+    for name, dim in analysis.producers:
+        t = params.get(name)
+        ids = analysis.param_ids.get(name)
+        if t is None or ids is None:
+            continue
+        cls = analysis.class_of[ids[dim]]
+        pos = {c: i for i, c in enumerate(cls.tolist())}
+        if not all(c in pos for c in flat.tolist()):
+            continue
+        rows = t.detach().double().cpu().movedim(dim, 0).reshape(t.shape[dim], -1)
+        feats.append(rows[torch.tensor([pos[c] for c in flat.tolist()])])
+    if not feats:
+        return torch.zeros(flat.numel(), 1, dtype=torch.float64)
+    return torch.cat(feats, 1)
+
+
+def residual_tss_average(analysis, params, group) -> torch.Tensor:
+    """The authors' policy: per layer L2 norm of each channel / layer total, averaged over layers."""
+    n = analysis.space.next_id
+    in_group = torch.zeros(n, dtype=torch.bool)
+    in_group[group.classes] = True
+    total = torch.zeros(n, dtype=torch.float64)
+    count = torch.zeros(n, dtype=torch.float64)
+
+    def add_layer(sq_by_class: torch.Tensor):
+        l2 = sq_by_class.sqrt() * in_group
+        s = l2.sum()
+        if s > 0:
+            total.add_(l2 / s)
+            count.add_((l2 > 0).double())
+
+    for name, ids_per_dim in analysis.param_ids.items():
+        t = params.get(name)
+        if t is None:
+            continue
+        t = t.detach().double().cpu().pow(2)
+        for d, ids in enumerate(ids_per_dim):
+            cls = analysis.class_of[ids]
+            if not bool(in_group[cls].any()):
+                continue
+            other = [i for i in range(t.dim()) if i != d]
+            sq = torch.zeros(n, dtype=torch.float64).index_add_(0, cls, t.sum(other) if other else t)
+            add_layer(sq)
+    for name, ids in analysis.elem_ids.items():
+        t = params.get(name)
+        cls = analysis.class_of[ids.reshape(-1)]
+        if t is None or not bool(in_group[cls].any()):
+            continue
+        add_layer(torch.zeros(n, dtype=torch.float64).index_add_(0, cls, t.detach().double().cpu().pow(2).reshape(-1)))
+    return total / count.clamp_min(1)
+
+
+def compute_scores(analysis, importance: str = "snp", calibration=None, gamma: int = DEFAULT_GAMMA,
+                   seed: int = 0, progress: bool = True) -> Scores:
+    """Scores for every class.  ``calibration`` (for ``snp``/``reverse``): an iterable of batches —
+    a tensor (the model's single input), a tuple/list of tensors (positional inputs), a pair
+    ``(inputs, labels)`` from a DataLoader (labels are ignored) or a dict of keyword inputs.
+    Without it the example inputs are the calibration set."""
+    if importance not in IMPORTANCES:
+        raise SNPError(f"unknown importance '{importance}'; available: {list(IMPORTANCES)}")
+    params = params_of(analysis)
+    n = analysis.space.next_id
+    if importance == "random":
+        g = torch.Generator().manual_seed(seed)
+        return Scores(torch.rand(n, generator=g, dtype=torch.float64))
+    if importance in ("l1", "l2"):
+        return Scores(norm_scores(analysis, params, 1 if importance == "l1" else 2))
+    scores = torch.zeros(n, dtype=torch.float64)
+    heads: dict[str, torch.Tensor] = {}
+    groups = [g for g in analysis.groups.values() if g.prunable]
+    if importance == "gm":
+        for g in groups:
+            scores[g.classes.reshape(-1)] = geometric_median_scores(producer_rows(analysis, params, g.classes))
+        return Scores(scores)
+    # snp / reverse
+    qk_groups = {g.site: g for g in groups if g.kind == "qk"}
+    if qk_groups:
+        widths = {g.width for g in qk_groups.values()}
+        if gamma < 1 or gamma > max(widths):
+            raise SNPError(f"gamma={gamma} must be between 1 and the q/k head dim ({max(widths)})")
+        if calibration is None:
+            calibration = [analysis.inputs if len(analysis.inputs) > 1 else analysis.inputs[0]]
+        rows, acc, energy = calibrate_qk(analysis, calibration, gamma, progress)
+        for site, r, a, e in zip(analysis.sites, rows, acc, energy):
+            scores[r.reshape(-1)] = a.reshape(-1)
+            heads[site.name] = e / e.sum().clamp_min(1e-30)
+    for g in groups:
+        if g.kind in ("v", "ffn"):
+            scores[g.classes.reshape(-1)] = redundancy_scores(producer_rows(analysis, params, g.classes))
+        elif g.kind == "residual":
+            scores[g.classes] = residual_tss_average(analysis, params, g)[g.classes]
+    if importance == "reverse":
+        return Scores(-scores, {k: -v for k, v in heads.items()})
+    return Scores(scores, heads)

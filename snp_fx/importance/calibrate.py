@@ -1,0 +1,115 @@
+"""One streamed pass over calibration batches through the traced graph.
+
+At every attention site the q and k operands are read as the graph computes
+them, turned into per-(head, input) slices and scored at once; only running
+sums per head are kept, so memory stays flat however many batches come.
+"""
+from __future__ import annotations
+
+import torch
+import torch.fx as fx
+
+from ..errors import SNPError
+from .snp import qk_pair_scores
+
+
+def _as_inputs(batch, n_inputs: int, names: list[str]):
+    """How a calibration batch is read (see ``compute_scores``)."""
+    if isinstance(batch, torch.Tensor):
+        return (batch,), {}
+    if isinstance(batch, dict):
+        return (), dict(batch)
+    if isinstance(batch, (list, tuple)):
+        items = list(batch)
+        # (inputs, labels) from a DataLoader: the labels are not inputs of the model
+        if len(items) == n_inputs + 1 and n_inputs == 1:
+            items = items[:1]
+        if len(items) == 1 and isinstance(items[0], (list, tuple)):
+            items = list(items[0])
+        return tuple(items), {}
+    raise SNPError(f"calibration batch of type {type(batch).__name__}: give tensors, tuples of tensors "
+                   "or dicts of keyword inputs")
+
+
+class _SiteReader(fx.Interpreter):
+    def __init__(self, gm, sites, heads_of, gamma, acc, energy):
+        super().__init__(gm, garbage_collect_values=True)
+        self.sites = {s.node: i for i, s in enumerate(sites) if s.operands is not None}
+        self.site_list = sites
+        self.heads_of = heads_of
+        self.gamma = gamma
+        self.acc = acc
+        self.energy = energy
+
+    def run_node(self, n):
+        out = super().run_node(n)
+        if isinstance(out, torch.Tensor) and out.is_floating_point() and not bool(torch.isfinite(out).all()):
+            raise SNPError(f"calibration produced NaN/inf at node `{n.name}` ({n.format_node()[:120]})")
+        i = self.sites.get(n.name)
+        if i is not None:
+            args, kwargs = self.fetch_args_kwargs_from_env(n)
+            q, k = self.site_list[i].operands(args, kwargs)
+            batch = torch.broadcast_shapes(q.shape[:-2], k.shape[:-2])
+            q = q.expand(batch + q.shape[-2:]).reshape(-1, *q.shape[-2:])
+            k = k.expand(batch + k.shape[-2:]).reshape(-1, *k.shape[-2:])
+            w, e = qk_pair_scores(q, k, self.gamma)
+            head = self.heads_of(i, q.shape[0])
+            self.acc[i].index_add_(0, head, w.cpu())
+            self.energy[i].index_add_(0, head, e.cpu())
+        return out
+
+
+def calibrate_qk(analysis, calibration, gamma: int, progress: bool = True):
+    """Per site: summed pair scores (heads, E) and score energy (heads,)."""
+    from ..analysis import _rows  # the same row order as the groups
+
+    gm = analysis.gm
+    placeholders = [n.target for n in gm.graph.nodes if n.op == "placeholder"]
+    sites = analysis.sites
+    rows, acc, energy, pos_heads = [], [], [], []
+    for s in sites:
+        r = _rows(analysis.classes(s.q))
+        rows.append(r)
+        acc.append(torch.zeros(r.shape, dtype=torch.float64))
+        energy.append(torch.zeros(r.shape[0], dtype=torch.float64))
+        # head index of every flattened batch position of the reduced labels
+        lab = analysis.classes(s.q)
+        flat = lab.reshape(-1, lab.shape[-1])
+        index = {tuple(x): h for h, x in enumerate(r.tolist())}
+        pos_heads.append(torch.tensor([index[tuple(x)] for x in flat.tolist()], dtype=torch.long))
+
+    def heads_of(i, p):
+        """Head of each of p flattened (batch..., head) positions: the label pattern repeats."""
+        h = pos_heads[i]
+        period = next(t for t in range(1, h.numel() + 1)
+                      if h.numel() % t == 0 and torch.equal(h, h[:t].repeat(h.numel() // t)))
+        if p % period:
+            raise SNPError(f"calibration batch does not match the analysed layout at site {sites[i].name}; "
+                           "use batches of the example inputs' size")
+        return h[:period].repeat(p // period)
+
+    reader = _SiteReader(gm, sites, heads_of, gamma, acc, energy)
+    try:
+        from tqdm.auto import tqdm
+        it = tqdm(calibration, desc="snp_fx calibration", disable=not progress, leave=False)
+    except ImportError:  # pragma: no cover
+        it = calibration
+    n_batches = 0
+    device = next((p.device for p in gm.parameters()), torch.device("cpu"))
+    with torch.no_grad():
+        for b, batch in enumerate(it):
+            args, kwargs = _as_inputs(batch, len(placeholders), placeholders)
+            from ..trace import normalize_inputs
+            inputs = normalize_inputs(gm, kwargs if kwargs else args)
+            inputs = tuple(x.to(device) if isinstance(x, torch.Tensor) else x for x in inputs)
+            try:
+                reader.run(*inputs)
+            except SNPError:
+                raise
+            except Exception as e:
+                raise SNPError(f"calibration batch {b} does not run through the model: "
+                               f"{type(e).__name__}: {e}") from e
+            n_batches += 1
+    if n_batches == 0:
+        raise SNPError("the calibration iterable is empty; give at least one batch")
+    return rows, acc, energy
