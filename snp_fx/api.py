@@ -10,7 +10,7 @@ from . import verify as _verify
 from .analysis import Analysis, propagate
 from .errors import RewriteError, SNPError
 from .importance import DEFAULT_GAMMA, compute_scores
-from .plan import PruningPlan, keep_mask, make_plan
+from .plan import PruningPlan, keep_mask, make_plan, paper_ratios, plan_for_target
 from .rewrite import rewrite
 from .trace import normalize_inputs, trace
 
@@ -38,16 +38,30 @@ def analyze(model: torch.nn.Module, example_inputs, leaf_modules=()) -> Analysis
                        "Pass inputs of the shape, dtype and device the model expects.") from e
 
 
-def plan(model, example_inputs, ratios: dict, importance: str = "snp", analysis: Analysis | None = None,
-         leaf_modules=(), seed: int = 0, calibration=None, gamma: int = DEFAULT_GAMMA,
-         progress: bool = True) -> PruningPlan:
+def plan(model, example_inputs, ratios=None, importance: str = "snp", analysis: Analysis | None = None,
+         leaf_modules=(), seed: int = 0, calibration=None, gamma: int = DEFAULT_GAMMA, progress: bool = True,
+         target_macs=None, target_params=None, round_to: int = 1, heads: bool = False) -> PruningPlan:
     """Which channels to keep in every group, as a JSON-serialisable PruningPlan.
 
+    Budget, one of: ``ratios`` (dict of kind or group name -> fraction removed, or the path of an
+    authors' config file, or a bundled one by name: "DeiT_t", "DeiT_s", "DeiT_s_small", "DeiT_b");
+    ``target_macs`` / ``target_params``
+    (absolute, or a fraction < 1 of the dense model; ``heads=True`` lets whole heads go too).
+    ``round_to``: kept widths (per head, FFN, residual) are multiples of it.
     ``importance``: "snp" (default), "l1", "l2", "gm", "random", "reverse" (see snp_fx.importance).
     ``calibration``: batches for the q/k scores (default: the example inputs).
     """
     a = analysis or analyze(model, example_inputs, leaf_modules)
-    p = make_plan(a, ratios, compute_scores(a, importance, calibration, gamma, seed, progress))
+    targeted = target_macs is not None or target_params is not None
+    if targeted and ratios:
+        raise SNPError("give either ratios or a target (target_macs / target_params), not both")
+    sc = compute_scores(a, importance, calibration, gamma, seed, progress)
+    if targeted:
+        p = plan_for_target(a, sc, target_macs, target_params, round_to=round_to, heads=heads)
+    else:
+        if isinstance(ratios, str) or hasattr(ratios, "__fspath__"):
+            ratios = paper_ratios(a, ratios)
+        p = make_plan(a, ratios or {}, sc, round_to=round_to)
     p.meta.update(importance=importance, gamma=gamma)
     return p
 
@@ -99,15 +113,17 @@ def _check(a: Analysis, keep, pruned, p: PruningPlan):
                            f"(relative error {err:.2e}); please report this model")
 
 
-def prune(model, example_inputs, ratios: dict | None = None, importance: str = "snp", verify: bool = True,
+def prune(model, example_inputs, ratios=None, importance: str = "snp", verify: bool = True,
           leaf_modules=(), seed: int = 0, calibration=None, gamma: int = DEFAULT_GAMMA,
-          progress: bool = True) -> fx.GraphModule:
-    """Analyze, plan from ``ratios`` and rewrite in one call.
+          progress: bool = True, target_macs=None, target_params=None, round_to: int = 1,
+          heads: bool = False) -> fx.GraphModule:
+    """Analyze, plan and rewrite in one call (arguments as in ``plan``).
 
     ``ratios``: fraction removed per kind — {"qk", "v", "ffn", "residual", "heads"} —
     or per group name from ``analyze``; q/k and v remove the same count in every head.
     """
     a = analyze(model, example_inputs, leaf_modules)
-    p = plan(model, example_inputs, ratios or {}, importance, analysis=a, seed=seed, calibration=calibration,
-             gamma=gamma, progress=progress)
+    p = plan(model, example_inputs, ratios, importance, analysis=a, seed=seed, calibration=calibration,
+             gamma=gamma, progress=progress, target_macs=target_macs, target_params=target_params,
+             round_to=round_to, heads=heads)
     return apply(model, p, example_inputs, verify=verify, analysis=a)

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 
 import torch
 
@@ -84,7 +85,7 @@ def _topk_sorted(scores: torch.Tensor, k: int) -> list[int]:
     return sorted(idx.tolist())
 
 
-def make_plan(analysis: Analysis, ratios: dict, scores) -> PruningPlan:
+def make_plan(analysis: Analysis, ratios: dict, scores, round_to: int = 1) -> PruningPlan:
     """Plan from ``ratios``: keys are kinds (qk, v, ffn, residual, heads) or group names.
 
     ``scores``: a ``Scores`` (or a tensor of class scores); the lowest go first.
@@ -108,7 +109,8 @@ def make_plan(analysis: Analysis, ratios: dict, scores) -> PruningPlan:
         return float(ratios.get(g.name, ratios.get(g.kind, 0.0)))
 
     def count(g: Group) -> int:
-        return _keep_count(g.width, ratio_for(g), g.name, strict=g.name in ratios)
+        k = _keep_count(g.width, ratio_for(g), g.name, strict=g.name in ratios)
+        return _round_width(k, g.width, round_to) if ratio_for(g) > 0 else k
 
     plan: dict[str, dict] = {}
     by_site: dict[str, dict[str, Group]] = {}
@@ -197,3 +199,168 @@ def _check_heads(analysis, plan, keep_cls):
         if not torch.equal(a, b):
             raise SNPError(f"site {site}: a head must be removed from q/k and v together "
                            f"(q/k keeps heads {a.nonzero().flatten().tolist()}, v keeps {b.nonzero().flatten().tolist()})")
+
+
+# ---------------------------------------------------------------------------
+# The SNP authors' config files
+# ---------------------------------------------------------------------------
+
+BUNDLED_CONFIGS = {name: os.path.join(os.path.dirname(__file__), "configs", name + ".json")
+                   for name in ("DeiT_t", "DeiT_s", "DeiT_s_small", "DeiT_b")}
+
+
+def paper_ratios(analysis: Analysis, config) -> dict[str, float]:
+    """Map the authors' ratio file (DeiT node names) onto this model's groups.
+
+    ``config``: a path, a dict, or a bundled name: DeiT_t, DeiT_s, DeiT_s_small, DeiT_b
+    (the SNP authors' published ratios, BSD-3-Clause, Copyright 2024 Nota Inc.).
+
+    ``matmul``/``matmul_{2i}`` -> site i's q/k, ``matmul_{2i+1}`` -> site i's v,
+    ``blocks_<i>_mlp_fc1`` -> that FFN, ``add_<n>`` -> the residual stream.
+    """
+    if isinstance(config, str) and config in BUNDLED_CONFIGS:
+        config = BUNDLED_CONFIGS[config]
+    if isinstance(config, (str, bytes)) or hasattr(config, "__fspath__"):
+        try:
+            with open(config) as f:
+                config = json.load(f)
+        except (OSError, json.JSONDecodeError) as e:
+            raise SNPError(f"cannot read ratio file {config!r}: {e}") from e
+    if not isinstance(config, dict):
+        raise SNPError("a ratio config must be a JSON object of node name -> ratio")
+    sites = [s.name for s in analysis.sites]
+    by_flat = {name.replace(".", "_"): name for name in analysis.groups}
+    residual = [g.name for g in analysis.groups.values() if g.kind == "residual"]
+    out, unmatched = {}, []
+    for key, r in config.items():
+        target = None
+        if key == "matmul" or key.startswith("matmul_") and key[7:].isdigit():
+            j = 0 if key == "matmul" else int(key[7:])
+            if j // 2 < len(sites):
+                target = f"{sites[j // 2]}.{'qk' if j % 2 == 0 else 'v'}"
+        elif key.startswith("add_") and key[4:].isdigit() and len(residual) == 1:
+            target = residual[0]
+        elif key in by_flat:
+            target = by_flat[key]
+        elif key in analysis.groups:
+            target = key
+        if target is None or target not in analysis.groups:
+            unmatched.append(key)
+        else:
+            out[target] = float(r)
+    if unmatched:
+        raise SNPError(f"ratio file names nodes this model does not have: {unmatched[:10]}"
+                       f"{' ...' if len(unmatched) > 10 else ''} (the model's groups: {list(analysis.groups)[:6]} ...)")
+    return out
+
+
+# ---------------------------------------------------------------------------
+# Budgets: a MACs or parameter target instead of ratios
+# ---------------------------------------------------------------------------
+
+def _round_width(k: int, width: int, round_to: int) -> int:
+    if round_to <= 1:
+        return max(1, min(k, width))
+    k = int(round(k / round_to)) * round_to
+    return max(min(round_to, width), min(k, width))
+
+
+def plan_for_target(analysis: Analysis, scores, target_macs=None, target_params=None, round_to: int = 1,
+                    heads: bool = False, tolerance: float = 0.01) -> PruningPlan:
+    """Allocate widths over every group to meet a MACs or parameter budget.
+
+    Scores are normalised per group (total-sum scaling to mean 1) so one
+    global threshold compares them; each group keeps the channels above it
+    (the same count in every head), widths rounded to ``round_to``; the
+    threshold is bisected until the measured budget is met within ``tolerance``.
+    ``target_*``: an absolute count, or a fraction (< 1) of the dense model.
+    """
+    from .report import estimate_macs, estimate_params
+
+    if (target_macs is None) == (target_params is None):
+        raise SNPError("give exactly one of target_macs and target_params")
+    measure = estimate_macs if target_macs is not None else estimate_params
+    target = target_macs if target_macs is not None else target_params
+    if not isinstance(round_to, int) or round_to < 1:
+        raise SNPError(f"round_to must be a positive integer, got {round_to!r}")
+    dense = measure(analysis, torch.ones(analysis.space.next_id, dtype=torch.bool))
+    if not isinstance(target, (int, float)) or target <= 0:
+        raise SNPError(f"target must be a positive number (absolute, or a fraction < 1), got {target!r}")
+    if target < 1:
+        target = target * dense
+    head_scores = getattr(scores, "heads", {})
+    cls_scores = getattr(scores, "classes", scores)
+
+    def normed(x):
+        x = x.double()
+        return x / x.abs().mean().clamp_min(1e-30)
+
+    groups = [g for g in analysis.groups.values() if g.prunable]
+    norm = {g.name: normed(cls_scores[g.classes]) for g in groups}
+    sites: dict[str, dict[str, Group]] = {}
+    for g in groups:
+        if g.site:
+            sites.setdefault(g.site, {})[g.kind] = g
+    hnorm = {}
+    if heads:
+        for site, gs in sites.items():
+            if "qk" in gs and "v" in gs and gs["qk"].heads == gs["v"].heads and gs["qk"].heads > 1:
+                hs = head_scores.get(site)
+                if hs is None:
+                    hs = norm[gs["qk"].name].sum(1) + norm[gs["v"].name].sum(1)
+                hnorm[site] = normed(hs)
+
+    def build(t: float) -> dict:
+        plan = {}
+        for site, gs in sites.items():
+            any_g = next(iter(gs.values()))
+            kept_heads = list(range(any_g.heads))
+            if site in hnorm:
+                hs = hnorm[site]
+                n_keep = max(1, int((hs >= t).sum()))
+                kept_heads = _topk_sorted(hs, n_keep)
+            for g in gs.values():
+                s = norm[g.name]
+                if site in hnorm and g.heads == len(hnorm[site]):
+                    rows = kept_heads
+                else:
+                    rows = list(range(g.heads))
+                k = int(round(float((s[rows] >= t).sum()) / len(rows)))
+                k = _round_width(k, g.width, round_to)
+                plan[g.name] = {"kind": g.kind,
+                                "keep": [_topk_sorted(s[h], k) if h in rows else [] for h in range(g.heads)]}
+        for g in groups:
+            if not g.site:
+                k = _round_width(int((norm[g.name] >= t).sum()), g.width, round_to)
+                plan[g.name] = {"kind": g.kind, "keep": _topk_sorted(norm[g.name], k)}
+        return plan
+
+    def value(t):
+        p = PruningPlan(build(t))
+        return measure(analysis, keep_mask(analysis, p)), p
+
+    lo = min(float(v.min()) for v in norm.values()) - 1.0
+    hi = max(float(v.max()) for v in norm.values()) + 1.0
+    v_lo, best = value(lo)
+    v_hi, p_hi = value(hi)
+    if v_hi > target * (1 + tolerance):
+        raise SNPError(f"target {target:.4g} is below what one channel per group and head allows "
+                       f"({v_hi:.4g}); raise the target")
+    if v_lo <= target:
+        best = best
+    else:
+        best, best_v = p_hi, v_hi
+        for _ in range(60):
+            mid = (lo + hi) / 2
+            v, p = value(mid)
+            if abs(v - target) < abs(best_v - target):
+                best, best_v = p, v
+            if v > target:
+                lo = mid
+            else:
+                hi = mid
+            if abs(v - target) <= tolerance * target * 0.5 or hi - lo < 1e-9:
+                break
+    best.meta = {"target_macs" if target_macs is not None else "target_params": float(target),
+                 "dense": float(dense), "round_to": round_to, "heads": heads}
+    return best

@@ -26,6 +26,36 @@ class Irregular(Exception):
     pass
 
 
+def pruned_sizes(lab: torch.Tensor, shape, keep: torch.Tensor, dims=None) -> list[int]:
+    """Pruned shape of a tensor with reduced labels ``lab`` and real ``shape``.
+
+    The last channel dim may keep different indices per outer slice (per
+    head) but the same count; outer channel dims keep whole slices.
+    """
+    shape = list(shape)
+    lab = lab.reshape((1,) * (len(shape) - lab.dim()) + tuple(lab.shape))
+    k = torch.where(lab >= 0, keep[lab.clamp(min=0)], torch.ones_like(lab, dtype=torch.bool))
+    var = [d for d in range(len(shape)) if lab.shape[d] > 1] if dims is None else \
+        [d for d in dims if lab.shape[d] == shape[d]]
+    if not var:
+        if not bool(k.all()):
+            raise Irregular("a tensor whose channels are all removed")
+        return shape
+    kk = L.expand(k, tuple(lab.shape[d] if d in var else 1 for d in range(len(shape))))
+    for d in var[:-1]:
+        other = [i for i in range(len(shape)) if i != d]
+        shape[d] = int(kk.any(dim=other).sum()) if other else int(kk.sum())
+    last = var[-1]
+    counts = kk.sum(dim=last)
+    nz = counts[counts > 0]
+    if nz.numel() and not bool((nz == nz.reshape(-1)[0]).all()):
+        raise Irregular(f"dim {last} keeps different counts per slice: {sorted(set(nz.reshape(-1).tolist()))}")
+    shape[last] = int(nz.reshape(-1)[0]) if nz.numel() else 0
+    if math.prod(shape[d] for d in var) != int(kk.sum()):
+        raise Irregular("kept channels do not form a regular block")
+    return shape
+
+
 class _Rewriter:
     def __init__(self, analysis: Analysis, keep: torch.Tensor):
         self.a = analysis
@@ -38,37 +68,8 @@ class _Rewriter:
         self.skip: set[fx.Node] = set()
 
     # ---- sizes ---------------------------------------------------------------
-    def kept(self, lab: torch.Tensor) -> torch.Tensor:
-        return torch.where(lab >= 0, self.keep[lab.clamp(min=0)], torch.ones_like(lab, dtype=torch.bool))
-
     def new_sizes(self, lab: torch.Tensor, shape, dims=None) -> list[int]:
-        """Pruned shape of a tensor with reduced labels ``lab`` and real ``shape``.
-
-        The last channel dim may keep different indices per outer slice (per
-        head) but the same count; outer channel dims keep whole slices.
-        """
-        shape = list(shape)
-        lab = lab.reshape((1,) * (len(shape) - lab.dim()) + tuple(lab.shape))
-        k = self.kept(lab)
-        var = [d for d in range(len(shape)) if lab.shape[d] > 1] if dims is None else \
-            [d for d in dims if lab.shape[d] == shape[d]]
-        if not var:
-            if not bool(k.all()):
-                raise Irregular("a tensor whose channels are all removed")
-            return shape
-        kk = L.expand(k, tuple(lab.shape[d] if d in var else 1 for d in range(len(shape))))
-        for d in var[:-1]:
-            other = [i for i in range(len(shape)) if i != d]
-            shape[d] = int(kk.any(dim=other).sum()) if other else int(kk.sum())
-        last = var[-1]
-        counts = kk.sum(dim=last)
-        nz = counts[counts > 0]
-        if nz.numel() and not bool((nz == nz.reshape(-1)[0]).all()):
-            raise Irregular(f"dim {last} keeps different counts per slice: {sorted(set(nz.reshape(-1).tolist()))}")
-        shape[last] = int(nz.reshape(-1)[0]) if nz.numel() else 0
-        if math.prod(shape[d] for d in var) != int(kk.sum()):
-            raise Irregular("kept channels do not form a regular block")
-        return shape
+        return pruned_sizes(lab, shape, self.keep, dims)
 
     def sizes_of(self, node: fx.Node):
         return self.new_sizes(self.a.labels[node.name], self.a.shapes[node.name])

@@ -1,0 +1,99 @@
+"""Planning: the authors' config files, MACs/params budgets, round_to, JSON plans."""
+import json
+
+import pytest
+import torch
+
+import snp_fx
+from conftest import timm_analysis, timm_model
+from snp_fx.importance import compute_scores
+from snp_fx.plan import BUNDLED_CONFIGS, keep_mask, make_plan, paper_ratios, plan_for_target
+from snp_fx.report import count_macs, count_params, estimate_macs, estimate_params
+from snp_fx.rewrite import rewrite
+
+PAPER = [("DeiT_t", "deit_tiny_patch16_224", 0.64e9, 153), ("DeiT_s", "deit_small_patch16_224", 2.04e9, 307),
+         ("DeiT_s_small", "deit_small_patch16_224", 1.27e9, 345), ("DeiT_b", "deit_base_patch16_224", 6.32e9, 538)]
+
+
+@pytest.mark.parametrize("config, name, macs, residual", PAPER)
+def test_authors_configs_reproduce_their_widths_and_macs(config, name, macs, residual):
+    a = timm_analysis(name)
+    ratios = paper_ratios(a, config)
+    assert len(ratios) == 12 * 3 + 1
+    plan = make_plan(a, ratios, compute_scores(a, "l2"))
+    raw = json.load(open(BUNDLED_CONFIGS[config]))
+    hd = a.groups["blocks.0.attn.qk"].width
+    for i in range(12):  # kept = round(head_dim * (1 - ratio)) per head
+        qk = plan.groups[f"blocks.{i}.attn.qk"]["keep"]
+        v = plan.groups[f"blocks.{i}.attn.v"]["keep"]
+        assert {len(h) for h in qk} == {round(hd * (1 - raw["matmul" if i == 0 else f"matmul_{2 * i}"]))}
+        assert {len(h) for h in v} == {round(hd * (1 - raw[f"matmul_{2 * i + 1}"]))}
+    assert len(plan.groups["residual"]["keep"]) == residual
+    pruned = rewrite(a, keep_mask(a, plan))
+    measured = count_macs(pruned, a.inputs)  # FlopCounterMode, the SDPA kernel counted
+    assert measured == pytest.approx(macs, rel=0.02)
+
+
+def test_config_file_errors(tmp_path):
+    a = timm_analysis("deit_tiny_patch16_224")
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps({"matmul": 0.5, "blocks_99_mlp_fc1": 0.2, "conv_7": 0.1}))
+    with pytest.raises(snp_fx.SNPError, match=r"does not have: \['blocks_99_mlp_fc1', 'conv_7'\]"):
+        paper_ratios(a, str(bad))
+    with pytest.raises(snp_fx.SNPError, match="cannot read ratio file"):
+        paper_ratios(a, str(tmp_path / "missing.json"))
+
+
+@pytest.mark.parametrize("name, target, heads", [("deit_small_patch16_224", 2.0e9, False),
+                                                 ("deit_base_patch16_224", 6.4e9, False),
+                                                 ("deit_base_patch16_224", 3.5e9, True)])
+@pytest.mark.parametrize("round_to", [1, 8])
+def test_macs_target_is_met_within_one_percent(name, target, heads, round_to):
+    a = timm_analysis(name)
+    plan = plan_for_target(a, compute_scores(a, "snp", progress=False), target_macs=target, heads=heads,
+                           round_to=round_to)
+    keep = keep_mask(a, plan)
+    pruned = rewrite(a, keep)
+    measured = count_macs(pruned, a.inputs)
+    assert measured == estimate_macs(a, keep)
+    assert abs(measured - target) <= 0.01 * target
+    widths = plan.widths()
+    for name_, w in widths.items():
+        for x in (w if isinstance(w, list) else [w]):
+            if x and round_to > 1:
+                assert x % round_to == 0 or x == a.groups[name_].width
+    if heads:
+        assert any(0 in w for w in widths.values() if isinstance(w, list)), "no head was removed"
+
+
+def test_params_target_and_fraction():
+    a = timm_analysis("deit_tiny_patch16_224")
+    plan = plan_for_target(a, compute_scores(a, "l2"), target_params=0.5)
+    keep = keep_mask(a, plan)
+    dense = count_params(a.gm)
+    pruned = rewrite(a, keep)
+    assert count_params(pruned) == estimate_params(a, keep)
+    assert abs(count_params(pruned) - 0.5 * dense) <= 0.01 * 0.5 * dense
+
+
+def test_target_errors():
+    a = timm_analysis("deit_tiny_patch16_224")
+    s = compute_scores(a, "l2")
+    with pytest.raises(snp_fx.SNPError, match="below what one channel"):
+        plan_for_target(a, s, target_macs=1e6)
+    with pytest.raises(snp_fx.SNPError, match="exactly one"):
+        plan_for_target(a, s)
+    with pytest.raises(snp_fx.SNPError, match="either ratios or a target"):
+        snp_fx.plan(timm_model("deit_tiny_patch16_224"), a.inputs[0], {"qk": 0.5}, target_macs=0.5,
+                    analysis=a)
+
+
+def test_estimates_match_measurement_on_random_plans():
+    for name in ("swin_tiny_patch4_window7_224", "efficientformer_l1", "pvt_v2_b0"):
+        a = timm_analysis(name)
+        plan = make_plan(a, {"qk": 0.5, "v": 0.25, "ffn": 0.3, "residual": 0.2, "heads": 0.25},
+                         compute_scores(a, "random"))
+        keep = keep_mask(a, plan)
+        pruned = rewrite(a, keep)
+        assert count_macs(pruned, a.inputs) == estimate_macs(a, keep)
+        assert count_params(pruned) == estimate_params(a, keep)
