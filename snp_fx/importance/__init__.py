@@ -69,10 +69,10 @@ def producer_rows(analysis, params, classes: torch.Tensor) -> torch.Tensor:
         pos = {c: i for i, c in enumerate(cls.tolist())}
         if not all(c in pos for c in flat.tolist()):
             continue
-        rows = t.detach().double().cpu().movedim(dim, 0).reshape(t.shape[dim], -1)
+        rows = t.detach().cpu().movedim(dim, 0).reshape(t.shape[dim], -1)
         feats.append(rows[torch.tensor([pos[c] for c in flat.tolist()])])
     if not feats:
-        return torch.zeros(flat.numel(), 1, dtype=torch.float64)
+        return torch.zeros(flat.numel(), 1)
     return torch.cat(feats, 1)
 
 

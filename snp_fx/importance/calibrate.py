@@ -13,6 +13,15 @@ from ..errors import SNPError
 from .snp import qk_pair_scores
 
 
+class _NonFinite(Exception):
+    pass
+
+
+def _leaves(x):
+    from torch.utils._pytree import tree_leaves
+    return [t for t in tree_leaves(x) if isinstance(t, torch.Tensor) and t.is_floating_point()]
+
+
 def _as_inputs(batch, n_inputs: int, names: list[str]):
     """How a calibration batch is read (see ``compute_scores``)."""
     if isinstance(batch, torch.Tensor):
@@ -41,14 +50,19 @@ class _SiteReader(fx.Interpreter):
         self.acc = acc
         self.energy = energy
 
+    check_every_node = False  # set when a batch went non-finite, to name the node
+
     def run_node(self, n):
         out = super().run_node(n)
-        if isinstance(out, torch.Tensor) and out.is_floating_point() and not bool(torch.isfinite(out).all()):
+        if self.check_every_node and isinstance(out, torch.Tensor) and out.is_floating_point() \
+                and not bool(torch.isfinite(out).all()):
             raise SNPError(f"calibration produced NaN/inf at node `{n.name}` ({n.format_node()[:120]})")
         i = self.sites.get(n.name)
         if i is not None:
             args, kwargs = self.fetch_args_kwargs_from_env(n)
             q, k = self.site_list[i].operands(args, kwargs)
+            if not (bool(torch.isfinite(q).all()) and bool(torch.isfinite(k).all())):
+                raise _NonFinite()
             batch = torch.broadcast_shapes(q.shape[:-2], k.shape[:-2])
             q = q.expand(batch + q.shape[-2:]).reshape(-1, *q.shape[-2:])
             k = k.expand(batch + k.shape[-2:]).reshape(-1, *k.shape[-2:])
@@ -96,14 +110,21 @@ def calibrate_qk(analysis, calibration, gamma: int, progress: bool = True):
         it = calibration
     n_batches = 0
     device = next((p.device for p in gm.parameters()), torch.device("cpu"))
-    with torch.no_grad():
+    with torch.inference_mode():
         for b, batch in enumerate(it):
             args, kwargs = _as_inputs(batch, len(placeholders), placeholders)
             from ..trace import normalize_inputs
             inputs = normalize_inputs(gm, kwargs if kwargs else args)
             inputs = tuple(x.to(device) if isinstance(x, torch.Tensor) else x for x in inputs)
             try:
-                reader.run(*inputs)
+                try:
+                    out = reader.run(*inputs)
+                    finite = all(bool(torch.isfinite(t).all()) for t in _leaves(out))
+                except _NonFinite:
+                    finite = False
+                if not finite:
+                    reader.check_every_node = True  # run again to say where it started
+                    reader.run(*inputs)
             except SNPError:
                 raise
             except Exception as e:

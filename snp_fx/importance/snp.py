@@ -1,7 +1,7 @@
 """SNP's attention-score-preserving q/k pair score, fast and exact.
 
 For one head and one input, S = Q K^T (N x N) with Q, K of shape (N, d).
-With Q = Qq Rq and K = Qk Rk (QR), S = Qq (Rq Rk^T) Qk^T, and the SVD of the
+With Q = Qq Rq and K = Qk Rk, S = Qq (Rq Rk^T) Qk^T, and the SVD of the
 d x d core Rq Rk^T = U diag(s) V^T gives the singular vectors of S:
 u_j = Qq U_j, v_j = Qk V_j.  The paper's score of pair i is
 
@@ -20,30 +20,50 @@ def qk_pair_scores(q: torch.Tensor, k: torch.Tensor, gamma: int) -> tuple[torch.
 
     ``q``: (P, Nq, d), ``k``: (P, Nk, d).  Also returns ||Q K^T||_F^2 per slice
     (the head's score energy, used for head pruning).
+
+    Only d x d matrices are factorised: with Gram matrices Gq = Q^T Q,
+    Gk = K^T K and Gq = Rq^T Rq (Cholesky), the left singular vectors of S
+    are u_j = Q Rq^-1 U_j for the eigenvectors U_j of M = Rq Gk Rq^T
+    (eigenvalues s_j^2), so U_j . Rq_i = u_j . Q_i and
+    v_j . K_i = (U_j^T Rq Gk)_i / s_j.  Rank-deficient slices fall back to QR.
     """
-    q = q.double()
-    k = k.double()
-    rq = torch.linalg.qr(q, mode="r").R if q.shape[-2] >= q.shape[-1] else q
-    rk = torch.linalg.qr(k, mode="r").R if k.shape[-2] >= k.shape[-1] else k
-    if rq.shape[-2] != rk.shape[-2]:  # fewer tokens than dims: work with the factors themselves
-        rq, rk = q, k
-    core = rq @ rk.transpose(-1, -2)
-    u, s, vh = torch.linalg.svd(core)
-    g = min(gamma, s.shape[-1])
-    a = u[..., :, :g].transpose(-1, -2) @ rq          # (P, g, d): U_j . Rq_i
-    b = vh[..., :g, :] @ rk                           # (P, g, d): V_j . Rk_i
-    norm = rq.norm(dim=-2) * rk.norm(dim=-2)          # |Q_i| |K_i|
+    gq = (q.transpose(-1, -2) @ q).double()  # the N-long sums in the input precision: the hot part
+    gk = (k.transpose(-1, -2) @ k).double()
+    lq, info = torch.linalg.cholesky_ex(gq)
+    rq = lq.transpose(-1, -2)
+    bad = info != 0
+    if bool(bad.any()):  # fewer tokens than dims, or a zero column: exact QR for those slices
+        rq = rq.clone()
+        rq[bad] = _r_factor(q[bad].double())
+    m = rq @ gk @ rq.transpose(-1, -2)
+    m = (m + m.transpose(-1, -2)) / 2
+    evals, evecs = torch.linalg.eigh(m.float())        # ascending; float32 halves the cost
+    evals, evecs = evals.double(), evecs.double()
+    g = min(gamma, evals.shape[-1])
+    top = evecs[..., :, -g:].flip(-1)                  # (P, d, g)
+    sig = evals[..., -g:].flip(-1).clamp_min(0).sqrt()  # (P, g)
+    a = top.transpose(-1, -2) @ rq                     # (P, g, d): u_j . Q_i
+    b = (a @ gk) / sig.clamp_min(1e-30)[..., None]     # (P, g, d): v_j . K_i
+    b = torch.where(sig[..., None] > 0, b, torch.zeros_like(b))
+    norm = (torch.diagonal(gq, dim1=-2, dim2=-1) * torch.diagonal(gk, dim1=-2, dim2=-1)).clamp_min(0).sqrt()
     w = (a.abs() * b.abs()).sum(-2) / norm.clamp_min(1e-30)
     w = torch.where(norm > 0, w, torch.zeros_like(w))
-    energy = s.pow(2).sum(-1)
+    energy = evals.clamp_min(0).sum(-1)                # ||S||_F^2 = sum of s_j^2
     return w, energy
+
+
+def _r_factor(x: torch.Tensor) -> torch.Tensor:
+    """A (d, d) R with R^T R = x^T x for any (N, d) x, N >= 1 (zero-padded when N < d)."""
+    n, d = x.shape[-2], x.shape[-1]
+    if n < d:
+        x = torch.cat([x, x.new_zeros(*x.shape[:-2], d - n, d)], -2)
+    return torch.linalg.qr(x, mode="r").R
 
 
 def redundancy_scores(rows: torch.Tensor) -> torch.Tensor:
     """SNP's redundancy score of each row: sum over all rows l of (1 - |cos(row_r, row_l)|)."""
-    x = rows.double()
-    x = x / x.norm(dim=1, keepdim=True).clamp_min(1e-30)
-    c = (x @ x.T).abs()
+    x = rows / rows.norm(dim=1, keepdim=True).clamp_min(1e-30)  # in the weights' precision
+    c = (x @ x.T).abs().double()
     return (1.0 - c).sum(1)
 
 
