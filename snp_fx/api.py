@@ -10,7 +10,8 @@ from . import verify as _verify
 from .analysis import Analysis, propagate
 from .errors import RewriteError, SNPError
 from .importance import DEFAULT_GAMMA, compute_scores
-from .plan import PruningPlan, keep_mask, make_plan, paper_ratios, plan_for_target
+from .plan import (PruningPlan, check_ratios, check_target, keep_mask, make_plan, paper_ratios,
+                   plan_for_target)
 from .rewrite import rewrite
 from .trace import normalize_inputs, trace
 
@@ -55,13 +56,18 @@ def plan(model, example_inputs, ratios=None, importance: str = "snp", analysis: 
     targeted = target_macs is not None or target_params is not None
     if targeted and ratios:
         raise SNPError("give either ratios or a target (target_macs / target_params), not both")
+    if targeted:
+        check_target(a, target_macs, target_params, round_to)
+    else:
+        if isinstance(ratios, str) or hasattr(ratios, "__fspath__"):
+            ratios = paper_ratios(a, ratios)
+        ratios = {} if ratios is None else ratios
+        check_ratios(a, ratios)
     sc = compute_scores(a, importance, calibration, gamma, seed, progress)
     if targeted:
         p = plan_for_target(a, sc, target_macs, target_params, round_to=round_to, heads=heads)
     else:
-        if isinstance(ratios, str) or hasattr(ratios, "__fspath__"):
-            ratios = paper_ratios(a, ratios)
-        p = make_plan(a, ratios or {}, sc, round_to=round_to)
+        p = make_plan(a, ratios, sc, round_to=round_to)
     p.meta.update(importance=importance, gamma=gamma)
     return p
 

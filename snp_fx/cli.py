@@ -45,6 +45,16 @@ def parse_ratios(text: str) -> dict:
     return out
 
 
+def parse_count(text: str) -> float:
+    """'2.0G', '500M', '0.5' (a fraction of the dense model) -> number."""
+    t = text.strip().upper()
+    mult = {"K": 1e3, "M": 1e6, "G": 1e9}.get(t[-1:], 1)
+    try:
+        return float(t[:-1] if mult != 1 else t) * mult
+    except ValueError:
+        raise SNPError(f"bad target '{text}': write e.g. 2.0G, 500M or 0.5 (a fraction of the dense model)") from None
+
+
 def _summary(model, pruned, x) -> list[str]:
     from .report import count_macs, count_params
     p0, p1 = count_params(model), count_params(pruned)
@@ -59,8 +69,18 @@ def cmd_prune(args) -> int:
     x = torch.randn(1, *size)
     t = time.perf_counter()
     analysis = api.analyze(model, x)
-    plan = api.plan(model, x, parse_ratios(args.ratios), importance=args.importance, analysis=analysis,
-                    seed=args.seed)
+    budget = {}
+    if args.target_macs:
+        budget["target_macs"] = parse_count(args.target_macs)
+    elif args.target_params:
+        budget["target_params"] = parse_count(args.target_params)
+    elif args.config:
+        budget["ratios"] = args.config
+    else:
+        budget["ratios"] = parse_ratios(args.ratios)
+    calib = [torch.randn(1, *size) for _ in range(args.calib_random)] if args.calib_random else None
+    plan = api.plan(model, x, importance=args.importance, analysis=analysis, seed=args.seed,
+                    calibration=calib, gamma=args.gamma, round_to=args.round_to, heads=args.heads, **budget)
     pruned = api.apply(model, plan, x, analysis=analysis)
     elapsed = time.perf_counter() - t
     print(f"pruned {args.model} in {elapsed:.1f} s (analyze + plan + rewrite + verify)\n")
@@ -88,7 +108,15 @@ def main(argv=None) -> int:
     p.add_argument("model", help="timm model name or pkg.module:factory")
     p.add_argument("--ratios", default="qk=0.5,v=0.25,ffn=0.3",
                    help="fraction removed per kind (qk, v, ffn, residual, heads) or per group name")
+    p.add_argument("--config", help="the authors' ratio file (JSON), or DeiT_t / DeiT_s / DeiT_s_small / DeiT_b")
+    p.add_argument("--target-macs", help="MACs budget: 2.0G, or a fraction of the dense model such as 0.45")
+    p.add_argument("--target-params", help="parameter budget: 12M, or a fraction such as 0.5")
+    p.add_argument("--heads", action="store_true", help="with a target: let whole heads go too")
+    p.add_argument("--round-to", type=int, default=1, help="kept widths are multiples of this")
     p.add_argument("--importance", default="snp", help="channel scores: snp, l1, l2, gm, random, reverse")
+    p.add_argument("--gamma", type=int, default=2, help="singular components in the SNP q/k score")
+    p.add_argument("--calib-random", type=int, default=0, metavar="N",
+                   help="calibrate on N random inputs (default: one example input)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--pretrained", action="store_true", help="load timm's pretrained weights")
     p.add_argument("--out", help="directory for plan.json")

@@ -85,13 +85,8 @@ def _topk_sorted(scores: torch.Tensor, k: int) -> list[int]:
     return sorted(idx.tolist())
 
 
-def make_plan(analysis: Analysis, ratios: dict, scores, round_to: int = 1) -> PruningPlan:
-    """Plan from ``ratios``: keys are kinds (qk, v, ffn, residual, heads) or group names.
-
-    ``scores``: a ``Scores`` (or a tensor of class scores); the lowest go first.
-    """
-    head_scores = getattr(scores, "heads", {})
-    scores = getattr(scores, "classes", scores)
+def check_ratios(analysis: Analysis, ratios: dict) -> None:
+    """Raise a clear error for ratios that cannot be planned (before any costly scoring)."""
     if not isinstance(ratios, dict):
         raise SNPError(f"ratios must be a dict like {{'qk': 0.5, 'ffn': 0.3}}, got {type(ratios).__name__}")
     site_names = {g.site for g in analysis.groups.values() if g.site}
@@ -104,6 +99,22 @@ def make_plan(analysis: Analysis, ratios: dict, scores, round_to: int = 1) -> Pr
         g = analysis.groups.get(key)
         if g is not None and not g.prunable and r > 0:
             raise SNPError(f"group '{key}' cannot be pruned: {g.reason}")
+        if g is not None:
+            _keep_count(g.width, r, key)
+        if key.endswith(".heads") and key[:-6] in site_names:
+            qk = analysis.groups.get(key[:-6] + ".qk")
+            if qk is not None:
+                _keep_count(qk.heads, r, f"heads of {key[:-6]}")
+
+
+def make_plan(analysis: Analysis, ratios: dict, scores, round_to: int = 1) -> PruningPlan:
+    """Plan from ``ratios``: keys are kinds (qk, v, ffn, residual, heads) or group names.
+
+    ``scores``: a ``Scores`` (or a tensor of class scores); the lowest go first.
+    """
+    head_scores = getattr(scores, "heads", {})
+    scores = getattr(scores, "classes", scores)
+    check_ratios(analysis, ratios)
 
     def ratio_for(g: Group) -> float:
         return float(ratios.get(g.name, ratios.get(g.kind, 0.0)))
@@ -277,15 +288,10 @@ def plan_for_target(analysis: Analysis, scores, target_macs=None, target_params=
     """
     from .report import estimate_macs, estimate_params
 
-    if (target_macs is None) == (target_params is None):
-        raise SNPError("give exactly one of target_macs and target_params")
+    check_target(analysis, target_macs, target_params, round_to)
     measure = estimate_macs if target_macs is not None else estimate_params
     target = target_macs if target_macs is not None else target_params
-    if not isinstance(round_to, int) or round_to < 1:
-        raise SNPError(f"round_to must be a positive integer, got {round_to!r}")
     dense = measure(analysis, torch.ones(analysis.space.next_id, dtype=torch.bool))
-    if not isinstance(target, (int, float)) or target <= 0:
-        raise SNPError(f"target must be a positive number (absolute, or a fraction < 1), got {target!r}")
     if target < 1:
         target = target * dense
     head_scores = getattr(scores, "heads", {})
@@ -343,12 +349,7 @@ def plan_for_target(analysis: Analysis, scores, target_macs=None, target_params=
     hi = max(float(v.max()) for v in norm.values()) + 1.0
     v_lo, best = value(lo)
     v_hi, p_hi = value(hi)
-    if v_hi > target * (1 + tolerance):
-        raise SNPError(f"target {target:.4g} is below what one channel per group and head allows "
-                       f"({v_hi:.4g}); raise the target")
-    if v_lo <= target:
-        best = best
-    else:
+    if v_lo > target:
         best, best_v = p_hi, v_hi
         for _ in range(60):
             mid = (lo + hi) / 2
@@ -364,3 +365,29 @@ def plan_for_target(analysis: Analysis, scores, target_macs=None, target_params=
     best.meta = {"target_macs" if target_macs is not None else "target_params": float(target),
                  "dense": float(dense), "round_to": round_to, "heads": heads}
     return best
+
+
+def check_target(analysis: Analysis, target_macs=None, target_params=None, round_to: int = 1) -> None:
+    """Raise a clear error for a budget that cannot be met (before any costly scoring)."""
+    from .report import estimate_macs, estimate_params
+
+    if (target_macs is None) == (target_params is None):
+        raise SNPError("give exactly one of target_macs and target_params")
+    if not isinstance(round_to, int) or round_to < 1:
+        raise SNPError(f"round_to must be a positive integer, got {round_to!r}")
+    target = target_macs if target_macs is not None else target_params
+    if not isinstance(target, (int, float)) or isinstance(target, bool) or target <= 0:
+        raise SNPError(f"target must be a positive number (absolute, or a fraction < 1), got {target!r}")
+    measure = estimate_macs if target_macs is not None else estimate_params
+    if target < 1:
+        target = target * measure(analysis, torch.ones(analysis.space.next_id, dtype=torch.bool))
+    keep = {}
+    for g in analysis.groups.values():
+        if g.prunable:
+            k = _round_width(1, g.width, round_to)
+            keep[g.name] = {"kind": g.kind, "keep": [list(range(k))] * g.heads if g.classes.dim() == 2
+                            else list(range(k))}
+    smallest = measure(analysis, keep_mask(analysis, PruningPlan(keep)))
+    if smallest > target * 1.01:
+        raise SNPError(f"target {target:.4g} is below what one channel per group and head allows "
+                       f"({smallest:.4g}); raise the target")

@@ -90,3 +90,29 @@ def estimate_params(analysis, keep: torch.Tensor) -> int:
     for name, p in analysis.gm.named_parameters():
         total += math.prod(int(m.sum()) for m in analysis.dim_masks(name, p.shape, keep))
     return total
+
+
+@torch.no_grad()
+def attention_scores(model: torch.nn.Module, inputs: tuple) -> list[torch.Tensor]:
+    """Pre-softmax attention scores (scaled q k^T) of every SDPA call, in graph order."""
+    import torch.fx as fx
+
+    from .trace import trace
+
+    gm = model if isinstance(model, fx.GraphModule) else trace(model)
+    out: list[torch.Tensor] = []
+    names = ["query", "key", "value", "attn_mask", "dropout_p", "is_causal", "scale", "enable_gqa"]
+
+    class Reader(fx.Interpreter):
+        def run_node(self, n):
+            if n.op == "call_function" and getattr(n.target, "__name__", "") == "scaled_dot_product_attention":
+                args, kwargs = self.fetch_args_kwargs_from_env(n)
+                got = dict(zip(names, args))
+                got.update(kwargs)
+                q, k = got["query"], got["key"]
+                scale = got.get("scale") or q.shape[-1] ** -0.5
+                out.append((q @ k.transpose(-2, -1)) * scale)
+            return super().run_node(n)
+
+    Reader(gm).run(*inputs)
+    return out
