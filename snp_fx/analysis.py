@@ -854,6 +854,20 @@ class Analysis:
             groups.append(g)
         self.groups = {g.name: g for g in groups}
 
+    def refuse(self, node_name: str, reason: str) -> list[str]:
+        """Mark every group with channels at ``node_name`` (or its inputs) unprunable."""
+        node = next(n for n in self.gm.graph.nodes if n.name == node_name)
+        touched = set()
+        for n in [node] + [a for a in node.all_input_nodes]:
+            for lab in _flat_labels(self.labels.get(n.name)):
+                touched.update(torch.unique(lab[lab >= 0]).tolist())
+        refused = []
+        for g in self.groups.values():
+            if g.prunable and touched & set(torch.unique(g.classes).tolist()):
+                g.prunable, g.reason = False, reason
+                refused.append(g.name)
+        return refused
+
     # reporting ----------------------------------------------------------------
     def prunable(self, kind: str | None = None) -> list[Group]:
         return [g for g in self.groups.values() if g.prunable and (kind is None or g.kind == kind)]

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import copy
+import warnings
 
 import torch
 import torch.fx as fx
@@ -129,7 +130,16 @@ def prune(model, example_inputs, ratios=None, importance: str = "snp", verify: b
     or per group name from ``analyze``; q/k and v remove the same count in every head.
     """
     a = analyze(model, example_inputs, leaf_modules)
-    p = plan(model, example_inputs, ratios, importance, analysis=a, seed=seed, calibration=calibration,
-             gamma=gamma, progress=progress, target_macs=target_macs, target_params=target_params,
-             round_to=round_to, heads=heads)
-    return apply(model, p, example_inputs, verify=verify, analysis=a)
+    for _ in range(len(a.groups) + 1):
+        p = plan(model, example_inputs, ratios, importance, analysis=a, seed=seed, calibration=calibration,
+                 gamma=gamma, progress=progress, target_macs=target_macs, target_params=target_params,
+                 round_to=round_to, heads=heads)
+        try:
+            return apply(model, p, example_inputs, verify=verify, analysis=a)
+        except RewriteError as e:
+            # a node the rewrite cannot fix: leave its groups alone (reported in the analysis) and replan
+            refused = a.refuse(e.node, f"not rewritable at `{e.node}`: {e}") if e.node else []
+            if not refused or (isinstance(ratios, dict) and any(g in ratios for g in refused)):
+                raise
+            warnings.warn(f"snp_fx: left {refused} unpruned: {e}")
+    raise RewriteError("could not find a plan the rewrite supports")

@@ -10,4 +10,11 @@ class TraceError(SNPError):
 
 
 class RewriteError(RuntimeError):
-    """The rewrite could not realise a plan; the model is left untouched."""
+    """The rewrite could not realise a plan; the model is left untouched.
+
+    ``node`` names the graph node it stopped at, when known.
+    """
+
+    def __init__(self, message, node=None):
+        super().__init__(message)
+        self.node = node

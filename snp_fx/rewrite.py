@@ -125,7 +125,8 @@ class _Rewriter:
             try:
                 self.fix(node, new)
             except Irregular as e:
-                raise RewriteError(f"cannot rewrite node `{node.name}` ({node.format_node()}): {e}") from None
+                raise RewriteError(f"cannot rewrite node `{node.name}` ({node.format_node()}): {e}",
+                                   node=node.name) from None
         gm = fx.GraphModule(self.attrs, self.graph, class_name=self.gm.__class__.__name__)
         gm.graph.eliminate_dead_code()
         gm.graph.lint()

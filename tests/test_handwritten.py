@@ -66,3 +66,41 @@ def test_multihead_attention_is_reported_not_crashed():
     check_mask_equivalence(a, {"ffn": 0.5}, seed=0)
     with pytest.raises(snp_fx.SNPError, match="cannot be pruned: .*MultiheadAttention"):
         snp_fx.prune(model, x, {"residual": 0.5})
+
+
+class GroupedHidden(torch.nn.Module):
+    """An FFN whose hidden channels are viewed in groups: per-group counts must match."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc1 = torch.nn.Linear(8, 64)
+        self.fc2 = torch.nn.Linear(64, 8)
+        self.other = torch.nn.Linear(8, 32)
+        self.out = torch.nn.Linear(32, 3)
+
+    def forward(self, x):
+        h = torch.relu(self.fc1(x)).view(x.shape[0], 4, 16).flatten(1)
+        return self.out(torch.relu(self.other(self.fc2(h))))
+
+
+def test_unrewritable_group_is_left_alone_and_reported():
+    torch.manual_seed(0)
+    model = GroupedHidden().eval()
+    x = torch.randn(3, 8)
+    with pytest.warns(UserWarning, match=r"left \['fc1'\] unpruned"):
+        pruned = snp_fx.prune(model, x, {"ffn": 0.5}, importance="random", seed=3)
+    assert pruned.fc1.out_features == 64        # refused: the view needs equal counts per group
+    assert pruned.other.out_features == 16      # the other FFN was still pruned
+    with torch.no_grad():
+        assert pruned(x).shape == (3, 3)
+    with pytest.raises(snp_fx.RewriteError, match="cannot rewrite node"):  # named explicitly: an error
+        snp_fx.prune(model, x, {"fc1": 0.5}, importance="random", seed=3)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_model_on_cuda():
+    torch.manual_seed(0)
+    model = PlainViT(form="sdpa").eval().cuda()
+    x = torch.randn(2, 3, 32, 32, device="cuda")
+    pruned = snp_fx.prune(model, x, {"qk": 0.5, "v": 0.5, "ffn": 0.5, "heads": 0.25})  # verified inside
+    assert next(pruned.parameters()).is_cuda
