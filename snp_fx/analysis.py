@@ -226,6 +226,11 @@ class _Propagator(fx.Interpreter):
 
     rule_like = rule_unary
 
+    def rule_ignore(self, n, key, args, kwargs, result):
+        if kwargs.get("size") is not None or kwargs.get("stride") is not None:
+            self.freeze_all(n, f"{n.name}: `{key}` asserts literal sizes")
+        return None
+
     def rule_factory(self, n, key, args, kwargs, result):
         return self.frozen_output(result, f"{n.name}: `{key}` makes a tensor of literal size")
 
@@ -416,12 +421,13 @@ class _Propagator(fx.Interpreter):
         if n.op == "call_module":
             w_name, w = n.target + ".weight", self.modules[n.target].weight
         else:
-            wn = n.args[1]
+            w_pos = 0 if isinstance(n.target, torch._ops.OpOverload) else 1  # aten: (weight, indices)
+            wn = n.args[w_pos]
             if not (isinstance(wn, fx.Node) and wn.op == "get_attr"):
                 reason = f"{n.name}: embedding with a computed weight"
                 self.freeze_all(n, reason)
                 return self.frozen_output(result, reason)
-            w_name, w = wn.target, args[1]
+            w_name, w = wn.target, args[w_pos]
         ids = self.pids(w_name, w)[1]
         self.producers.append((w_name, ids))
         self.producer_dim[w_name] = 1

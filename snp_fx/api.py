@@ -19,17 +19,18 @@ from .trace import normalize_inputs, trace
 TOLERANCE = 1e-4
 
 
-def analyze(model: torch.nn.Module, example_inputs, leaf_modules=()) -> Analysis:
+def analyze(model: torch.nn.Module, example_inputs, leaf_modules=(), frontend: str = "auto") -> Analysis:
     """Trace ``model`` and find its attention sites and coupled channel groups.
 
     ``model`` is copied first, so nothing that happens here (even an error
     halfway) can change it.  ``example_inputs``: a tensor, a tuple of
-    positional tensors, or a dict of keyword inputs.
+    positional tensors, or a dict of keyword inputs.  ``frontend``: "auto"
+    (torch.fx, else torch.export), "fx" or "export".
     """
     if not isinstance(model, torch.nn.Module):
         raise SNPError(f"expected a torch.nn.Module or fx.GraphModule, got {type(model).__name__}")
     work = copy.deepcopy(model).eval()
-    gm = trace(work, leaf_modules)
+    gm = trace(work, leaf_modules, example_inputs, frontend)
     inputs = normalize_inputs(gm, example_inputs)
     try:
         return propagate(gm, inputs)

@@ -34,13 +34,13 @@ MOVE = {
     "select", "narrow", "split", "split_with_sizes", "chunk", "unbind", "cat", "concat",
     "concatenate", "stack", "roll", "flip", "index_select", "gather", "repeat",
     "repeat_interleave", "movedim", "swapaxes", "swapdims", "clone", "_unsafe_view",
-    "slice", "alias", "tile",
+    "slice", "alias", "tile", "index",
 }
 UNARY = {
     "gelu", "relu", "relu_", "silu", "sigmoid", "tanh", "hardswish", "hardsigmoid", "mish",
     "elu", "leaky_relu", "softplus", "relu6", "hardtanh", "dropout", "dropout_", "identity",
     "float", "half", "bfloat16", "double", "to", "type", "type_as", "detach", "neg",
-    "exp", "sqrt", "rsqrt", "abs", "sin", "cos", "erf", "square", "reciprocal", "clamp",
+    "exp", "sqrt", "rsqrt", "abs", "bitwise_not", "logical_not", "sin", "cos", "erf", "square", "reciprocal", "clamp",
     "clamp_", "clip", "_to_copy", "native_dropout", "lift_fresh_copy", "pow_scalar",
     "contiguous_", "log", "sign", "floor", "round", "nan_to_num",
 }
@@ -48,7 +48,11 @@ BINARY = {
     "add", "add_", "iadd", "sub", "sub_", "isub", "rsub", "mul", "mul_", "imul", "truediv",
     "div", "div_", "itruediv", "pow", "maximum", "minimum", "where", "masked_fill",
     "addcmul", "lerp", "floordiv", "mod", "eq", "ne", "lt", "gt", "le", "ge", "and_", "or_",
+    "__and__", "__or__", "bitwise_and", "bitwise_or", "logical_and", "logical_or",
 }
+# checks with no output that touch no sizes: nothing to follow
+IGNORE = {"_assert_tensor_metadata", "_assert_async", "_assert_scalar", "sym_constrain_range_for_size",
+          "module:GuardsFn", "_assert"}
 REDUCE = {"sum", "mean", "amax", "amin", "max", "min", "var", "std", "norm", "logsumexp", "prod", "all", "any"}
 SOFTMAX = {"softmax", "log_softmax", "_softmax", "_log_softmax"}
 LIKE = {"zeros_like", "ones_like", "empty_like", "full_like", "rand_like", "randn_like", "new_zeros_like"}
@@ -117,7 +121,7 @@ def kind_of(key: str) -> str:
         return FUNCTION_KINDS[key]
     if key in CONTRACT:
         return CONTRACT[key]
-    for kind, names in (("move", MOVE), ("unary", UNARY), ("binary", BINARY), ("reduce", REDUCE),
+    for kind, names in (("ignore", IGNORE), ("move", MOVE), ("unary", UNARY), ("binary", BINARY), ("reduce", REDUCE),
                         ("softmax", SOFTMAX), ("like", LIKE), ("factory", FACTORY), ("shape", SHAPE)):
         if key in names:
             return kind

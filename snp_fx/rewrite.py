@@ -63,6 +63,7 @@ class _Rewriter:
         self.keep = keep  # keep[id] for every unit id
         self.modules = dict(self.gm.named_modules())
         self.graph = fx.Graph()
+        self.graph._codegen = copy.deepcopy(self.gm.graph._codegen)  # keeps pytree in/out (torch.export)
         self.env: dict[fx.Node, fx.Node] = {}
         self.attrs: dict[str, object] = {}
         self.skip: set[fx.Node] = set()
@@ -163,6 +164,16 @@ class _Rewriter:
                 raise Irregular(f"`{key}` along a pruned dim")
         elif key == "narrow":
             self.fix_narrow(node, new)
+        elif key in ("slice", "select") and isinstance(self.a.labels.get(getattr(node.args[0], "name", None)),
+                                                         torch.Tensor):
+            self.fix_slice_select(node, new, key)
+        elif key == "index":
+            x = node.args[0]
+            lab, shape = self.a.labels[x.name], self.a.shapes[x.name]
+            for d, ix in enumerate(node.args[1]):
+                if ix is not None and d in L.varying_dims(lab) and \
+                        self.count_kept(lab, shape, d, 0, shape[d]) != shape[d]:
+                    raise Irregular("advanced indexing along a pruned dim")
         elif key == "getitem" and isinstance(self.a.labels.get(getattr(node.args[0], "name", None)), torch.Tensor):
             self.fix_getitem(node, new)
         elif key == "scaled_dot_product_attention":
@@ -294,6 +305,11 @@ class _Rewriter:
             if len(set(sizes)) != 1:
                 raise Irregular("chunk into pieces that keep different widths")
             return
+        if isinstance(node.target, torch._ops.OpOverload):  # aten.split takes one int: use split_with_sizes
+            new.target = torch.ops.aten.split_with_sizes.default
+            new.args = (new.args[0], sizes, dim)
+            new.kwargs = {}
+            return
         _set_arg(new, 1, "split_size_or_sections" if node.op == "call_function" else "split_size", sizes)
 
     def count_kept(self, lab, shape, dim, start, stop) -> int:
@@ -312,6 +328,27 @@ class _Rewriter:
         s = self.count_kept(lab, shape, dim, 0, start)
         n = self.count_kept(lab, shape, dim, start, start + length)
         new.args = (new.args[0], node.args[1], s, n)
+
+    def fix_slice_select(self, node, new, key):
+        """ATen slice(x, dim, start, end, step) and select(x, dim, index) on a pruned dim."""
+        x = node.args[0]
+        lab, shape = self.a.labels[x.name], self.a.shapes[x.name]
+        dim = (node.args[1] if len(node.args) > 1 else 0) % len(shape)
+        if dim not in L.varying_dims(lab):
+            return
+        if key == "select":
+            i = node.args[2] % shape[dim]
+            if self.count_kept(lab, shape, dim, i, i + 1) == 0:
+                raise Irregular("selects a removed channel")
+            new.args = (new.args[0], node.args[1], self.count_kept(lab, shape, dim, 0, i))
+            return
+        args = list(node.args) + [None] * (5 - len(node.args))
+        start, end, step = args[2], args[3], args[4]
+        if any(isinstance(v, fx.Node) for v in (start, end, step)) or step not in (None, 1):
+            raise Irregular("a strided or dynamic slice of a pruned dim")
+        start, end, _ = slice(start, end).indices(shape[dim])
+        s0 = self.count_kept(lab, shape, dim, 0, start)
+        new.args = (new.args[0], node.args[1], s0, s0 + self.count_kept(lab, shape, dim, start, end))
 
     def fix_getitem(self, node, new):
         x = node.args[0]

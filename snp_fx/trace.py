@@ -7,6 +7,7 @@ writes to them.
 """
 from __future__ import annotations
 
+import copy
 import inspect
 
 import torch
@@ -36,12 +37,25 @@ class _Tracer(fx.Tracer):
         return super().is_leaf_module(m, qualname)
 
 
-def trace(model: torch.nn.Module, leaf_modules=()) -> fx.GraphModule:
-    """Trace ``model`` (or copy the graph of a GraphModule)."""
+FRONTENDS = ("auto", "fx", "export")
+
+
+def trace(model: torch.nn.Module, leaf_modules=(), example_inputs=None, frontend: str = "auto") -> fx.GraphModule:
+    """Trace ``model`` (or copy the graph of a GraphModule).
+
+    ``frontend``: "fx" (torch.fx.symbolic_trace, torch-level ops), "export"
+    (torch.export, ATen-level ops, needs ``example_inputs``), or "auto": fx,
+    and torch.export where fx cannot trace the model.
+    """
     if not isinstance(model, torch.nn.Module):
         raise SNPError(f"expected a torch.nn.Module or fx.GraphModule, got {type(model).__name__}")
+    if frontend not in FRONTENDS:
+        raise SNPError(f"unknown frontend '{frontend}'; use one of {list(FRONTENDS)}")
+    if frontend == "export":
+        return export(model, example_inputs)
     if isinstance(model, fx.GraphModule):
         graph = fx.Graph()
+        graph._codegen = copy.deepcopy(model.graph._codegen)
         out = graph.graph_copy(model.graph, {})
         graph.output(out)
         return fx.GraphModule(model, graph, class_name=type(model).__name__)
@@ -49,12 +63,41 @@ def trace(model: torch.nn.Module, leaf_modules=()) -> fx.GraphModule:
     try:
         graph = tracer.trace(model)
     except Exception as e:
+        if frontend == "auto" and example_inputs is not None:
+            try:
+                return export(model, example_inputs)
+            except TraceError as e2:
+                raise TraceError(f"torch.fx could not trace {type(model).__name__} ({type(e).__name__}: {e}) "
+                                 f"and {e2}") from e
         raise TraceError(
             f"torch.fx could not trace {type(model).__name__}: {type(e).__name__}: {e}\n"
             "Mark the module that fails as a leaf (prune(..., leaf_modules=[ModuleClass])), or make the "
             "data-dependent control flow static; leaf modules are left unpruned.") from e
     name = type(model).__name__
     return fx.GraphModule(tracer.root, graph, class_name=name)
+
+
+def export(model: torch.nn.Module, example_inputs) -> fx.GraphModule:
+    """torch.export (non-strict) and unlift: an ATen graph whose parameters are get_attr nodes."""
+    if example_inputs is None:
+        raise SNPError("the export frontend needs example_inputs")
+    if isinstance(example_inputs, dict):
+        args, kwargs = (), dict(example_inputs)
+    elif isinstance(example_inputs, torch.Tensor):
+        args, kwargs = (example_inputs,), {}
+    else:
+        args, kwargs = tuple(example_inputs), {}
+    try:
+        ep = torch.export.export(model, args, kwargs, strict=False)
+    except Exception as e:
+        raise TraceError(f"torch.export could not export {type(model).__name__}: {type(e).__name__}: "
+                         f"{str(e).splitlines()[0] if str(e) else ''}\n"
+                         "Decoder models export with use_cache=False; data-dependent branches need "
+                         "torch.cond or static shapes.") from e
+    gm = ep.module()
+    gm._forward_pre_hooks.clear()  # its input-spec check rejects positional calls; the graph flattens anyway
+    gm.meta["snp_frontend"] = "export"
+    return gm
 
 
 def normalize_inputs(gm: fx.GraphModule, example_inputs) -> tuple:

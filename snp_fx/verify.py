@@ -45,6 +45,7 @@ def masked_reference(analysis: Analysis, keep: torch.Tensor) -> fx.GraphModule:
                                                 requires_grad=p.requires_grad))
             attrs[node.target] = mod
     graph = fx.Graph()
+    graph._codegen = copy.deepcopy(gm.graph._codegen)
     graph.output(graph.graph_copy(gm.graph, {}))
     return fx.GraphModule(attrs, graph)
 
