@@ -67,8 +67,11 @@ def trace(model: torch.nn.Module, leaf_modules=(), example_inputs=None, frontend
             try:
                 return export(model, example_inputs)
             except TraceError as e2:
-                raise TraceError(f"torch.fx could not trace {type(model).__name__} ({type(e).__name__}: {e}) "
-                                 f"and {e2}") from e
+                raise TraceError(
+                    f"torch.fx could not trace {type(model).__name__} ({type(e).__name__}: {e}) and "
+                    f"{str(e2).splitlines()[0]}\nMark the module that fails as a leaf (prune(..., "
+                    "leaf_modules=[ModuleClass]); leaf modules are left unpruned), or make data-dependent "
+                    "control flow static (torch.cond).") from e
         raise TraceError(
             f"torch.fx could not trace {type(model).__name__}: {type(e).__name__}: {e}\n"
             "Mark the module that fails as a leaf (prune(..., leaf_modules=[ModuleClass])), or make the "
