@@ -167,7 +167,8 @@ class _Propagator(fx.Interpreter):
         key = ops.op_key(n, self.modules)
         kind = ops.kind_of(key)
         in_labs = [x for x in _flat_labels(self.lab(list(n.args) + list(n.kwargs.values())))]
-        if not in_labs and kind not in ("linear", "embedding", "conv", "layer_norm", "batch_norm", "group_norm"):
+        if not in_labs and kind not in ("linear", "embedding", "conv", "layer_norm", "batch_norm", "group_norm",
+                                        "addmm"):
             # pure python / shape arithmetic, or tensor factories
             if kind == "factory" and isinstance(result, torch.Tensor):
                 return self.frozen_output(result, f"{n.name}: `{key}` makes a tensor of literal size")
@@ -496,12 +497,37 @@ class _Propagator(fx.Interpreter):
 
     def rule_conv(self, n, key, args, kwargs, result):
         x_lab = self.lab(n.args[0])
-        if n.op != "call_module" or any(d != 1 for d in L.varying_dims(x_lab)):
-            reason = f"{n.name}: conv form not supported"
+        if n.op == "call_module":
+            mod = self.modules[n.target]
+            w_name, w, groups = n.target + ".weight", mod.weight, mod.groups
+            b_name, b = n.target + ".bias", mod.bias
+        else:  # F.conv2d / aten.conv2d(x, weight, bias, stride, padding, dilation, groups)
+            wn = n.args[1] if len(n.args) > 1 else n.kwargs.get("weight")
+            bn = n.args[2] if len(n.args) > 2 else n.kwargs.get("bias")
+            groups = args[6] if len(args) > 6 else kwargs.get("groups", 1)
+            if not (isinstance(wn, fx.Node) and wn.op == "get_attr") or (
+                    bn is not None and not (isinstance(bn, fx.Node) and bn.op == "get_attr")):
+                reason = f"{n.name}: conv with computed parameters"
+                self.freeze_all(n, reason)
+                return self.frozen_output(result, reason)
+            w_name, w = wn.target, args[1]
+            b_name, b = (bn.target, args[2]) if bn is not None else (None, None)
+            if groups != 1:
+                reason = f"{n.name}: grouped functional conv"
+                self.freeze_all(n, reason)
+                return self.frozen_output(result, reason)
+        if any(d != 1 for d in L.varying_dims(x_lab)):
+            reason = f"{n.name}: conv input carries channels outside dim 1"
             self.freeze_all(n, reason)
             return self.frozen_output(result, reason)
-        mod = self.modules[n.target]
-        out_ids, in_ids = self.pids(n.target + ".weight", mod.weight)[:2]
+        out_ids, in_ids = self.pids(w_name, w)[:2]
+        if n.op != "call_module":
+            x_ch = L.expand(x_lab, x_lab.shape).movedim(1, -1).reshape(-1, x_lab.shape[1])[0]
+            self.space.union(in_ids, x_ch)
+            if b is not None:
+                self.space.union(self.pids(b_name, b)[0], out_ids)
+            self.producers.append((w_name, out_ids))
+            return out_ids.reshape((1, -1) + (1,) * (result.dim() - 2))
         x_ch = L.expand(x_lab, x_lab.shape).movedim(1, -1).reshape(-1, x_lab.shape[1])[0]
         if mod.groups == 1:
             self.space.union(in_ids, x_ch)
@@ -571,6 +597,30 @@ class _Propagator(fx.Interpreter):
             self.space.freeze(cb[both], f"{n.name}: product of two channel tensors")
         out = torch.where(dep_a | (ca < 0), cb, ca)
         return L.reduce(out.reshape((1,) * (out_rank - out.dim()) + tuple(out.shape)))
+
+    def rule_addmm(self, n, key, args, kwargs, result):
+        """addmm(bias, x, W): HF Conv1D and friends, W stored (in, out)."""
+        bn, xn, wn = n.args[0], n.args[1], n.args[2]
+        if not (isinstance(wn, fx.Node) and wn.op == "get_attr"):
+            reason = f"{n.name}: addmm with a computed weight"
+            self.freeze_all(n, reason)
+            return self.frozen_output(result, reason)
+        in_ids, out_ids = self.pids(wn.target, args[2])
+        x_lab = self.lab(xn)
+        if any(d != x_lab.dim() - 1 for d in L.varying_dims(x_lab)):
+            reason = f"{n.name}: addmm input carries channels outside its last dim"
+            self.freeze_all(n, reason)
+            x_lab = L.constant(FROZEN, 1)
+        self.space.union(in_ids, x_lab.reshape(-1))
+        if isinstance(bn, fx.Node) and bn.op == "get_attr":
+            self.space.union(self.pids(bn.target, args[0])[0], out_ids)
+        else:
+            bl = self.lab(bn)
+            if isinstance(bl, torch.Tensor):
+                self.space.union(L.expand(bl, args[0].shape).reshape(-1), out_ids)
+        self.producers.append((wn.target, out_ids))
+        self.producer_dim[wn.target] = 1
+        return out_ids.reshape((1,) * (result.dim() - 1) + (-1,))
 
     def rule_matmul(self, n, key, args, kwargs, result):
         a, b = args[0], args[1]

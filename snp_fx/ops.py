@@ -66,7 +66,7 @@ SCALAR = {"floordiv", "mul", "add", "sub", "truediv", "mod", "pow", "neg", "geti
 FUNCTION_KINDS = {
     "linear": "linear", "layer_norm": "layer_norm", "group_norm": "group_norm",
     "batch_norm": "batch_norm", "conv1d": "conv", "conv2d": "conv", "embedding": "embedding",
-    "pad": "pad", "constant_pad_nd": "pad",
+    "pad": "pad", "constant_pad_nd": "pad", "addmm": "addmm",
 }
 
 MODULE_KINDS: list[tuple[type, str]] = [
@@ -126,7 +126,7 @@ def kind_of(key: str) -> str:
         if key in names:
             return kind
     if key in ("linear", "layer_norm", "group_norm", "batch_norm", "conv", "embedding", "pool", "unary",
-               "softmax", "move"):
+               "softmax", "move", "addmm"):
         return key
     return "unknown"
 

@@ -67,6 +67,11 @@ def estimate_macs(analysis, keep: torch.Tensor) -> int:
             k = math.prod(mod.kernel_size)
             depthwise = mod.groups == mod.in_channels == mod.out_channels and mod.groups > 1
             total += math.prod(new(n.name)) * (1 if depthwise else new(x.name)[1] // mod.groups) * k
+        elif kind == "conv" and x is not None:  # functional conv (torch.export)
+            w = n.args[1]
+            total += math.prod(new(n.name)) * new(x.name)[1] * math.prod(shapes[w.name][2:])
+        elif kind == "addmm":
+            total += math.prod(new(n.name)) * new(n.args[1].name)[-1]
         elif kind == "matmul":
             total += math.prod(new(n.name)) * new(n.args[0].name)[-1]
         elif kind == "einsum":
