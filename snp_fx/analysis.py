@@ -396,10 +396,6 @@ class _Propagator(fx.Interpreter):
                 return self.frozen_output(result, reason)
             w_name, w = wn.target, args[1] if len(args) > 1 else kwargs["weight"]
             b = args[2] if len(args) > 2 else kwargs.get("bias")
-            b_name = bn.target if isinstance(bn, fx.Node) and bn.op == "get_attr" else None
-            if b is not None and b_name is None:
-                # a computed bias (e.g. cat of q/v biases): couple it like an added tensor
-                b_name = None
         x_lab = self.lab(n.args[0])
         out_ids, in_ids = self.pids(w_name, w)
         if any(d != x_lab.dim() - 1 for d in L.varying_dims(x_lab)):
@@ -409,12 +405,10 @@ class _Propagator(fx.Interpreter):
             x_last = x_lab.reshape(-1)
         self.space.union(in_ids, x_last)
         if b is not None:
-            if b_name is not None:
+            if n.op == "call_module":
                 self.space.union(self.pids(b_name, b)[0], out_ids)
-            else:
-                bl = self.lab(n.args[2] if len(n.args) > 2 else n.kwargs.get("bias"))
-                if isinstance(bl, torch.Tensor):
-                    self.space.union(L.expand(bl, b.shape).reshape(-1), out_ids)
+            else:  # a bias node, a parameter or computed (BEiT's cat of q/k/v biases): align it
+                self.space.union(L.expand(self.lab(bn), b.shape).reshape(-1), out_ids)
         self.producers.append((w_name, out_ids))
         return out_ids.reshape((1,) * (result.dim() - 1) + (-1,))
 
@@ -552,7 +546,6 @@ class _Propagator(fx.Interpreter):
         la = la.reshape((1,) * (r - la.dim()) + tuple(la.shape))
         lb = lb.reshape((1,) * (r - lb.dim()) + tuple(lb.shape))
         a_vk, b_vk = la.shape[-1] > 1, lb.shape[-2] > 1
-        sup = self.space.support
         if a_vk and b_vk:
             if la.shape[-2] > 1 or lb.shape[-1] > 1:
                 self.freeze_all(n, f"{n.name}: contraction of channels that also vary along free dims")
@@ -582,9 +575,10 @@ class _Propagator(fx.Interpreter):
         if bool(dep_a.any()):
             m = dep_a & (cb > 0)
             self.space.add_support(ca[m], cb[m])
-            site_of = {self.space.find(k): s for k, s in self.dep_site.items()}
+            roots = self.space.roots()
+            site_of = {int(roots[k]): s for k, s in self.dep_site.items()}
             for d in torch.unique(ca[dep_a]).tolist():
-                site = site_of.get(self.space.find(d))
+                site = site_of.get(int(roots[d]))
                 if site is not None and site.v is None and bool((cb > 0).any()):
                     site.v = lb[..., 0, :]
                     site.av_node = n.name
@@ -878,10 +872,9 @@ class Analysis:
 
         # producers coupled by shared classes form one group (residual stream, FFN hidden)
         graph = nx.Graph()
-        for i, (name, c) in enumerate(producer_cls):
-            graph.add_node(i)
+        graph.add_nodes_from(range(len(producer_cls)))
         owner: dict[int, int] = {}
-        for i, (name, c) in enumerate(producer_cls):
+        for i, (_, c) in enumerate(producer_cls):
             for cl in torch.unique(c).tolist():
                 if cl in owner:
                     graph.add_edge(owner[cl], i)

@@ -142,5 +142,5 @@ def prune(model, example_inputs, ratios=None, importance: str = "snp", verify: b
             refused = a.refuse(e.node, f"not rewritable at `{e.node}`: {e}") if e.node else []
             if not refused or (isinstance(ratios, dict) and any(g in ratios for g in refused)):
                 raise
-            warnings.warn(f"snp_fx: left {refused} unpruned: {e}")
+            warnings.warn(f"snp_fx: left {refused} unpruned: {e}", stacklevel=2)
     raise RewriteError("could not find a plan the rewrite supports")

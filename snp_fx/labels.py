@@ -62,53 +62,65 @@ class UnitSpace:
     """
 
     def __init__(self):
-        self.parent: list[int] = [0]  # id 0 is FROZEN
+        self._parent = torch.zeros(1 << 16, dtype=torch.long)  # id 0 is FROZEN
+        self.next_id = 1
         self.support: dict[int, set[int]] = {}
         self.sensitive: list[tuple[torch.Tensor, str]] = []
         self.frozen: list[tuple[torch.Tensor, str]] = []
-        self._roots = None
-
-    @property
-    def next_id(self) -> int:
-        return len(self.parent)
+        self._compressed = True
 
     def new(self, n: int) -> torch.Tensor:
-        start = len(self.parent)
-        self.parent.extend(range(start, start + n))
-        self._roots = None
-        return torch.arange(start, start + n, dtype=torch.long)
+        start = self.next_id
+        if start + n > self._parent.numel():
+            grown = torch.zeros(max(2 * self._parent.numel(), start + n), dtype=torch.long)
+            grown[:start] = self._parent[:start]
+            self._parent = grown
+        ids = torch.arange(start, start + n, dtype=torch.long)
+        self._parent[start:start + n] = ids
+        self.next_id = start + n
+        return ids
+
+    def _root(self, x: torch.Tensor) -> torch.Tensor:
+        parent = self._parent
+        r = parent[x]
+        while True:
+            rr = parent[r]
+            if torch.equal(rr, r):
+                return r
+            r = rr
 
     def find(self, x: int) -> int:
-        p = self.parent
-        while p[x] != x:
-            p[x] = p[p[x]]
-            x = p[x]
-        return x
+        return int(self._root(torch.tensor([x]))[0])
 
     def union(self, a: torch.Tensor, b: torch.Tensor) -> None:
         a, b = torch.broadcast_tensors(a, b)
         m = (a >= 0) & (b >= 0) & (a != b)
         if not bool(m.any()):
             return
-        pairs = torch.unique(torch.stack([a[m], b[m]], 1), dim=0).tolist()
-        for x, y in pairs:
-            rx, ry = self.find(x), self.find(y)
-            if rx != ry:
-                lo, hi = (rx, ry) if rx < ry else (ry, rx)
-                self.parent[hi] = lo
-                self._roots = None
+        keys = torch.unique(a[m] * self.next_id + b[m])  # distinct pairs, as one 1-d key
+        a, b = keys // self.next_id, keys % self.next_id
+        while True:  # hook the larger root under the smaller until every pair shares a root
+            ra, rb = self._root(a), self._root(b)
+            diff = ra != rb
+            if not bool(diff.any()):
+                break
+            lo = torch.minimum(ra, rb)[diff]
+            hi = torch.maximum(ra, rb)[diff]
+            self._parent.scatter_reduce_(0, hi, lo, reduce="amin")
+            self._compressed = False
 
     def roots(self) -> torch.Tensor:
         """roots()[id] = representative (smallest id) of the id's class."""
-        if self._roots is None:
-            r = torch.tensor(self.parent, dtype=torch.long)
+        if not self._compressed:
+            p = self._parent[:self.next_id]
             while True:
-                nxt = r[r]
-                if torch.equal(nxt, r):
+                nxt = p[p]
+                if torch.equal(nxt, p):
                     break
-                r = nxt
-            self._roots = r
-        return self._roots
+                p = nxt
+            self._parent[:self.next_id] = p
+            self._compressed = True
+        return self._parent[:self.next_id]
 
     def canon(self, lab: torch.Tensor) -> torch.Tensor:
         r = self.roots()
@@ -141,9 +153,10 @@ class UnitSpace:
 
     def add_support(self, dep_ids: torch.Tensor, unit_ids: torch.Tensor) -> None:
         dep_ids, unit_ids = torch.broadcast_tensors(dep_ids, unit_ids)
-        by_root = {self.find(k): k for k in self.support}
+        roots = self.roots()
+        by_root = {int(roots[k]): k for k in self.support}
         for d in torch.unique(dep_ids[dep_ids > 0]).tolist():
-            key = by_root.get(self.find(d))
+            key = by_root.get(int(roots[d]))
             if key is not None:
                 u = unit_ids[dep_ids == d]
                 self.support[key].update(torch.unique(u[u > 0]).tolist())

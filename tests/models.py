@@ -91,9 +91,9 @@ class Block(nn.Module):
 class PlainViT(nn.Module):
     """A small ViT with per-block widths; ``pool`` is "cls" (x[:, 0]) or "mean"."""
 
-    def __init__(self, dim=32, blocks=(BlockSpec(), BlockSpec()), img=32, patch=8, classes=10,
-                 form="matmul", pool="cls"):
+    def __init__(self, dim=32, blocks=None, img=32, patch=8, classes=10, form="matmul", pool="cls"):
         super().__init__()
+        blocks = blocks if blocks is not None else (BlockSpec(), BlockSpec())
         self.patch_embed = nn.Conv2d(3, dim, patch, patch)
         n = (img // patch) ** 2
         self.cls_token = nn.Parameter(torch.randn(1, 1, dim) * 0.02)

@@ -2,7 +2,6 @@
 import json
 
 import pytest
-import torch
 
 import snp_fx
 from conftest import timm_analysis, timm_model

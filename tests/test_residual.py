@@ -22,7 +22,7 @@ def rebuild(dense: PlainViT, plan: snp_fx.PruningPlan, form: str, pool: str) -> 
         a = blk.attn
         site = f"blocks.{i}.attn"
 
-        def per_head(kind, width):
+        def per_head(kind, width, site=site, a=a):
             keep = g.get(f"{site}.{kind}", {}).get("keep")
             if keep is None:
                 keep = [list(range(width))] * a.h
