@@ -95,14 +95,14 @@ def residual_tss_average(analysis, params, group) -> torch.Tensor:
         t = params.get(name)
         if t is None:
             continue
-        t = t.detach().double().cpu().pow(2)
+        t = t.detach().cpu().pow(2)
         for d, ids in enumerate(ids_per_dim):
             cls = analysis.class_of[ids]
             if not bool(in_group[cls].any()):
                 continue
             other = [i for i in range(t.dim()) if i != d]
-            sq = torch.zeros(n, dtype=torch.float64).index_add_(0, cls, t.sum(other) if other else t)
-            add_layer(sq)
+            per = t.sum(other, dtype=torch.float64) if other else t.double()
+            add_layer(torch.zeros(n, dtype=torch.float64).index_add_(0, cls, per))
     for name, ids in analysis.elem_ids.items():
         t = params.get(name)
         cls = analysis.class_of[ids.reshape(-1)]

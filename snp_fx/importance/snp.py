@@ -63,8 +63,7 @@ def _r_factor(x: torch.Tensor) -> torch.Tensor:
 def redundancy_scores(rows: torch.Tensor) -> torch.Tensor:
     """SNP's redundancy score of each row: sum over all rows l of (1 - |cos(row_r, row_l)|)."""
     x = rows / rows.norm(dim=1, keepdim=True).clamp_min(1e-30)  # in the weights' precision
-    c = (x @ x.T).abs().double()
-    return (1.0 - c).sum(1)
+    return x.shape[0] - (x @ x.T).abs_().sum(1, dtype=torch.float64)
 
 
 def geometric_median_scores(rows: torch.Tensor) -> torch.Tensor:
