@@ -96,7 +96,7 @@ def check_ratios(analysis: Analysis, ratios: dict) -> None:
             raise SNPError(f"unknown ratio key '{key}': use one of {list(KINDS)} or a group name from "
                            f"analyze() (e.g. {list(analysis.groups)[:3]})")
         _check_ratio(key, r)
-        g = analysis.groups.get(key)
+        g = analysis.groups.get(key) if key not in KINDS else None  # "residual" is a kind first
         if g is not None and not g.prunable and r > 0:
             raise SNPError(f"group '{key}' cannot be pruned: {g.reason}")
         if g is not None:
@@ -120,7 +120,7 @@ def make_plan(analysis: Analysis, ratios: dict, scores, round_to: int = 1) -> Pr
         return float(ratios.get(g.name, ratios.get(g.kind, 0.0)))
 
     def count(g: Group) -> int:
-        k = _keep_count(g.width, ratio_for(g), g.name, strict=g.name in ratios)
+        k = _keep_count(g.width, ratio_for(g), g.name, strict=g.name in ratios and g.name not in KINDS)
         return _round_width(k, g.width, round_to) if ratio_for(g) > 0 else k
 
     plan: dict[str, dict] = {}
@@ -316,52 +316,87 @@ def plan_for_target(analysis: Analysis, scores, target_macs=None, target_params=
                     hs = norm[gs["qk"].name].sum(1) + norm[gs["v"].name].sum(1)
                 hnorm[site] = normed(hs)
 
-    def build(t: float) -> dict:
-        plan = {}
+    # a plan is a width per group (per head for q/k, v) and the kept heads per site
+    def widths_at(t: float):
+        widths, heads_kept = {}, {}
         for site, gs in sites.items():
             any_g = next(iter(gs.values()))
-            kept_heads = list(range(any_g.heads))
+            kept = list(range(any_g.heads))
             if site in hnorm:
-                hs = hnorm[site]
-                n_keep = max(1, int((hs >= t).sum()))
-                kept_heads = _topk_sorted(hs, n_keep)
+                kept = _topk_sorted(hnorm[site], max(1, int((hnorm[site] >= t).sum())))
+            heads_kept[site] = kept
             for g in gs.values():
-                s = norm[g.name]
-                if site in hnorm and g.heads == len(hnorm[site]):
-                    rows = kept_heads
-                else:
-                    rows = list(range(g.heads))
-                k = int(round(float((s[rows] >= t).sum()) / len(rows)))
-                k = _round_width(k, g.width, round_to)
-                plan[g.name] = {"kind": g.kind,
-                                "keep": [_topk_sorted(s[h], k) if h in rows else [] for h in range(g.heads)]}
+                rows = kept if site in hnorm and g.heads == len(hnorm[site]) else list(range(g.heads))
+                widths[g.name] = _round_width(int(round(float((norm[g.name][rows] >= t).sum()) / len(rows))),
+                                              g.width, round_to)
         for g in groups:
             if not g.site:
-                k = _round_width(int((norm[g.name] >= t).sum()), g.width, round_to)
-                plan[g.name] = {"kind": g.kind, "keep": _topk_sorted(norm[g.name], k)}
-        return plan
+                widths[g.name] = _round_width(int((norm[g.name] >= t).sum()), g.width, round_to)
+        return widths, heads_kept
 
-    def value(t):
-        p = PruningPlan(build(t))
+    def build(widths, heads_kept) -> PruningPlan:
+        plan = {}
+        for g in groups:
+            s = norm[g.name]
+            if g.site:
+                rows = heads_kept[g.site] if g.site in hnorm and g.heads == len(hnorm[g.site]) else range(g.heads)
+                rows = set(rows)
+                plan[g.name] = {"kind": g.kind, "keep": [_topk_sorted(s[h], widths[g.name]) if h in rows else []
+                                                         for h in range(g.heads)]}
+            else:
+                plan[g.name] = {"kind": g.kind, "keep": _topk_sorted(s, widths[g.name])}
+        return PruningPlan(plan)
+
+    def value(widths, heads_kept):
+        p = build(widths, heads_kept)
         return measure(analysis, keep_mask(analysis, p)), p
+
+    def step_score(g, width, direction):
+        """Mean normalised score of the channels one step would remove (-1) or add back (+1)."""
+        s = norm[g.name].reshape(-1, g.width) if g.classes.dim() == 2 else norm[g.name].reshape(1, -1)
+        ranked = s.sort(dim=1, descending=True).values
+        lo, hi = (width - round_to, width) if direction < 0 else (width, width + round_to)
+        return float(ranked[:, max(lo, 0):min(hi, g.width)].mean())
 
     lo = min(float(v.min()) for v in norm.values()) - 1.0
     hi = max(float(v.max()) for v in norm.values()) + 1.0
-    v_lo, best = value(lo)
-    v_hi, p_hi = value(hi)
-    if v_lo > target:
-        best, best_v = p_hi, v_hi
-        for _ in range(60):
+    best_w = widths_at(lo)
+    best_v, best = value(*best_w)
+    if best_v > target:
+        for _ in range(60):  # bisect the global threshold
             mid = (lo + hi) / 2
-            v, p = value(mid)
+            w = widths_at(mid)
+            v, p = value(*w)
             if abs(v - target) < abs(best_v - target):
-                best, best_v = p, v
+                best_w, best_v, best = w, v, p
             if v > target:
                 lo = mid
             else:
                 hi = mid
             if abs(v - target) <= tolerance * target * 0.5 or hi - lo < 1e-9:
                 break
+        # rounding makes the budget a step function of the threshold: finish one step at a time
+        widths, heads_kept = dict(best_w[0]), best_w[1]
+        for _ in range(10 * len(groups)):
+            if abs(best_v - target) <= tolerance * target:
+                break
+            direction = -1 if best_v > target else 1
+            options = []
+            for g in groups:
+                w = widths[g.name] + direction * round_to
+                if w < min(round_to, g.width) or w > g.width or (direction > 0 and widths[g.name] == g.width):
+                    continue
+                trial = dict(widths)
+                trial[g.name] = min(max(w, 1), g.width)
+                v, p = value(trial, heads_kept)
+                if direction < 0 and v < target * (1 - tolerance):
+                    continue  # would overshoot below the band
+                if direction > 0 and v > target * (1 + tolerance):
+                    continue
+                options.append((step_score(g, widths[g.name], direction) * -direction, g.name, trial, v, p))
+            if not options:
+                break
+            _, _, widths, best_v, best = min(options, key=lambda o: o[0])
     best.meta = {"target_macs" if target_macs is not None else "target_params": float(target),
                  "dense": float(dense), "round_to": round_to, "heads": heads}
     return best

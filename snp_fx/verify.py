@@ -28,8 +28,44 @@ def _zeroed(analysis, name, t: torch.Tensor, keep) -> torch.Tensor:
     return out
 
 
-def masked_reference(analysis: Analysis, keep: torch.Tensor) -> fx.GraphModule:
-    """The original graph with every removed parameter slice set to zero."""
+def masked_layer_norm(x, normalized_shape, weight=None, bias=None, eps=1e-5, *unused, keep=None):
+    """LayerNorm whose statistics run over the kept channels only (removed ones are zero)."""
+    k = keep.to(x.dtype)
+    n = k.sum()
+    mean = (x * k).sum(-1, keepdim=True) / n
+    var = ((x - mean) * k).pow(2).sum(-1, keepdim=True) / n
+    y = (x - mean) * torch.rsqrt(var + eps) * k
+    if weight is not None:
+        y = y * weight
+    if bias is not None:
+        y = y + bias
+    return y
+
+
+def masked_mean(x, dim, keepdim=False, keep=None):
+    """Mean over the last dim counting kept channels only (removed ones are zero)."""
+    return x.sum(dim, keepdim=keepdim) / keep.to(x.dtype).sum()
+
+
+class _MaskedLayerNormModule(nn.Module):
+    def __init__(self, ln: nn.LayerNorm, keep: torch.Tensor):
+        super().__init__()
+        self.ln = ln
+        self.register_buffer("keep", keep)
+
+    def forward(self, x):
+        return masked_layer_norm(x, self.ln.normalized_shape, self.ln.weight, self.ln.bias, self.ln.eps,
+                                 keep=self.keep)
+
+
+def masked_reference(analysis: Analysis, keep: torch.Tensor, exact_norms: bool = False) -> fx.GraphModule:
+    """The original graph with every removed parameter slice set to zero.
+
+    With ``exact_norms``, LayerNorms and channel means over partly removed
+    channels are replaced by versions that count kept channels only: then
+    residual pruning is exactly equivalent too.  Raises ValueError when some
+    other op normalises over removed channels.
+    """
     gm = analysis.gm
     attrs = {}
     for node in gm.graph.nodes:
@@ -46,8 +82,71 @@ def masked_reference(analysis: Analysis, keep: torch.Tensor) -> fx.GraphModule:
             attrs[node.target] = mod
     graph = fx.Graph()
     graph._codegen = copy.deepcopy(gm.graph._codegen)
-    graph.output(graph.graph_copy(gm.graph, {}))
+    env: dict = {}
+    graph.output(graph.graph_copy(gm.graph, env))
+    if exact_norms:
+        _mask_norms(analysis, keep, gm, graph, env, attrs)
     return fx.GraphModule(attrs, graph)
+
+
+def _mask_norms(analysis, keep, gm, graph, env, attrs):
+    from . import ops
+    modules = dict(gm.named_modules())
+    device = next((p.device for p in gm.parameters()), torch.device("cpu"))
+    n_masks = 0
+    for node in gm.graph.nodes:
+        if node.op not in ("call_function", "call_method", "call_module"):
+            continue
+        key = ops.op_key(node, modules)
+        kind = ops.kind_of(key)
+        if kind not in ("layer_norm", "reduce", "softmax", "group_norm") or key == "sum":
+            continue  # elementwise, contractions and sums over removed (zero) channels are exact already
+        x = node.args[0] if node.args and isinstance(node.args[0], fx.Node) else None
+        lab = analysis.labels.get(x.name) if x is not None else None
+        if not isinstance(lab, torch.Tensor) or lab.dim() == 0 or lab.shape[-1] == 1:
+            continue
+        kept = torch.where(lab >= 0, keep[lab.clamp(min=0)], torch.ones_like(lab, dtype=torch.bool))
+        if bool(kept.all()) or (kind == "reduce" and not _reduces_channels(node, lab, analysis.shapes[x.name])):
+            continue
+        last = kept.reshape(-1, kept.shape[-1])
+        if not bool((last == last[:1]).all()):
+            raise ValueError(f"`{node.name}` normalises channels removed differently per position")
+        mask = last[0].to(device)
+        new = env[node]
+        if key == "layer_norm" and node.op == "call_module":
+            attrs[node.target] = _MaskedLayerNormModule(attrs[node.target], mask)
+            continue
+        name = f"_snp_keep_{n_masks}"
+        n_masks += 1
+        attrs[name] = mask
+        with graph.inserting_before(new):
+            mask_node = graph.get_attr(name)
+        if key == "layer_norm":
+            new.target, new.op = masked_layer_norm, "call_function"
+            new.kwargs = {**new.kwargs, "keep": mask_node}
+        elif key == "mean" and _last_dim_only(node, analysis.shapes[x.name]):
+            dim = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim")
+            keepdim = node.args[2] if len(node.args) > 2 else node.kwargs.get("keepdim", False)
+            new.op, new.target = "call_function", masked_mean
+            new.args, new.kwargs = (new.args[0], dim, keepdim), {"keep": mask_node}
+        else:
+            raise ValueError(f"`{node.name}` ({key}) normalises over removed channels")
+
+
+def _reduces_channels(node, lab, shape) -> bool:
+    dim = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim")
+    if dim is None:
+        return True
+    dims = [dim] if isinstance(dim, int) else list(dim)
+    rank = len(shape)
+    lab = lab.reshape((1,) * (rank - lab.dim()) + tuple(lab.shape))
+    return any(lab.shape[d % rank] > 1 for d in dims)
+
+
+def _last_dim_only(node, shape) -> bool:
+    dim = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim")
+    dims = [dim] if isinstance(dim, int) else list(dim or [])
+    return len(dims) == 1 and dims[0] % len(shape) == len(shape) - 1
 
 
 def relative_error(a, b) -> float:
@@ -69,7 +168,12 @@ def relative_error(a, b) -> float:
 
 
 @torch.no_grad()
-def mask_equivalence(analysis: Analysis, keep: torch.Tensor, pruned: nn.Module, inputs: tuple) -> float:
-    """Relative error between ``pruned`` and the masked original on ``inputs``."""
-    ref = masked_reference(analysis, keep).eval()
+def mask_equivalence(analysis: Analysis, keep: torch.Tensor, pruned: nn.Module, inputs: tuple,
+                     exact_norms: bool = False) -> float:
+    """Relative error between ``pruned`` and the masked original on ``inputs``.
+
+    ``exact_norms``: normalisations count kept channels only (needed when the
+    residual stream is pruned; see ``masked_reference``).
+    """
+    ref = masked_reference(analysis, keep, exact_norms).eval()
     return relative_error(pruned(*inputs), ref(*inputs))

@@ -30,12 +30,12 @@ specs = st.builds(BlockSpec, heads=st.integers(1, 4), qk_dim=st.integers(2, 8), 
 @given(blocks=st.lists(specs, min_size=1, max_size=3), form=st.sampled_from(FORMS),
        pool=st.sampled_from(["cls", "mean"]), batch=st.integers(1, 3),
        qk=st.floats(0, 0.8), v=st.floats(0, 0.8), ffn=st.floats(0, 0.8), heads=st.sampled_from([0, 0.3, 0.6]),
-       seed=st.integers(0, 10**6))
-def test_mask_equivalence_random_models_and_plans(blocks, form, pool, batch, qk, v, ffn, heads, seed):
+       residual=st.sampled_from([0, 0, 0.25, 0.6]), seed=st.integers(0, 10**6))
+def test_mask_equivalence_random_models_and_plans(blocks, form, pool, batch, qk, v, ffn, heads, residual, seed):
     torch.manual_seed(seed)
     model = randomize_norms(PlainViT(dim=16, blocks=blocks, form=form, pool=pool).eval(), seed)
     a = snp_fx.analyze(model, torch.randn(batch, 3, 32, 32))
-    ratios = {"qk": qk, "v": v, "ffn": ffn, "heads": heads}
+    ratios = {"qk": qk, "v": v, "ffn": ffn, "heads": heads, "residual": residual}
     for g in a.prunable():  # ratios that would empty a group are an error; keep them valid here
         if round(g.width * (1 - ratios.get(g.kind, 0))) < 1:
             ratios[g.kind] = 0.0
@@ -64,8 +64,10 @@ def test_multihead_attention_is_reported_not_crashed():
     ffn = a.prunable("ffn")
     assert len(ffn) == 2
     check_mask_equivalence(a, {"ffn": 0.5}, seed=0)
-    with pytest.raises(snp_fx.SNPError, match="cannot be pruned: .*MultiheadAttention"):
-        snp_fx.prune(model, x, {"residual": 0.5})
+    # the residual stream runs through the leaf: a model-wide ratio leaves it, with the reason
+    assert "MultiheadAttention" in a.groups["residual"].reason
+    pruned = snp_fx.prune(model, x, {"residual": 0.5, "ffn": 0.5}, progress=False)
+    assert pruned.embed.out_features == 32 and pruned.get_submodule("mlps.0.fc1").out_features == 32
 
 
 class GroupedHidden(torch.nn.Module):

@@ -77,7 +77,7 @@ def test_sites_and_groups(name):
 @pytest.mark.parametrize("seed", [0, 1])
 def test_mask_equivalence(name, seed):
     model, inputs, a = analysis(name)
-    ratios = {"qk": 0.5, "v": 0.25, "ffn": 0.5, "heads": 0.5 if seed else 0.0}
+    ratios = {"qk": 0.5, "v": 0.25, "ffn": 0.5, "heads": 0.5 if seed else 0.0, "residual": 0.25 * seed}
     check_mask_equivalence(a, ratios, seed)
 
 

@@ -96,3 +96,20 @@ def test_estimates_match_measurement_on_random_plans():
         pruned = rewrite(a, keep)
         assert count_macs(pruned, a.inputs) == estimate_macs(a, keep)
         assert count_params(pruned) == estimate_params(a, keep)
+
+
+from hypothesis import HealthCheck, given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+
+@settings(max_examples=12, deadline=None, suppress_health_check=list(HealthCheck))
+@given(seed=st.integers(0, 10**6), fraction=st.floats(0.25, 0.8), round_to=st.sampled_from([1, 4, 8, 16]),
+       heads=st.booleans())
+def test_any_scores_any_budget_within_one_percent(seed, fraction, round_to, heads):
+    """Rounding makes MACs a step function of the threshold; the budget is still met."""
+    import torch
+    a = timm_analysis("deit_tiny_patch16_224")
+    plan = plan_for_target(a, compute_scores(a, "random", seed=seed), target_macs=fraction, round_to=round_to,
+                           heads=heads)
+    dense = estimate_macs(a, torch.ones(a.space.next_id, dtype=torch.bool))
+    assert abs(estimate_macs(a, keep_mask(a, plan)) - fraction * dense) <= 0.01 * fraction * dense

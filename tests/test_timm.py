@@ -46,9 +46,11 @@ ratio = st.sampled_from([0.0, 0.1, 0.25, 0.5, 0.75])
 
 @pytest.mark.parametrize("name", TIMM_MODELS)
 @settings(max_examples=4, deadline=None, suppress_health_check=list(HealthCheck))
-@given(qk=ratio, v=ratio, ffn=ratio, heads=st.sampled_from([0.0, 0.0, 0.25, 0.5]), seed=st.integers(0, 10**6))
-def test_mask_equivalence_random_plans(name, qk, v, ffn, heads, seed):
-    check_mask_equivalence(timm_analysis(name), {"qk": qk, "v": v, "ffn": ffn, "heads": heads}, seed)
+@given(qk=ratio, v=ratio, ffn=ratio, residual=st.sampled_from([0.0, 0.0, 0.2, 0.5]),
+       heads=st.sampled_from([0.0, 0.0, 0.25, 0.5]), seed=st.integers(0, 10**6))
+def test_mask_equivalence_random_plans(name, qk, v, ffn, residual, heads, seed):
+    ratios = {"qk": qk, "v": v, "ffn": ffn, "residual": residual, "heads": heads}
+    check_mask_equivalence(timm_analysis(name), ratios, seed)
 
 
 @pytest.mark.parametrize("name", ["deit_tiny_patch16_224", "swin_tiny_patch4_window7_224", "pvt_v2_b0",
