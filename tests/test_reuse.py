@@ -81,3 +81,25 @@ def test_pruned_model_trains(small):
     opt.step()
     for k, v in model.state_dict().items():
         assert torch.equal(v, before[k])
+
+
+def test_as_a_pass_between_other_passes(small):
+    """SNPPass composes in PassManager with an fx pass before and after it."""
+    from torch.fx.passes.infra.pass_base import PassResult
+    from torch.fx.passes.infra.pass_manager import PassManager
+
+    model, x, _ = small
+    gm = fx.symbolic_trace(model)
+    seen = []
+
+    def dead_code(g):  # a plain fx pass: dead-code elimination
+        g.graph.eliminate_dead_code()
+        g.recompile()
+        seen.append(sum(p.numel() for p in g.parameters()))
+        return PassResult(g, False)
+
+    pm = PassManager([dead_code, snp_fx.SNPPass(x, ratios={"qk": 0.5, "ffn": 0.5}, progress=False), dead_code])
+    out = pm(gm)
+    assert seen[1] < seen[0]  # the pass after SNP sees the smaller graph
+    with torch.no_grad():
+        assert out.graph_module(x).shape == model(x).shape
