@@ -45,10 +45,6 @@ def constant(value: int, ndim: int) -> torch.Tensor:
     return torch.full((1,) * ndim, value, dtype=torch.long)
 
 
-def has_units(lab) -> bool:
-    return isinstance(lab, torch.Tensor) and bool((lab > 0).any())
-
-
 class UnitSpace:
     """Allocates unit ids and records how units must be pruned together.
 
@@ -88,9 +84,6 @@ class UnitSpace:
             if torch.equal(rr, r):
                 return r
             r = rr
-
-    def find(self, x: int) -> int:
-        return int(self._root(torch.tensor([x]))[0])
 
     def union(self, a: torch.Tensor, b: torch.Tensor) -> None:
         a, b = torch.broadcast_tensors(a, b)

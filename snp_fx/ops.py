@@ -14,8 +14,8 @@ is a *kind*; the analysis (analysis.py) implements one rule per kind:
   linear / layer_norm / group_norm / batch_norm / conv / embedding
   matmul / bmm / einsum / sdpa   contractions
   shape      x.shape / x.size(): python ints (tracked for channel taint)
-  scalar     python arithmetic on ints
-  pad
+  pad        padding (only along dims without channels)
+  ignore     assertions that touch no sizes
 
 Anything not listed is *unknown*: every channel it touches is frozen and the
 reason is reported.  ``SIZE_ARGS`` says which ops take literal sizes that the
@@ -61,7 +61,6 @@ FACTORY = {"zeros", "ones", "empty", "full", "arange", "rand", "randn", "new_zer
 CONTRACT = {"matmul": "matmul", "bmm": "matmul", "mm": "matmul", "einsum": "einsum",
             "scaled_dot_product_attention": "sdpa"}
 SHAPE = {"size", "dim", "numel"}
-SCALAR = {"floordiv", "mul", "add", "sub", "truediv", "mod", "pow", "neg", "getitem", "int", "float"}
 
 FUNCTION_KINDS = {
     "linear": "linear", "layer_norm": "layer_norm", "group_norm": "group_norm",
@@ -133,6 +132,3 @@ def kind_of(key: str) -> str:
 
 # ops whose arguments are literal sizes tied to output dims: the rewrite fixes them
 SIZE_ARGS = {"reshape", "view", "expand", "unflatten", "_unsafe_view"}
-# positional index of the ``dim`` argument, for ops that take one
-DIM_ARG = {"split": 2, "split_with_sizes": 2, "chunk": 2, "narrow": 1, "select": 1, "unbind": 1,
-           "softmax": 1, "log_softmax": 1, "_softmax": 1, "_log_softmax": 1}
