@@ -83,8 +83,9 @@ def cmd_prune(args) -> int:
                     calibration=calib, gamma=args.gamma, round_to=args.round_to, heads=args.heads, **budget)
     pruned = api.apply(model, plan, x, analysis=analysis)
     elapsed = time.perf_counter() - t
+    from .report import widths_table
     print(f"pruned {args.model} in {elapsed:.1f} s (analyze + plan + rewrite + verify)\n")
-    print(plan)
+    print(widths_table(analysis, plan))
     print()
     print("\n".join(_summary(model, pruned, x)))
     if args.out:

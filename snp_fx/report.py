@@ -121,3 +121,32 @@ def attention_scores(model: torch.nn.Module, inputs: tuple) -> list[torch.Tensor
 
     Reader(gm).run(*inputs)
     return out
+
+
+def widths_table(analysis, plan) -> str:
+    """Markdown table of kept widths: per attention site, then FFN and residual groups."""
+    def per_head(name):
+        g = analysis.groups.get(name)
+        entry = plan.groups.get(name)
+        if g is None:
+            return None, None, None
+        if entry is None:
+            return g.heads, g.heads, g.width
+        kept = [len(k) for k in entry["keep"] if k]
+        return len(kept), g.heads, kept[0] if kept else 0
+
+    lines = ["| attention site | heads | q/k width per head | v width per head |", "|---|---|---|---|"]
+    for site in analysis.sites:
+        h, H, qk = per_head(f"{site.name}.qk")
+        _, _, v = per_head(f"{site.name}.v")
+        qk_dense = analysis.groups[f"{site.name}.qk"].width
+        v_dense = analysis.groups[f"{site.name}.v"].width if f"{site.name}.v" in analysis.groups else None
+        lines.append(f"| {site.name} | {h}/{H} | {qk}/{qk_dense} | "
+                     f"{'-' if v is None else f'{v}/{v_dense}'} |")
+    lines += ["", "| group | kind | kept width |", "|---|---|---|"]
+    for g in analysis.groups.values():
+        if g.kind in ("ffn", "residual"):
+            entry = plan.groups.get(g.name)
+            kept = len(entry["keep"]) if entry else g.width
+            lines.append(f"| {g.name} | {g.kind} | {kept}/{g.width}" + ("" if g.prunable else " (unprunable)") + " |")
+    return "\n".join(lines)

@@ -11,7 +11,8 @@ def test_prune_prints_report_and_writes_plan(tmp_path, capsys):
                "--out", str(tmp_path)])
     out = capsys.readouterr().out
     assert rc == 0
-    assert "blocks.0.attn.qk" in out and "params" in out and "MACs" in out
+    assert "| blocks.0.attn | 3/3 | 32/64 | 48/64 |" in out
+    assert "| residual | residual | 154/192 |" in out and "params" in out and "MACs" in out
     plan = json.loads((tmp_path / "plan.json").read_text())
     assert plan["format"] == "snp_fx.plan/1"
     assert len(plan["groups"]["residual"]["keep"]) == 154
