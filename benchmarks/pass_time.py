@@ -5,14 +5,13 @@
 DeiT-B at 12 layers and the same architecture at 24 layers, to show how it grows with depth.
 Writes benchmarks/results/pass_time.json.
 """
-import json
-import os
 import time
 
 import timm
 import torch
 
 import snp_fx
+from common import report
 
 
 def main():
@@ -32,15 +31,9 @@ def main():
         t3 = time.perf_counter()
         rows.append({"model": name, "depth": depth, "nodes": len(a.gm.graph.nodes), "analyze_s": t1 - t0,
                      "plan_s": t2 - t1, "rewrite_verify_s": t3 - t2, "total_s": t3 - t0})
-    print("| model | depth | graph nodes | analyze (s) | plan (s) | rewrite + verify (s) | total (s) |")
-    print("|---|---|---|---|---|---|---|")
-    for r in rows:
-        print(f"| {r['model']} | {r['depth']} | {r['nodes']} | {r['analyze_s']:.1f} | {r['plan_s']:.1f} | "
-              f"{r['rewrite_verify_s']:.1f} | {r['total_s']:.1f} |")
-    os.makedirs(os.path.join(os.path.dirname(__file__), "results"), exist_ok=True)
-    with open(os.path.join(os.path.dirname(__file__), "results", "pass_time.json"), "w") as f:
-        json.dump(rows, f, indent=1)
-
+    report("pass_time", [("model", "model", ""), ("depth", "depth", "d"), ("graph nodes", "nodes", "d"),
+                         ("analyze (s)", "analyze_s", ".1f"), ("plan (s)", "plan_s", ".1f"),
+                         ("rewrite + verify (s)", "rewrite_verify_s", ".1f"), ("total (s)", "total_s", ".1f")], rows)
 
 if __name__ == "__main__":
     main()

@@ -6,8 +6,6 @@ Dense forward and scoring run interleaved in one process (2 threads); the table 
 medians and their ratio.  Writes benchmarks/results/scoring_cost.json.
 """
 import argparse
-import json
-import os
 import statistics
 import time
 
@@ -16,6 +14,8 @@ import torch
 
 import snp_fx
 from snp_fx.importance import compute_scores
+
+from common import report
 
 
 def main():
@@ -47,15 +47,9 @@ def main():
         f, s = statistics.median(fwd), statistics.median(score)
         rows.append({"model": name, "images": args.images, "batch": args.batch, "forward_s": f,
                      "calibration_and_scoring_s": s, "ratio": s / f, "overhead": s / f - 1})
-    print("| model | images | forward (s) | calibration + scoring (s) | ratio | added |")
-    print("|---|---|---|---|---|---|")
-    for r in rows:
-        print(f"| {r['model']} | {r['images']} | {r['forward_s']:.2f} | {r['calibration_and_scoring_s']:.2f} | "
-              f"{r['ratio']:.2f} | {r['overhead']:+.0%} |")
-    os.makedirs(os.path.join(os.path.dirname(__file__), "results"), exist_ok=True)
-    with open(os.path.join(os.path.dirname(__file__), "results", "scoring_cost.json"), "w") as f:
-        json.dump(rows, f, indent=1)
-
+    report("scoring_cost", [("model", "model", ""), ("images", "images", "d"), ("forward (s)", "forward_s", ".2f"),
+                            ("calibration + scoring (s)", "calibration_and_scoring_s", ".2f"),
+                            ("ratio", "ratio", ".2f"), ("added", "overhead", "+.0%")], rows)
 
 if __name__ == "__main__":
     main()

@@ -43,7 +43,8 @@ def analyze(model: torch.nn.Module, example_inputs, leaf_modules=(), frontend: s
 
 def plan(model, example_inputs, ratios=None, importance: str = "snp", analysis: Analysis | None = None,
          leaf_modules=(), seed: int = 0, calibration=None, gamma: int = DEFAULT_GAMMA, progress: bool = True,
-         target_macs=None, target_params=None, round_to: int = 1, heads: bool = False) -> PruningPlan:
+         target_macs=None, target_params=None, round_to: int = 1, heads: bool = False,
+         scores=None) -> PruningPlan:
     """Which channels to keep in every group, as a JSON-serialisable PruningPlan.
 
     Budget, one of: ``ratios`` (dict of kind or group name -> fraction removed, or the path of an
@@ -53,6 +54,7 @@ def plan(model, example_inputs, ratios=None, importance: str = "snp", analysis: 
     ``round_to``: kept widths (per head, FFN, residual) are multiples of it.
     ``importance``: "snp" (default), "l1", "l2", "gm", "random", "reverse" (see snp_fx.importance).
     ``calibration``: batches for the q/k scores (default: the example inputs).
+    ``scores``: precomputed ``snp_fx.importance.Scores`` (skips scoring).
     """
     a = analysis or analyze(model, example_inputs, leaf_modules)
     targeted = target_macs is not None or target_params is not None
@@ -65,12 +67,13 @@ def plan(model, example_inputs, ratios=None, importance: str = "snp", analysis: 
             ratios = paper_ratios(a, ratios)
         ratios = {} if ratios is None else ratios
         check_ratios(a, ratios)
-    sc = compute_scores(a, importance, calibration, gamma, seed, progress)
+    sc = scores if scores is not None else compute_scores(a, importance, calibration, gamma, seed, progress)
     if targeted:
         p = plan_for_target(a, sc, target_macs, target_params, round_to=round_to, heads=heads)
     else:
         p = make_plan(a, ratios, sc, round_to=round_to)
     p.meta.update(importance=importance, gamma=gamma)
+    p.scores = sc
     return p
 
 
@@ -134,10 +137,12 @@ def prune(model, example_inputs, ratios=None, importance: str = "snp", verify: b
     or per group name from ``analyze``; q/k and v remove the same count in every head.
     """
     a = analyze(model, example_inputs, leaf_modules)
+    sc = None  # scored once (one calibration pass), re-planned if a group has to be set aside
     for _ in range(len(a.groups) + 1):
         p = plan(model, example_inputs, ratios, importance, analysis=a, seed=seed, calibration=calibration,
                  gamma=gamma, progress=progress, target_macs=target_macs, target_params=target_params,
-                 round_to=round_to, heads=heads)
+                 round_to=round_to, heads=heads, scores=sc)
+        sc = p.scores
         try:
             return apply(model, p, example_inputs, verify=verify, analysis=a)
         except RewriteError as e:

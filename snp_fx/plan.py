@@ -22,6 +22,7 @@ class PruningPlan:
     """``groups[name]`` = {"kind", "keep"}: kept indices per head (qk/v) or kept indices."""
     groups: dict[str, dict]
     meta: dict = dataclasses.field(default_factory=dict)
+    scores: object = dataclasses.field(default=None, repr=False, compare=False)  # what chose it; not saved
 
     def to_json(self) -> str:
         return json.dumps({"format": "snp_fx.plan/1", "meta": self.meta, "groups": self.groups}, indent=1)
