@@ -67,10 +67,20 @@ class _Rewriter:
         self.env: dict[fx.Node, fx.Node] = {}
         self.attrs: dict[str, object] = {}
         self.skip: set[fx.Node] = set()
+        self.fused: set[fx.Node] = set()  # fused-qkv reshapes replaced by per-slot parts
 
     # ---- sizes ---------------------------------------------------------------
     def new_sizes(self, lab: torch.Tensor, shape, dims=None) -> list[int]:
         return pruned_sizes(lab, shape, self.keep, dims)
+
+    def check_layout(self, node: fx.Node):
+        """Every tensor must keep a regular layout: whole slices on outer channel dims and, at
+        most, per-slice choices on the innermost one.  (A head dim moved inside the head-dim,
+        as in NesT's output permute, would silently reorder channels: refuse it.)"""
+        lab, shape = self.a.labels.get(node.name), self.a.shapes.get(node.name)
+        for lab_i, shape_i in zip(*((lab, shape) if isinstance(lab, (list, tuple)) else ((lab,), (shape,)))):
+            if isinstance(lab_i, torch.Tensor) and isinstance(shape_i, tuple) and len(L.varying_dims(lab_i)) > 1:
+                self.new_sizes(lab_i, shape_i)
 
     def sizes_of(self, node: fx.Node):
         return self.new_sizes(self.a.labels[node.name], self.a.shapes[node.name])
@@ -125,6 +135,8 @@ class _Rewriter:
             self.env[node] = new
             try:
                 self.fix(node, new)
+                if node not in self.skip and node not in self.fused:
+                    self.check_layout(node)
             except Irregular as e:
                 raise RewriteError(f"cannot rewrite node `{node.name}` ({node.format_node()}): {e}",
                                    node=node.name) from None
@@ -282,6 +294,7 @@ class _Rewriter:
                 cur_new = self.graph.create_node(c.op, c.target, (cur_new, *c.args[1:]), dict(c.kwargs))
             outs.append(self.graph.call_method("squeeze", (cur_new, pos)))
         self.env[node] = split
+        self.fused.add(node)
         self.skip.update(chain)
         self.skip.add(unbind)
         for user in list(unbind.users):

@@ -40,7 +40,7 @@ class SeparateQKVAttention(nn.Module):
         q = self.q(x).view(B, N, self.h, self.dqk).transpose(1, 2)
         k = self.k(x).view(B, N, self.h, self.dqk).transpose(1, 2)
         v = self.v(x).view(B, N, self.h, self.dv).transpose(1, 2)
-        if self.form == "matmul":  # scale before the product
+        if self.form in ("matmul", "head_last"):  # scale before the product
             attn = (q * self.scale) @ k.transpose(-2, -1)
         elif self.form == "matmul_after":
             attn = torch.matmul(q, k.transpose(-2, -1)) * self.scale
@@ -60,6 +60,8 @@ class SeparateQKVAttention(nn.Module):
             out = torch.einsum("bhij,bhjd->bhid", attn, v)
         else:
             out = attn @ v
+        if self.form == "head_last":  # NesT's layout: channel = d * heads + h
+            return self.proj(out.permute(0, 2, 3, 1).reshape(B, N, self.h * self.dv))
         out = out.transpose(1, 2).reshape(B, N, self.h * self.dv)
         return self.proj(out)
 

@@ -106,3 +106,19 @@ def test_model_on_cuda():
     x = torch.randn(2, 3, 32, 32, device="cuda")
     pruned = snp_fx.prune(model, x, {"qk": 0.5, "v": 0.5, "ffn": 0.5, "heads": 0.25})  # verified inside
     assert next(pruned.parameters()).is_cuda
+
+
+def test_head_dim_moved_inside_is_refused_not_reordered():
+    """(B, N, Dv, H) then merged: per-head v choices cannot keep their order -> v left alone.
+
+    Found by benchmarks/zoo.py on timm's NesT, where the rewrite once reordered channels silently.
+    """
+    torch.manual_seed(0)
+    model = PlainViT(form="head_last").eval()
+    x = torch.randn(2, 3, 32, 32)
+    with pytest.warns(UserWarning, match=r"left \['blocks.0.attn.v'.*unpruned"):
+        pruned = snp_fx.prune(model, x, {"qk": 0.5, "v": 0.5}, importance="random", progress=False)
+    a = snp_fx.analyze(model, x)
+    check_mask_equivalence(a, {"qk": 0.5}, seed=0)  # q/k pairs are unaffected by that layout
+    assert pruned.get_submodule("blocks.0.attn.q").out_features == 16
+    assert pruned.get_submodule("blocks.0.attn.v").out_features == 32
