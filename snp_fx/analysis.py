@@ -35,6 +35,7 @@ class Site:
     name: str = ""
     # (args, kwargs) of the site node -> (Q, K), both (..., tokens, E): what calibration reads
     operands: object = None
+    producers_before: int = 0  # how many channel producers ran before it (for naming)
 
 
 @dataclasses.dataclass
@@ -271,9 +272,13 @@ class _Propagator(fx.Interpreter):
             other = L.expand(f, out_shape)
             var_out = set(L.varying_dims(L.reduce(out)))
             var_f = set(L.varying_dims(f))
-            shared = (b & var_out and not (var_f & var_out)) or (out_b & var_f and not (var_out & var_f))
-            if not shared:
-                self.space.union(out, other)
+            other_shared = bool(b & var_out) and not (var_f & var_out)
+            out_shared = bool(out_b & var_f) and not (var_out & var_f)
+            if other_shared or out_shared:  # a broadcast operand neither couples nor names channels
+                out = other if out_shared else out
+                out_b = b if out_shared else out_b
+                continue
+            self.space.union(out, other)
             out = torch.where(out >= 0, out, other)
             out_b = out_b & b
         return L.reduce(out)
@@ -553,7 +558,7 @@ class _Propagator(fx.Interpreter):
             q, k = la[..., 0, :], lb[..., :, 0]
             qb, kb = torch.broadcast_tensors(q, k)
             self.space.union(qb, kb)
-            site = Site(node=n.name, kind="matmul", q=q, k=k)
+            site = Site(node=n.name, kind="matmul", q=q, k=k, producers_before=len(self.producers))
             self.sites.append(site)
             flat_q = qb.reshape(-1, qb.shape[-1])
             flat_k = kb.reshape(-1, kb.shape[-1])
@@ -818,11 +823,15 @@ class Analysis:
         groups: list[Group] = []
         used: dict[int, str] = {}
 
-        def owner_module(cls_set):
-            for name, c in producer_cls:
+        def owner_module(cls_set, before):
+            """The q projection: the earliest of the producers of these channels nearest the site."""
+            owner = None
+            for name, c in reversed(producer_cls[:before]):
                 if bool(torch.isin(c, cls_set).any()):
-                    return name.rsplit(".", 1)[0]
-            return None
+                    owner = name
+                elif owner is not None:
+                    break  # q, k (, v) projections run together; earlier layers stop the search
+            return owner.rsplit(".", 1)[0] if owner else None
 
         def check(g: Group, allow_sensitive: bool):
             flat = torch.unique(g.classes)
@@ -845,7 +854,7 @@ class Analysis:
         seen_names: dict[str, int] = {}
         for site in self.sites:
             qk = _rows(self.classes(site.q))
-            mod = owner_module(torch.unique(qk)) or site.node
+            mod = owner_module(torch.unique(qk), site.producers_before) or site.node
             mod = mod if mod.rsplit(".", 1)[-1] not in ("qkv", "query", "q", "q_proj", "c_attn", "in_proj") \
                 else mod.rsplit(".", 1)[0] if "." in mod else mod
             if mod in seen_names:
@@ -863,9 +872,7 @@ class Analysis:
                 continue
             v = _rows(self.classes(site.v))
             g = Group(f"{mod}.v", "v", v, site=mod)
-            check(g, allow_sensitive=False)
-            if v.shape[0] != qk.shape[0] and g.prunable:
-                g.prunable, g.reason = False, "q/k and v have different head counts"
+            check(g, allow_sensitive=False)  # v is pruned per head on its own (GQA: per kv head)
             groups.append(g)
             for c in torch.unique(v).tolist():
                 used.setdefault(c, g.name)

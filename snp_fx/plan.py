@@ -131,6 +131,8 @@ def make_plan(analysis: Analysis, ratios: dict, scores, round_to: int = 1) -> Pr
             by_site.setdefault(g.site, {})[g.kind] = g
     for site, gs in by_site.items():
         qk, v = gs.get("qk"), gs.get("v")
+        if qk is None:
+            continue
         heads_key = site + ".heads" if site + ".heads" in ratios else "heads"
         heads_ratio = float(ratios.get(heads_key, 0.0))
         kept_heads = list(range(qk.heads))
@@ -146,9 +148,10 @@ def make_plan(analysis: Analysis, ratios: dict, scores, round_to: int = 1) -> Pr
             if g is None or not g.prunable:
                 continue
             k = count(g)
+            rows = kept_heads if can_drop_heads else range(g.heads)  # heads only go from both at once
             keep = []
             for h in range(g.heads):
-                keep.append(_topk_sorted(scores[g.classes[h]], k) if h in kept_heads else [])
+                keep.append(_topk_sorted(scores[g.classes[h]], k) if h in rows else [])
             plan[g.name] = {"kind": g.kind, "keep": keep}
     for g in analysis.groups.values():
         if g.site or not g.prunable:

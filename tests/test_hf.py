@@ -65,9 +65,12 @@ def test_sites_and_groups(name):
     assert len(a.sites) == 2
     assert len(a.prunable("v")) == 2 and len(a.prunable("ffn")) == 2
     if name in ("llama", "qwen2"):
-        # grouped-query attention + rotary embeddings: q/k left alone, with the reason
+        # rotary tables shared by every head and layer couple all q/k pairs: left alone, with the reason
         assert not a.prunable("qk")
-        assert all("coupled" in g.reason for g in a.groups.values() if g.kind == "qk")
+        assert all(("coupled" in g.reason or "shares channels" in g.reason)
+                   for g in a.groups.values() if g.kind == "qk")
+        assert [s.name for s in a.sites] == ["model.layers.0.self_attn", "model.layers.1.self_attn"]
+        assert a.groups["model.layers.0.self_attn.v"].heads == 2  # v pruned per kv head
         assert a.groups["model.layers.0.mlp.gate_proj"].width == 128  # gate and up coupled: one group
     else:
         assert len(a.prunable("qk")) == 2

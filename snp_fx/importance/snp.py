@@ -30,11 +30,12 @@ def qk_pair_scores(q: torch.Tensor, k: torch.Tensor, gamma: int) -> tuple[torch.
     gq = (q.transpose(-1, -2) @ q).double()  # the N-long sums in the input precision: the hot part
     gk = (k.transpose(-1, -2) @ k).double()
     lq, info = torch.linalg.cholesky_ex(gq)
-    rq = lq.transpose(-1, -2)
     bad = info != 0
-    if bool(bad.any()):  # fewer tokens than dims, or a zero column: exact QR for those slices
-        rq = rq.clone()
-        rq[bad] = _r_factor(q[bad].double())
+    if bool(bad.all()):
+        return _direct_scores(q, k, gamma)
+    rq = lq.transpose(-1, -2)
+    if bool(bad.any()):  # keep the factorisation well defined; those slices are redone exactly below
+        rq = torch.where(bad[:, None, None], torch.eye(rq.shape[-1], dtype=rq.dtype).expand_as(rq), rq)
     m = rq @ gk @ rq.transpose(-1, -2)
     m = (m + m.transpose(-1, -2)) / 2
     evals, evecs = torch.linalg.eigh(m.float())        # ascending; float32 halves the cost
@@ -49,15 +50,22 @@ def qk_pair_scores(q: torch.Tensor, k: torch.Tensor, gamma: int) -> tuple[torch.
     w = (a.abs() * b.abs()).sum(-2) / norm.clamp_min(1e-30)
     w = torch.where(norm > 0, w, torch.zeros_like(w))
     energy = evals.clamp_min(0).sum(-1)                # ||S||_F^2 = sum of s_j^2
+    if bool(bad.any()):  # rank-deficient Q (fewer tokens than dims, zero columns): exact, directly
+        w, energy = w.clone(), energy.clone()
+        w[bad], energy[bad] = _direct_scores(q[bad], k[bad], gamma)
     return w, energy
 
 
-def _r_factor(x: torch.Tensor) -> torch.Tensor:
-    """A (d, d) R with R^T R = x^T x for any (N, d) x, N >= 1 (zero-padded when N < d)."""
-    n, d = x.shape[-2], x.shape[-1]
-    if n < d:
-        x = torch.cat([x, x.new_zeros(*x.shape[:-2], d - n, d)], -2)
-    return torch.linalg.qr(x, mode="r").R
+def _direct_scores(q: torch.Tensor, k: torch.Tensor, gamma: int):
+    """The same score from the SVD of S = Q K^T itself (exact for any rank; N x N)."""
+    q, k = q.double(), k.double()
+    u, s, vh = torch.linalg.svd(q @ k.transpose(-1, -2))
+    g = min(gamma, s.shape[-1])
+    a = u[..., :, :g].transpose(-1, -2) @ q            # u_j . Q_i
+    b = vh[..., :g, :] @ k                             # v_j . K_i
+    norm = q.norm(dim=-2) * k.norm(dim=-2)
+    w = (a.abs() * b.abs()).sum(-2) / norm.clamp_min(1e-30)
+    return torch.where(norm > 0, w, torch.zeros_like(w)), s.pow(2).sum(-1)
 
 
 def redundancy_scores(rows: torch.Tensor) -> torch.Tensor:
