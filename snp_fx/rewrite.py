@@ -205,22 +205,24 @@ class _Rewriter:
             raise
         if key == "unflatten":
             dim = node.args[1] % len(shape)
-            orig = list(node.args[2])
+            orig, mapped = list(node.args[2]), list(new.args[2])
             out_dims = range(dim, dim + len(orig))
-            new_list = [self.size_arg(new, o, sizes[d], shape[d], lab.shape[d] > 1) for o, d in zip(orig, out_dims)]
+            new_list = [self.size_arg(new, m, o, sizes[d], shape[d], lab.shape[d] > 1)
+                        for m, o, d in zip(mapped, orig, out_dims)]
             new.args = (new.args[0], node.args[1], tuple(new_list))
             return
         orig, setter = _size_list(node)
         if len(orig) != len(shape):
             raise Irregular(f"{key} with {len(orig)} sizes for a {len(shape)}-d result")
         mapped, _ = _size_list(new)
-        new_list = [self.size_arg(new, m, sizes[d], shape[d], lab.shape[d] > 1) for d, m in enumerate(mapped)]
+        new_list = [self.size_arg(new, m, o, sizes[d], shape[d], lab.shape[d] > 1)
+                    for d, (m, o) in enumerate(zip(mapped, orig))]
         setter(new, new_list)
 
-    def size_arg(self, new, arg, new_size, old_size, varying):
-        if isinstance(arg, fx.Node):
-            src = self._orig_of(arg)
-            if src is not None and self.a.taint.get(src.name) is not None:
+    def size_arg(self, new, arg, orig, new_size, old_size, varying):
+        """The size for one output dim: ``arg`` in the new graph, ``orig`` in the analysed one."""
+        if isinstance(orig, fx.Node):
+            if self.a.taint.get(orig.name) is not None:
                 # read from a channel dim: at run time it gives that dim's pruned
                 # width, which need not be this dim's; the literal is exact
                 return new_size
@@ -233,12 +235,6 @@ class _Rewriter:
                 m = self.graph.call_function(operator.mul, (arg, new_size))
                 return self.graph.call_function(operator.floordiv, (m, old_size))
         raise Irregular(f"size argument {arg!r} on a pruned dim")
-
-    def _orig_of(self, new_node):
-        for k, v in self.env.items():
-            if v is new_node:
-                return k
-        return None
 
     def split_fused(self, node, new) -> bool:
         """Fused qkv whose slots keep different widths: split before the reshape."""
