@@ -150,3 +150,26 @@ def widths_table(analysis, plan) -> str:
             kept = len(entry["keep"]) if entry else g.width
             lines.append(f"| {g.name} | {g.kind} | {kept}/{g.width}" + ("" if g.prunable else " (unprunable)") + " |")
     return "\n".join(lines)
+
+
+@torch.inference_mode()
+def time_interleaved(models: dict, inputs: tuple, repeats: int = 10, warmup: int = 2) -> dict:
+    """Median seconds per forward pass of each model, timed in turns (a, b, a, b, ...).
+
+    Interleaving makes machine noise hit every model alike, so ratios between them are
+    trustworthy even when the absolute times are not.  ``inputs``: positional args.
+    """
+    import statistics
+    import time
+
+    for m in models.values():
+        m.eval()
+        for _ in range(warmup):
+            m(*inputs)
+    times = {name: [] for name in models}
+    for _ in range(repeats):
+        for name, m in models.items():
+            t = time.perf_counter()
+            m(*inputs)
+            times[name].append(time.perf_counter() - t)
+    return {name: statistics.median(ts) for name, ts in times.items()}
