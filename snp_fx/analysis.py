@@ -84,12 +84,13 @@ class _Propagator(fx.Interpreter):
         self.sites: list[Site] = []
         self.dep_site: dict[int, Site] = {}
         self.unknown: dict[str, str] = {}
+        self.gathered: dict[str, list[str]] = {}  # elementwise node -> operands the rewrite gathers
 
     # ---- helpers -------------------------------------------------------------
-    def pids(self, name: str, t: torch.Tensor) -> list[torch.Tensor]:
+    def pids(self, name: str, t: torch.Tensor, soft: bool = False) -> list[torch.Tensor]:
         """Unit ids along every dim of a parameter or buffer (allocated once)."""
         if name not in self.param_ids:
-            self.param_ids[name] = [self.space.new(s) for s in t.shape]
+            self.param_ids[name] = [self.space.new(s, soft) for s in t.shape]
         return self.param_ids[name]
 
     def lab(self, a):
@@ -122,12 +123,13 @@ class _Propagator(fx.Interpreter):
             for t in self.tainted(a):
                 self.space.freeze(t, reason)
 
-    def frozen_output(self, result, reason):
-        """Labels for the result of an op we do not follow: one fresh, frozen unit."""
+    def frozen_output(self, result, reason, soft=False):
+        """Labels for the result of an op we do not follow: one fresh, frozen unit
+        (``soft`` for tensor factories: a constant, gathered where it meets channels)."""
         def one(r):
             if not isinstance(r, torch.Tensor):
                 return None
-            u = self.space.new(1)
+            u = self.space.new(1, soft)
             self.space.freeze(u, reason)
             return u.reshape((1,) * r.dim()) if r.dim() else u.reshape(())
         return _map_struct(result, one)
@@ -154,12 +156,13 @@ class _Propagator(fx.Interpreter):
             return self.full(FROZEN, result)
         if n.op == "get_attr":
             if isinstance(result, torch.Tensor) and result.is_floating_point() and result.dim() > 0:
+                soft = not isinstance(result, torch.nn.Parameter)  # a buffer or constant
                 if result.numel() <= ELEMENT_ID_LIMIT:
                     # one unit per element: the couplings decide which dim gets sliced
                     if n.target not in self.elem_ids:
-                        self.elem_ids[n.target] = self.space.new(result.numel()).reshape(result.shape)
+                        self.elem_ids[n.target] = self.space.new(result.numel(), soft).reshape(result.shape)
                     return self.elem_ids[n.target]
-                ids = self.pids(n.target, result)
+                ids = self.pids(n.target, result, soft)
                 d = max([d for d in range(result.dim()) if result.shape[d] > 1] or [result.dim() - 1])
                 shape = [1] * result.dim()
                 shape[d] = result.shape[d]
@@ -172,7 +175,7 @@ class _Propagator(fx.Interpreter):
                                         "addmm"):
             # pure python / shape arithmetic, or tensor factories
             if kind == "factory" and isinstance(result, torch.Tensor):
-                return self.frozen_output(result, f"{n.name}: `{key}` makes a tensor of literal size")
+                return self.frozen_output(result, f"{n.name}: `{key}` makes a tensor of literal size", soft=True)
             if isinstance(result, torch.Tensor):
                 return self.full(NONE, result)
             t = self.tainted(list(n.args) + list(n.kwargs.values()))
@@ -234,7 +237,7 @@ class _Propagator(fx.Interpreter):
         return None
 
     def rule_factory(self, n, key, args, kwargs, result):
-        return self.frozen_output(result, f"{n.name}: `{key}` makes a tensor of literal size")
+        return self.frozen_output(result, f"{n.name}: `{key}` makes a tensor of literal size", soft=True)
 
     def rule_pool(self, n, key, args, kwargs, result):
         lab = self.lab(n.args[0])
@@ -247,9 +250,16 @@ class _Propagator(fx.Interpreter):
     def rule_binary(self, n, key, args, kwargs, result):
         real = [a for a in list(args) + list(kwargs.values())]
         labs = [self.lab(a) for a in list(n.args) + list(n.kwargs.values())]
-        pairs = [(lab, r.shape) for lab, r in zip(labs, real)
-                 if isinstance(lab, torch.Tensor) and isinstance(r, torch.Tensor)]
-        return self.elementwise(pairs, tuple(result.shape))
+        nodes = list(n.args) + list(n.kwargs.values())
+        keep = [i for i, (lab, r) in enumerate(zip(labs, real))
+                if isinstance(lab, torch.Tensor) and isinstance(r, torch.Tensor)]
+        soft = [i for i in keep if self.space.is_soft(labs[i]) or bool((labs[i] < 0).all())]
+        if soft and len(soft) < len(keep):
+            # an operand of no parameter's channels (a rotary table shared by every head and
+            # layer, a computed constant) is gathered per use by the rewrite, not coupled
+            self.gathered[n.name] = [nodes[i].name for i in soft]
+            keep = [i for i in keep if i not in soft]
+        return self.elementwise([(labs[i], real[i].shape) for i in keep], tuple(result.shape))
 
     def elementwise(self, pairs, out_shape):
         """Labels of an elementwise op over (labels, real shape) operands; couples what aligns.
@@ -297,7 +307,7 @@ class _Propagator(fx.Interpreter):
                 reason = f"{n.name}: `{key}` over some channel dims but not others"
                 self.freeze_all(n, reason)
                 return self.frozen_output(result, reason)
-            if key != "sum":
+            if key not in ops.ZERO_NEUTRAL_REDUCE:
                 self.space.mark_sensitive(lab, f"{n.name}: `{key}` over channels")
             out = L.constant(NONE, lab.dim())
         else:
@@ -348,7 +358,9 @@ class _Propagator(fx.Interpreter):
         else:
             return self.full(NONE, result)
         try:
-            if n.op == "call_method":
+            if key in ("view", "_unsafe_view") and not isinstance(data_args[1], torch.dtype):
+                out = data_args[0].reshape(*data_args[1:], **kwargs)  # labels need not be contiguous
+            elif n.op == "call_method":
                 out = getattr(data_args[0], n.target)(*data_args[1:], **kwargs)
             elif n.op == "call_module":
                 out = self.modules[n.target](data_args[0])
@@ -372,7 +384,7 @@ class _Propagator(fx.Interpreter):
                     continue
                 if it is None:
                     continue
-                if isinstance(it, slice) and d in var and it.step not in (None, 1):
+                if isinstance(it, slice) and d in var and it.step is not None and it.step < 1:
                     return False
                 d += 1
             return True
@@ -763,6 +775,7 @@ class Analysis:
         self.space = prop.space
         self.sites = prop.sites
         self.unknown_ops = prop.unknown
+        self.gathered = prop.gathered
         self.class_of = prop.space.components()
         self.class_size = torch.bincount(self.class_of, minlength=self.class_of.numel())
         canon = lambda t: L.reduce(self.classes(t)) if isinstance(t, torch.Tensor) else t  # noqa: E731
@@ -854,6 +867,9 @@ class Analysis:
         seen_names: dict[str, int] = {}
         for site in self.sites:
             qk = _rows(self.classes(site.q))
+            pairs = [_unique_ordered(row) for row in qk]  # rotary embeddings pair index i with i + d/2
+            if len({p.numel() for p in pairs}) == 1:
+                qk = torch.stack(pairs)
             mod = owner_module(torch.unique(qk), site.producers_before) or site.node
             mod = mod if mod.rsplit(".", 1)[-1] not in ("qkv", "query", "q", "q_proj", "c_attn", "in_proj") \
                 else mod.rsplit(".", 1)[0] if "." in mod else mod

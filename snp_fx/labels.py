@@ -54,25 +54,29 @@ class UnitSpace:
     others (a head exists while any of its q/k/v channels does).
     ``sensitive`` records units whose removal is not equivalent to zeroing
     them (they are normalised over, e.g. by LayerNorm); ``frozen`` records
-    units that must stay, each with the reason.
+    units that must stay, each with the reason.  ``soft`` units belong to
+    buffers and constants, not parameters: an elementwise op does not couple
+    them to parameter channels (the rewrite gathers the constant instead).
     """
 
     def __init__(self):
         self._parent = torch.zeros(1 << 16, dtype=torch.long)  # id 0 is FROZEN
+        self._soft = torch.zeros(1 << 16, dtype=torch.long)  # 1: every unit of this root's class is soft
         self.next_id = 1
         self.support: dict[int, set[int]] = {}
         self.sensitive: list[tuple[torch.Tensor, str]] = []
         self.frozen: list[tuple[torch.Tensor, str]] = []
         self._compressed = True
 
-    def new(self, n: int) -> torch.Tensor:
+    def new(self, n: int, soft: bool = False) -> torch.Tensor:
         start = self.next_id
         if start + n > self._parent.numel():
-            grown = torch.zeros(max(2 * self._parent.numel(), start + n), dtype=torch.long)
-            grown[:start] = self._parent[:start]
-            self._parent = grown
+            size = max(2 * self._parent.numel(), start + n)
+            self._parent = torch.cat([self._parent[:start], torch.zeros(size - start, dtype=torch.long)])
+            self._soft = torch.cat([self._soft[:start], torch.zeros(size - start, dtype=torch.long)])
         ids = torch.arange(start, start + n, dtype=torch.long)
         self._parent[start:start + n] = ids
+        self._soft[start:start + n] = int(soft)
         self.next_id = start + n
         return ids
 
@@ -100,6 +104,7 @@ class UnitSpace:
             lo = torch.minimum(ra, rb)[diff]
             hi = torch.maximum(ra, rb)[diff]
             self._parent.scatter_reduce_(0, hi, lo, reduce="amin")
+            self._soft.scatter_reduce_(0, lo, self._soft[hi], reduce="amin")  # soft AND soft
             self._compressed = False
 
     def roots(self) -> torch.Tensor:
@@ -118,6 +123,11 @@ class UnitSpace:
     def canon(self, lab: torch.Tensor) -> torch.Tensor:
         r = self.roots()
         return torch.where(lab >= 0, r[lab.clamp(min=0)], lab)
+
+    def is_soft(self, lab: torch.Tensor) -> bool:
+        """True if ``lab`` names channels and all of them are of buffers/constants only."""
+        ids = lab[lab > 0]
+        return bool(ids.numel()) and bool(self._soft[self.canon(ids)].all())
 
     def freeze(self, lab, reason: str) -> None:
         """Pin these units (and everything coupled to them) with a reason."""

@@ -43,6 +43,7 @@ UNARY = {
     "exp", "sqrt", "rsqrt", "abs", "bitwise_not", "logical_not", "sin", "cos", "erf", "square", "reciprocal", "clamp",
     "clamp_", "clip", "_to_copy", "native_dropout", "lift_fresh_copy", "pow_scalar",
     "contiguous_", "log", "sign", "floor", "round", "nan_to_num",
+    "normalize",  # x / ||x|| over a dim: a removed (zero) channel adds nothing to the norm
 }
 BINARY = {
     "add", "add_", "iadd", "sub", "sub_", "isub", "rsub", "mul", "mul_", "imul", "truediv",
@@ -53,7 +54,10 @@ BINARY = {
 # checks with no output that touch no sizes: nothing to follow
 IGNORE = {"_assert_tensor_metadata", "_assert_async", "_assert_scalar", "sym_constrain_range_for_size",
           "module:GuardsFn", "_assert"}
-REDUCE = {"sum", "mean", "amax", "amin", "max", "min", "var", "std", "norm", "logsumexp", "prod", "all", "any"}
+REDUCE = {"sum", "mean", "amax", "amin", "max", "min", "var", "std", "norm", "logsumexp", "prod", "all", "any",
+          "linalg_vector_norm"}
+# reductions a zero channel does not change: removing a channel equals zeroing it
+ZERO_NEUTRAL_REDUCE = {"sum", "norm", "linalg_vector_norm"}
 SOFTMAX = {"softmax", "log_softmax", "_softmax", "_log_softmax"}
 LIKE = {"zeros_like", "ones_like", "empty_like", "full_like", "rand_like", "randn_like", "new_zeros_like"}
 FACTORY = {"zeros", "ones", "empty", "full", "arange", "rand", "randn", "new_zeros", "new_ones",

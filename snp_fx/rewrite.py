@@ -160,6 +160,8 @@ class _Rewriter:
             return
         key = ops.op_key(node, self.modules)
         lab = self.a.labels.get(node.name)
+        if node.name in self.a.gathered:
+            self.gather_operands(node, new)
         if key in ops.SIZE_ARGS:
             self.fix_sizes(node, new, key)
         elif key == "layer_norm":
@@ -191,6 +193,48 @@ class _Rewriter:
         elif key == "scaled_dot_product_attention":
             self.fix_sdpa(node, new)
 
+    def gather_operands(self, node, new):
+        """Cut buffer-derived operands (rotary cos/sin tables) to this op's kept positions.
+
+        The operand is expanded over the output's channel dims (heads keep different
+        indices), those dims are flattened and index_select-ed in row-major order, which
+        is the order the pruned output keeps them in.
+        """
+        lab, shape = self.a.labels[node.name], list(self.a.shapes[node.name])
+        rank = len(shape)
+        sizes = self.sizes_of(node)
+        if sizes == shape:
+            return
+        lab = lab.reshape((1,) * (rank - lab.dim()) + tuple(lab.shape))
+        chan = [d for d in range(rank) if lab.shape[d] > 1]
+        kept = torch.where(lab >= 0, self.keep[lab.clamp(min=0)], torch.ones_like(lab, dtype=torch.bool))
+        flat_idx = kept.reshape([lab.shape[d] for d in chan]).flatten().nonzero().flatten()
+        rest = [d for d in range(rank) if d not in chan]
+        perm = rest + chan
+        inverse = [perm.index(d) for d in range(rank)]
+        g = self.graph
+        for i, name in enumerate(self.a.gathered[node.name]):
+            src = next(a for a in node.all_input_nodes if a.name == name)
+            op_shape = list(self.a.shapes[name])
+            if all(op_shape[d - rank + len(op_shape)] == 1 for d in range(rank)
+                   if sizes[d] != shape[d] and d - rank + len(op_shape) >= 0):
+                continue  # broadcast along every pruned dim: fits as it is
+            attr = f"_snp_gather_{node.name}_{i}"
+            self.attrs[attr] = flat_idx.clone()
+            with g.inserting_before(new):
+                t = self.env[src]
+                if len(op_shape) < rank:
+                    t = g.call_function(operator.getitem, (t, (None,) * (rank - len(op_shape)) + (Ellipsis,)))
+                t = g.call_method("expand", (t, *[shape[d] if d in chan else -1 for d in range(rank)]))
+                t = g.call_method("permute", (t, *perm))
+                t = g.call_method("flatten", (t, len(rest)))
+                t = g.call_function(torch.index_select, (t, -1, g.get_attr(attr)))
+                t = g.call_method("unflatten", (t, -1, tuple(sizes[d] for d in chan)))
+                t = g.call_method("permute", (t, *inverse))
+            old = self.env[src]
+            new.args = fx.node.map_arg(new.args, lambda n, old=old, t=t: t if n is old else n)
+            new.kwargs = fx.node.map_arg(new.kwargs, lambda n, old=old, t=t: t if n is old else n)
+
     # reshape / view / expand / unflatten ---------------------------------------
     def fix_sizes(self, node, new, key):
         lab = self.a.labels[node.name]
@@ -200,11 +244,11 @@ class _Rewriter:
         try:
             sizes = self.new_sizes(lab, shape)
         except Irregular:
-            if key in ("reshape", "view") and self.split_fused(node, new):
+            if key in ("reshape", "view", "unflatten") and self.split_fused(node, new, key):
                 return
             raise
         if key == "unflatten":
-            dim = node.args[1] % len(shape)
+            dim = node.args[1] % (len(shape) - len(node.args[2]) + 1)  # a dim of the input
             orig, mapped = list(node.args[2]), list(new.args[2])
             out_dims = range(dim, dim + len(orig))
             new_list = [self.size_arg(new, m, o, sizes[d], shape[d], lab.shape[d] > 1)
@@ -212,6 +256,13 @@ class _Rewriter:
             new.args = (new.args[0], node.args[1], tuple(new_list))
             return
         orig, setter = _size_list(node)
+        if len(orig) == 1 and isinstance(orig[0], fx.Node) and len(shape) != 1:
+            # reshape(y, x.shape): right as it is when x keeps the sizes y gets
+            base = _shape_source(orig[0])
+            if base is not None and isinstance(self.a.labels.get(base.name), torch.Tensor) \
+                    and self.sizes_of(base) == sizes:
+                return
+            raise Irregular(f"{key} to the shape of another tensor that is pruned differently")
         if len(orig) != len(shape):
             raise Irregular(f"{key} with {len(orig)} sizes for a {len(shape)}-d result")
         mapped, _ = _size_list(new)
@@ -236,8 +287,13 @@ class _Rewriter:
                 return self.graph.call_function(operator.floordiv, (m, old_size))
         raise Irregular(f"size argument {arg!r} on a pruned dim")
 
-    def split_fused(self, node, new) -> bool:
-        """Fused qkv whose slots keep different widths: split before the reshape."""
+    def split_fused(self, node, new, key) -> bool:
+        """Fused qkv whose slots keep different widths: split before the reshape / unflatten.
+
+        Follows the slot dim through permute / transpose / (un)squeeze / contiguous up to
+        where the slots are taken apart (unbind, or one select / [i] per slot) and rebuilds
+        that chain once per slot.
+        """
         lab = self.a.labels[node.name]
         shape = list(self.a.shapes[node.name])
         var = L.varying_dims(lab)
@@ -246,59 +302,75 @@ class _Rewriter:
         src_lab = self.a.labels[src.name]
         if L.varying_dims(src_lab) != [src_lab.dim() - 1] or len(var) < 2:
             return False
-        # the chain of permutes up to unbind(slot)
-        chain, cur, pos = [], node, slot
-        while len(cur.users) == 1:
-            (user,) = cur.users
+        chain, cur, pos, rank = [], node, slot, len(shape)
+        while True:
+            users = list(cur.users)
+            takes = [self._slot_index(u, pos, rank) for u in users]
+            if users and all(t is not None for t in takes):
+                break  # one select / [i] per slot
+            if len(users) != 1:
+                return False
+            (user,) = users
             ukey = ops.op_key(user, self.modules)
-            if ukey == "permute":
-                perm = _perm_args(user)
-                chain.append(user)
-                pos = perm.index(pos)
-                cur = user
-                continue
-            if ukey == "transpose":
-                a, b = [x % len(shape) for x in user.args[1:3]]
-                chain.append(user)
-                pos = b if pos == a else a if pos == b else pos
-                cur = user
-                continue
-            if ukey == "unbind" and (user.args[1] if len(user.args) > 1 else user.kwargs.get("dim", 0)) % len(shape) == pos:
-                unbind = user
+            if ukey == "unbind" and (user.args[1] if len(user.args) > 1 else user.kwargs.get("dim", 0)) % rank == pos:
+                takes = []
+                for g in user.users:
+                    if ops.op_key(g, self.modules) != "getitem":
+                        raise Irregular("unbind of a fused qkv used other than by indexing")
+                    takes.append(g.args[1])
+                users = list(user.users)
+                self.skip.add(user)
                 break
-            return False
-        else:
-            return False
+            moved = _track_dim(ukey, user, pos, rank)
+            if moved is None:
+                return False
+            pos, rank = moved
+            chain.append(user)
+            cur = user
         n_slots = shape[slot]
         part_sizes, part_shapes = [], []
         for i in range(n_slots):
             sub = lab.narrow(slot, i, 1)
-            s = self.new_sizes(sub, shape[:slot] + [1] + shape[slot + 1:], dims=var[1:])
-            part_shapes.append(s)
-            part_sizes.append(math.prod(s[d] for d in var[1:]))
+            sz = self.new_sizes(sub, shape[:slot] + [1] + shape[slot + 1:], dims=var[1:])
+            part_shapes.append(sz)
+            part_sizes.append(math.prod(sz[d] for d in var[1:]))
         self.graph.erase_node(new)
         x = self.env[src]
-        orig_sizes, _ = _size_list(node)
-        mapped = [fx.node.map_arg(a, lambda n: self.env[n]) for a in orig_sizes]
         split = self.graph.call_function(torch.split, (x, part_sizes, -1))
+        if key == "unflatten":
+            dim = node.args[1] % len(self.a.shapes[src.name])  # a dim of the input
+            n_out = len(node.args[2])
+        else:
+            orig_sizes, _ = _size_list(node)
+            mapped = [fx.node.map_arg(a, lambda n: self.env[n]) for a in orig_sizes]
         outs = []
         for i in range(n_slots):
             part = self.graph.call_function(operator.getitem, (split, i))
-            sizes = [part_shapes[i][d] if d in var else mapped[d] for d in range(len(shape))]
-            cur_new = self.graph.call_method("reshape", (part, *sizes))
+            if key == "unflatten":
+                cur_new = self.graph.call_method("unflatten", (part, dim, tuple(
+                    part_shapes[i][d] for d in range(dim, dim + n_out))))
+            else:
+                sizes = [part_shapes[i][d] if d in var else mapped[d] for d in range(len(shape))]
+                cur_new = self.graph.call_method("reshape", (part, *sizes))
             for c in chain:
                 cur_new = self.graph.create_node(c.op, c.target, (cur_new, *c.args[1:]), dict(c.kwargs))
             outs.append(self.graph.call_method("squeeze", (cur_new, pos)))
         self.env[node] = split
         self.fused.add(node)
         self.skip.update(chain)
-        self.skip.add(unbind)
-        for user in list(unbind.users):
-            if ops.op_key(user, self.modules) != "getitem":
-                raise Irregular("unbind of a fused qkv used other than by indexing")
-            self.env[user] = outs[user.args[1]]
+        for user, i in zip(users, takes):
+            self.env[user] = outs[i]
             self.skip.add(user)
         return True
+
+    def _slot_index(self, user, pos, rank):
+        """i if ``user`` takes slot i of dim ``pos`` (select(pos, i) or x[i] at pos 0), else None."""
+        ukey = ops.op_key(user, self.modules)
+        if ukey == "select" and user.args[1] % rank == pos and isinstance(user.args[2], int):
+            return user.args[2]
+        if ukey == "getitem" and pos == 0 and isinstance(user.args[1], int):
+            return user.args[1]
+        return None
 
     # split / narrow / getitem ----------------------------------------------------
     def fix_split(self, node, new, key):
@@ -328,6 +400,29 @@ class _Rewriter:
         dims = [d for d in range(len(shp)) if lab.shape[d] > 1]
         return self.new_sizes(sub, shp, dims=dims)[dim] if stop > start else 0
 
+    def strided_slice(self, lab, shape, dim, start, stop, step) -> slice:
+        """The slice of the pruned dim that selects what ``start:stop:step`` kept (x[..., 1::2] of
+        interleaved rotary pairs): the same arithmetic progression in every row, or Irregular."""
+        lab = lab.reshape((1,) * (len(shape) - lab.dim()) + tuple(lab.shape))
+        var = [d for d in range(len(shape)) if lab.shape[d] > 1]
+        kept = torch.where(lab >= 0, self.keep[lab.clamp(min=0)], torch.ones_like(lab, dtype=torch.bool))
+        kept = L.expand(kept, tuple(shape[d] if d in var else 1 for d in range(len(shape)))).movedim(dim, -1)
+        rows = kept.reshape(-1, shape[dim])
+        if dim != var[-1]:  # an outer dim keeps whole slices: a position exists if any of it is kept
+            rows = rows.any(0, keepdim=True)
+        picks = set()
+        for row in rows:
+            if bool(row.any()):
+                new_pos = torch.cumsum(row.long(), 0) - 1
+                picks.add(tuple(int(new_pos[i]) for i in range(start, stop, step) if row[i]))
+        if len(picks) != 1:
+            raise Irregular("a strided slice keeps different positions per slice")
+        (p,) = picks
+        st = p[1] - p[0] if len(p) > 1 else 1
+        if not p or list(p) != list(range(p[0], p[-1] + 1, st)):
+            raise Irregular("a strided slice of a pruned dim is not regular after pruning")
+        return slice(p[0], p[-1] + 1, st)
+
     def fix_narrow(self, node, new):
         x = node.args[0]
         lab, shape = self.a.labels[x.name], self.a.shapes[x.name]
@@ -353,8 +448,12 @@ class _Rewriter:
             return
         args = list(node.args) + [None] * (5 - len(node.args))
         start, end, step = args[2], args[3], args[4]
-        if any(isinstance(v, fx.Node) for v in (start, end, step)) or step not in (None, 1):
-            raise Irregular("a strided or dynamic slice of a pruned dim")
+        if any(isinstance(v, fx.Node) for v in (start, end, step)):
+            raise Irregular("a dynamic slice of a pruned dim")
+        if step not in (None, 1):
+            sl = self.strided_slice(lab, shape, dim, *slice(start, end, step).indices(shape[dim]))
+            new.args = (new.args[0], node.args[1], sl.start, sl.stop, sl.step)
+            return
         start, end, _ = slice(start, end).indices(shape[dim])
         s0 = self.count_kept(lab, shape, dim, 0, start)
         new.args = (new.args[0], node.args[1], s0, s0 + self.count_kept(lab, shape, dim, start, end))
@@ -384,6 +483,8 @@ class _Rewriter:
                 if self.count_kept(lab, shape, d, 0, shape[d]) != shape[d]:
                     raise Irregular("gathers with an index tensor along a pruned dim")
                 out.append(it)
+            elif d in var and isinstance(it, slice) and it.step not in (None, 1):
+                out.append(self.strided_slice(lab, shape, d, *it.indices(shape[d])))
             elif d in var and isinstance(it, slice):
                 start, stop, _ = it.indices(shape[d])
                 s = self.count_kept(lab, shape, d, 0, start)
@@ -443,6 +544,33 @@ def _size_list(node):
     if len(node.args) == 2 and isinstance(node.args[1], (list, tuple)):
         return list(node.args[1]), lambda n, v: setattr(n, "args", (n.args[0], type(node.args[1])(v)))
     return list(node.args[1:]), lambda n, v: setattr(n, "args", (n.args[0], *v))
+
+
+def _shape_source(node: fx.Node):
+    """x for a node computing x.shape or x.size(), else None."""
+    if node.op == "call_function" and node.target is getattr and node.args[1] == "shape":
+        return node.args[0]
+    if node.op == "call_method" and node.target == "size" and len(node.args) == 1 and not node.kwargs:
+        return node.args[0]
+    return None
+
+
+def _track_dim(key, node, pos, rank):
+    """Where dim ``pos`` of a rank-``rank`` tensor goes through a layout op: (pos, rank) or None."""
+    if key == "permute":
+        return _perm_args(node).index(pos), rank
+    if key == "transpose":
+        a, b = [x % rank for x in node.args[1:3]]
+        return (b if pos == a else a if pos == b else pos), rank
+    if key == "unsqueeze":
+        d = node.args[1] % (rank + 1)
+        return (pos + 1 if d <= pos else pos), rank + 1
+    if key == "squeeze" and len(node.args) > 1 and isinstance(node.args[1], int):
+        d = node.args[1] % rank
+        return (None if d == pos else (pos - 1 if d < pos else pos), rank - 1) if d != pos else None
+    if key in ("contiguous", "clone"):
+        return pos, rank
+    return None
 
 
 def _perm_args(node):

@@ -77,7 +77,22 @@ def trace(model: torch.nn.Module, leaf_modules=(), example_inputs=None, frontend
             "Mark the module that fails as a leaf (prune(..., leaf_modules=[ModuleClass])), or make the "
             "data-dependent control flow static; leaf modules are left unpruned.") from e
     name = type(model).__name__
-    return fx.GraphModule(tracer.root, graph, class_name=name)
+    gm = fx.GraphModule(tracer.root, graph, class_name=name)
+    if frontend == "auto" and example_inputs is not None and not leaf_modules and _opaque_leaves(gm):
+        # leaves the op table cannot see into (nn.MultiheadAttention, timm's notrace blocks):
+        # torch.export traces through them, down to ATen ops it knows
+        try:
+            return export(model, example_inputs)
+        except TraceError:
+            pass
+    return gm
+
+
+def _opaque_leaves(gm: fx.GraphModule) -> list[str]:
+    from .ops import module_kind
+    mods = dict(gm.named_modules())
+    return [n.target for n in gm.graph.nodes if n.op == "call_module"
+            and module_kind(mods[n.target]).startswith("module:") and any(True for _ in mods[n.target].parameters())]
 
 
 def export(model: torch.nn.Module, example_inputs) -> fx.GraphModule:

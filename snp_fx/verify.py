@@ -99,7 +99,7 @@ def _mask_norms(analysis, keep, gm, graph, env, attrs):
             continue
         key = ops.op_key(node, modules)
         kind = ops.kind_of(key)
-        if kind not in ("layer_norm", "reduce", "softmax", "group_norm") or key == "sum":
+        if kind not in ("layer_norm", "reduce", "softmax", "group_norm") or key in ops.ZERO_NEUTRAL_REDUCE:
             continue  # elementwise, contractions and sums over removed (zero) channels are exact already
         x = node.args[0] if node.args and isinstance(node.args[0], fx.Node) else None
         lab = analysis.labels.get(x.name) if x is not None else None

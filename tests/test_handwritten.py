@@ -52,11 +52,11 @@ def test_scale_is_kept_for_sdpa():
     assert "scale = 0.35355" in pruned.code  # 1/sqrt(8): the original width, not the pruned 4
 
 
-def test_multihead_attention_is_reported_not_crashed():
+def test_multihead_attention_leaf_is_reported_with_fx():
     torch.manual_seed(0)
     model = MHATransformer().eval()
     x = torch.randn(2, 7, 16)
-    a = snp_fx.analyze(model, x)
+    a = snp_fx.analyze(model, x, frontend="fx")
     assert not a.sites
     assert any("MultiheadAttention" in r for r in a.unknown_ops.values())
     assert "MultiheadAttention" in str(a)
@@ -66,8 +66,18 @@ def test_multihead_attention_is_reported_not_crashed():
     check_mask_equivalence(a, {"ffn": 0.5}, seed=0)
     # the residual stream runs through the leaf: a model-wide ratio leaves it, with the reason
     assert "MultiheadAttention" in a.groups["residual"].reason
-    pruned = snp_fx.prune(model, x, {"residual": 0.5, "ffn": 0.5}, progress=False)
-    assert pruned.embed.out_features == 32 and pruned.get_submodule("mlps.0.fc1").out_features == 32
+
+
+@pytest.mark.parametrize("heads, residual", [(0.0, 0.0), (0.5, 0.25)])
+def test_multihead_attention_is_pruned_through_export(heads, residual):
+    """auto: fx leaves nn.MultiheadAttention opaque, so the model is exported and its fused
+    in_proj (unflatten -> transpose -> select per slot) is split into q, k and v."""
+    torch.manual_seed(0)
+    model = randomize_norms(MHATransformer().eval())
+    x = torch.randn(2, 7, 16)
+    a = snp_fx.analyze(model, x)
+    assert len(a.sites) == 2 and len(a.prunable("qk")) == 2 and len(a.prunable("v")) == 2
+    check_mask_equivalence(a, {"qk": 0.5, "v": 0.25, "ffn": 0.5, "heads": heads, "residual": residual}, seed=1)
 
 
 class GroupedHidden(torch.nn.Module):

@@ -11,43 +11,8 @@ from snp_fx.verify import relative_error
 transformers = pytest.importorskip("transformers")
 warnings.filterwarnings("ignore", module="transformers")
 
-IDS = torch.randint(0, 100, (2, 7), generator=torch.Generator().manual_seed(0))
-MASK = torch.tensor([[1] * 7, [1] * 5 + [0] * 2])
-PIXELS = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(0))
-SMALL = dict(num_hidden_layers=2, num_attention_heads=4, intermediate_size=128)
+from hf_models import MODELS  # noqa: E402 - after the importorskip
 
-
-def bert():
-    cfg = transformers.BertConfig(hidden_size=64, vocab_size=100, **SMALL)
-    return transformers.BertModel(cfg), {"input_ids": IDS, "attention_mask": MASK}
-
-
-def vit():
-    cfg = transformers.ViTConfig(hidden_size=64, image_size=32, patch_size=8, num_labels=5, **SMALL)
-    return transformers.ViTForImageClassification(cfg), {"pixel_values": PIXELS}
-
-
-def deit():
-    cfg = transformers.DeiTConfig(hidden_size=64, image_size=32, patch_size=8, num_labels=5, **SMALL)
-    return transformers.DeiTForImageClassification(cfg), {"pixel_values": PIXELS}
-
-
-def gpt2():
-    cfg = transformers.GPT2Config(n_embd=64, n_layer=2, n_head=4, vocab_size=100, n_positions=32, use_cache=False)
-    return transformers.GPT2Model(cfg), {"input_ids": IDS, "use_cache": False}
-
-
-def llama():
-    cfg = transformers.LlamaConfig(hidden_size=64, num_key_value_heads=2, vocab_size=100, use_cache=False, **SMALL)
-    return transformers.LlamaForCausalLM(cfg), {"input_ids": IDS, "use_cache": False}
-
-
-def qwen2():
-    cfg = transformers.Qwen2Config(hidden_size=64, num_key_value_heads=2, vocab_size=100, use_cache=False, **SMALL)
-    return transformers.Qwen2ForCausalLM(cfg), {"input_ids": IDS, "use_cache": False}
-
-
-MODELS = {"bert": bert, "vit": vit, "deit": deit, "gpt2": gpt2, "llama": llama, "qwen2": qwen2}
 _cache = {}
 
 
@@ -64,16 +29,16 @@ def test_sites_and_groups(name):
     model, inputs, a = analysis(name)
     assert len(a.sites) == 2
     assert len(a.prunable("v")) == 2 and len(a.prunable("ffn")) == 2
+    assert len(a.prunable("qk")) == 2
     if name in ("llama", "qwen2"):
-        # rotary tables shared by every head and layer couple all q/k pairs: left alone, with the reason
-        assert not a.prunable("qk")
-        assert all(("coupled" in g.reason or "shares channels" in g.reason)
-                   for g in a.groups.values() if g.kind == "qk")
         assert [s.name for s in a.sites] == ["model.layers.0.self_attn", "model.layers.1.self_attn"]
+        qk = a.groups["model.layers.0.self_attn.qk"]
+        # grouped-query attention: a q/k class spans the 2 query heads of its kv head;
+        # rotary embeddings pair index i with i + 8 (head dim 16): 8 classes per kv head
+        assert (qk.heads, qk.width) == (2, 8)
         assert a.groups["model.layers.0.self_attn.v"].heads == 2  # v pruned per kv head
         assert a.groups["model.layers.0.mlp.gate_proj"].width == 128  # gate and up coupled: one group
-    else:
-        assert len(a.prunable("qk")) == 2
+        assert a.gathered  # the shared cos/sin tables are cut per use, not coupled across heads
 
 
 @pytest.mark.parametrize("name", list(MODELS))
@@ -99,3 +64,26 @@ def test_identity_keeps_outputs():
     pruned = snp_fx.prune(model, inputs, {}, progress=False)
     with torch.no_grad():
         assert relative_error(pruned(**inputs).last_hidden_state, model(**inputs).last_hidden_state) < 1e-6
+
+
+@pytest.mark.parametrize("name", ["llama", "qwen2"])
+def test_rotary_pairs_and_kv_heads_go_together(name):
+    """q/k channels i and i + d/2 (rotate_half partners) are kept or removed together, per kv head,
+    and whole kv heads take their query heads with them."""
+    model, inputs, a = analysis(name)
+    pruned = snp_fx.prune(model, inputs, {"qk": 0.5, "heads": 0.5}, importance="random", progress=False)
+    d, n_rep = 16, 2
+    for layer in range(2):
+        w0 = dict(model.named_parameters())[f"model.layers.{layer}.self_attn.q_proj.weight"]
+        w1 = dict(pruned.named_parameters())[f"model.layers.{layer}.self_attn.q_proj.weight"]
+        rows = [int((w0 == r).all(1).nonzero()) for r in w1]  # original index of every kept q row
+        heads = sorted({r // d for r in rows})
+        assert len(heads) == n_rep  # one kv group (two query heads) left of two
+        assert heads[0] // n_rep == heads[1] // n_rep
+        for h in heads:
+            kept = {r % d for r in rows if r // d == h}
+            assert len(kept) == d // 2 // 2 * 2  # half the pairs, both members of each
+            assert all((i + d // 2) % d in kept for i in kept)
+        assert kept == {r % d for r in rows if r // d == heads[0]}  # query heads of a group keep the same
+    with torch.no_grad():
+        assert pruned(**inputs).logits.shape == model(**inputs).logits.shape
