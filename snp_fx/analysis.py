@@ -205,7 +205,7 @@ class _Propagator(fx.Interpreter):
                 self.space.freeze(t, f"{n.name}: a channel count is used as a value by `{key}`")
         fn = getattr(self, "rule_" + kind, None)
         if fn is None and n.op == "call_function" and _moves_data_only(n.target, args, kwargs):
-            fn = self.rule_move
+            fn = self.rule_wrapped
         if fn is None:
             reason = f"{n.name}: op `{key}` is not in the op table"
             self.unknown[n.name] = reason
@@ -366,6 +366,18 @@ class _Propagator(fx.Interpreter):
                 out = self.modules[n.target](data_args[0])
             else:
                 out = n.target(*data_args, **kwargs)
+        except Exception as e:  # noqa: BLE001 - any failure means we do not understand it
+            reason = f"{n.name}: `{key}` could not be followed on labels ({e})"
+            self.freeze_all(n, reason)
+            return self.frozen_output(result, reason)
+        return _map_struct(out, lambda t: L.reduce(t) if isinstance(t, torch.Tensor) else None)
+
+    def rule_wrapped(self, n, key, args, kwargs, result):
+        """A python function that only moves data (probed): run it on the labels of every tensor."""
+        data_args = [L.expand(self.lab(a), x.shape) if isinstance(x, torch.Tensor) else x
+                     for a, x in zip(n.args, args)]
+        try:
+            out = n.target(*data_args, **kwargs)
         except Exception as e:  # noqa: BLE001 - any failure means we do not understand it
             reason = f"{n.name}: `{key}` could not be followed on labels ({e})"
             self.freeze_all(n, reason)
@@ -713,28 +725,35 @@ class _Propagator(fx.Interpreter):
 def _moves_data_only(fn, args, kwargs) -> bool:
     """A wrapped python function (timm's window_reverse, ...) that only moves data.
 
-    Probed by running it on a tensor of distinct values: every output value
-    must be an input value, and the same must hold again for another coding.
+    Probed by running it on tensors of random distinct values: every output
+    value must be an input value, and the same must hold again for another coding.
     """
     if isinstance(fn, (torch._ops.OpOverload, torch._ops.OpOverloadPacket)) or \
             getattr(fn, "__module__", "") in ("torch", "torch.functional", "torch.nn.functional") or \
             not callable(fn) or not hasattr(fn, "__code__"):
         return False
+    from torch.utils._pytree import tree_flatten
     tensors = [i for i, a in enumerate(args) if isinstance(a, torch.Tensor)]
-    if len(tensors) != 1 or kwargs and any(isinstance(v, torch.Tensor) for v in kwargs.values()):
+    if not tensors or kwargs and any(isinstance(v, torch.Tensor) for v in kwargs.values()):
         return False
-    i = tensors[0]
-    x = args[i]
-    for coding in (torch.arange(x.numel(), dtype=torch.float64), torch.randperm(x.numel()).double() * 3 + 1):
-        probe = list(args)
-        probe[i] = coding.reshape(x.shape)
+    total = sum(args[i].numel() for i in tensors)
+    others = []
+    g = torch.Generator().manual_seed(0)
+    for coding in (torch.rand(total, generator=g, dtype=torch.float64) + 1 for _ in range(2)):  # sums never collide
+        probe, start = list(args), 0
+        for i in tensors:  # every tensor argument gets its own distinct values
+            probe[i] = coding[start:start + args[i].numel()].reshape(args[i].shape).clone()  # may be written to
+            start += args[i].numel()
         try:
             out = fn(*probe, **kwargs)
         except Exception:  # noqa: BLE001
             return False
-        if not isinstance(out, torch.Tensor) or not bool(torch.isin(out, coding).all()):
+        leaves, _ = tree_flatten(out)
+        outs = [t for t in leaves if isinstance(t, torch.Tensor)]
+        if not outs or not all(bool(torch.isin(t, coding).all()) for t in outs):
             return False
-    return True
+        others.append([x for x in leaves if not isinstance(x, torch.Tensor)])
+    return others[0] == others[1]  # what is not a tensor (sizes) must not depend on the values
 
 
 def _flat_labels(x):

@@ -300,8 +300,9 @@ class _Rewriter:
         slot = var[0]
         src = node.args[0]
         src_lab = self.a.labels[src.name]
-        if L.varying_dims(src_lab) != [src_lab.dim() - 1] or len(var) < 2:
+        if len(L.varying_dims(src_lab)) != 1 or len(var) < 2:
             return False
+        src_dim = L.varying_dims(src_lab)[0] - src_lab.dim()  # the channel dim, from the end
         chain, cur, pos, rank = [], node, slot, len(shape)
         while True:
             users = list(cur.users)
@@ -336,7 +337,7 @@ class _Rewriter:
             part_sizes.append(math.prod(sz[d] for d in var[1:]))
         self.graph.erase_node(new)
         x = self.env[src]
-        split = self.graph.call_function(torch.split, (x, part_sizes, -1))
+        split = self.graph.call_function(torch.split, (x, part_sizes, src_dim))
         if key == "unflatten":
             dim = node.args[1] % len(self.a.shapes[src.name])  # a dim of the input
             n_out = len(node.args[2])
@@ -383,8 +384,9 @@ class _Rewriter:
         sizes = [self.new_sizes(lab, shp, dims=[d for d in range(len(shp)) if lab.shape[d] > 1] or [dim])[dim]
                  for lab, shp in zip(outs, out_shapes)]
         if key == "chunk":
-            if len(set(sizes)) != 1:
-                raise Irregular("chunk into pieces that keep different widths")
+            if len(set(sizes)) != 1:  # q, k, v chunks of different widths: split by sizes instead
+                new.op, new.target = "call_function", torch.split
+                new.args, new.kwargs = (new.args[0], sizes, dim), {}
             return
         if isinstance(node.target, torch._ops.OpOverload):  # aten.split takes one int: use split_with_sizes
             new.target = torch.ops.aten.split_with_sizes.default

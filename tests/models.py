@@ -139,7 +139,7 @@ def randomize_norms(model: nn.Module, seed=0) -> nn.Module:
     """Give LayerNorms non-trivial affine parameters (init is 1/0)."""
     g = torch.Generator().manual_seed(seed)
     for m in model.modules():
-        if isinstance(m, nn.LayerNorm):
+        if isinstance(m, nn.LayerNorm) and m.weight is not None:
             with torch.no_grad():
                 m.weight.copy_(1 + 0.2 * torch.randn(m.weight.shape, generator=g))
                 m.bias.copy_(0.2 * torch.randn(m.bias.shape, generator=g))

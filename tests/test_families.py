@@ -1,0 +1,80 @@
+"""Transformer families beyond plain ViTs (small configs, random init): rotary embeddings (timm
+EVA-02, ViT-RoPE, Qwen3-ViT), cosine attention (Swin V2), nn.MultiheadAttention (torchvision's ViT).
+
+Each must find every attention site, prune q/k, v, FFN, heads and residual, and equal the masked
+original (the zoo sweep, benchmarks/zoo.py, runs the full-size variants)."""
+import pytest
+import timm
+import torch
+
+import snp_fx
+from oracles import check_mask_equivalence
+from models import randomize_norms
+
+SMALL = {  # name -> (create_model kwargs, input size, sites)
+    "eva02_tiny_patch14_224": (dict(img_size=56, depth=2), 56, 2),            # interleaved RoPE pairs
+    "vit_small_patch16_rope_224": (dict(img_size=64, depth=2), 64, 2),        # rotate-half RoPE
+    "qwen3_vit_88m": (dict(depth=2, embed_dim=128, num_heads=4), 64, 2),     # RoPE table as [sin | cos]
+    "swinv2_tiny_window8_256": (dict(img_size=64, depths=(1, 1), num_heads=(2, 4), embed_dim=32, window_size=4), 64, 2),
+}
+
+
+def _randomize(model):
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():  # some inits are zero (heads, layer scales): make every output depend on every weight
+        for p in model.parameters():
+            if bool((p == p.flatten()[0]).all()):
+                p.add_(0.1 * torch.randn(p.shape, generator=g))
+    return randomize_norms(model)
+
+
+_cache = {}
+
+
+def analysis(name):
+    if name not in _cache:
+        torch.manual_seed(0)
+        kw, size, _ = SMALL[name]
+        model = _randomize(timm.create_model(name, pretrained=False, num_classes=5, **kw).eval())
+        _cache[name] = snp_fx.analyze(model, torch.randn(2, 3, size, size))
+    return _cache[name]
+
+
+@pytest.mark.parametrize("name", list(SMALL))
+def test_sites_found_and_qk_prunable(name):
+    a = analysis(name)
+    assert len(a.sites) == SMALL[name][2]
+    assert len(a.prunable("qk")) == len(a.sites) and len(a.prunable("v")) == len(a.sites), str(a)
+
+
+@pytest.mark.parametrize("name", list(SMALL))
+@pytest.mark.parametrize("seed", [0, 1])
+def test_mask_equivalence(name, seed):
+    ratios = {"qk": 0.5, "v": 0.25, "ffn": 0.3, "heads": 0.5 * seed, "residual": 0.25 * seed}
+    check_mask_equivalence(analysis(name), ratios, seed)
+
+
+def test_rotary_pairs_stay_together_interleaved():
+    """EVA-02 rotates interleaved pairs (2i, 2i+1): kept q/k indices come in such pairs."""
+    a = analysis("eva02_tiny_patch14_224")
+    g = a.prunable("qk")[0]
+    assert (g.heads, g.width) == (3, 32)  # head dim 64: 32 rotary pairs per head
+    pruned, plan = check_mask_equivalence(a, {"qk": 0.5}, seed=3)
+    w0 = a.gm.get_parameter("blocks.0.attn.qkv.weight")[:192]  # the query rows of the fused qkv
+    w1 = pruned.get_parameter("blocks.0.attn.qkv.weight")
+    rows = {int(m.nonzero()) for m in (w1[:, None] == w0[None]).all(-1) if bool(m.any())}
+    assert len(rows) == 3 * 32  # half of each head's 64 query channels
+    assert all((r ^ 1) in rows for r in rows)  # r ^ 1: the other member of the pair (2i, 2i+1)
+
+
+def test_torchvision_vit_multihead_attention():
+    """torchvision's VisionTransformer runs nn.MultiheadAttention: auto exports it past the leaf."""
+    from torchvision.models.vision_transformer import VisionTransformer
+    torch.manual_seed(0)
+    model = _randomize(VisionTransformer(image_size=32, patch_size=8, num_layers=2, num_heads=4, hidden_dim=32,
+                                         mlp_dim=64, num_classes=5).eval())
+    a = snp_fx.analyze(model, torch.randn(2, 3, 32, 32))
+    assert len(a.prunable("qk")) == 2 and len(a.prunable("v")) == 2
+    for seed in (0, 1):
+        check_mask_equivalence(a, {"qk": 0.5, "v": 0.25, "ffn": 0.3, "heads": 0.5 * seed,
+                                   "residual": 0.25 * seed}, seed)
