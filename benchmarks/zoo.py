@@ -119,7 +119,7 @@ def main():
         name = pick(fam, args.max_params)
         if name is not None:
             todo.append((fam, name, lambda name=name: timm_builder(name)))
-    if not args.no_hf and args.families is None:
+    if not args.no_hf:
         import sys
         sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tests"))
         from hf_models import MODELS  # small configs of every HF class the tests cover

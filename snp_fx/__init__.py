@@ -3,8 +3,9 @@ from .analysis import Analysis, Group, Site
 from .api import analyze, apply, plan, prune
 from .errors import RewriteError, SNPError, TraceError
 from .fx_pass import SNPPass
+from .io import load, save
 from .plan import PruningPlan
 
-__all__ = ["analyze", "apply", "plan", "prune", "SNPPass", "PruningPlan", "Analysis", "Group", "Site",
-           "SNPError", "TraceError", "RewriteError"]
+__all__ = ["analyze", "apply", "plan", "prune", "SNPPass", "PruningPlan", "save", "load", "Analysis", "Group",
+           "Site", "SNPError", "TraceError", "RewriteError"]
 __version__ = "0.1.0"

@@ -9,14 +9,35 @@ import torch.fx as fx
 
 from . import verify as _verify
 from .analysis import Analysis, propagate
+from .compensate import DEFAULT_RIDGE
+from .compensate import compensate as _compensate
 from .errors import RewriteError, SNPError
 from .importance import DEFAULT_GAMMA, compute_scores
 from .plan import (PruningPlan, check_ratios, check_target, keep_mask, make_plan, paper_ratios,
                    plan_for_target)
 from .rewrite import rewrite
-from .trace import normalize_inputs, trace
+from .trace import export, normalize_inputs, trace
 
 TOLERANCE = 1e-4
+
+# Named combinations of options (measured: benchmarks/quality_minilm.py, quality_digits.py).
+PRESETS = {
+    # L2 norms set the widths (per layer, v and FFN channels), exact attention-error selection picks
+    # the q/k pairs, least squares refits the v / FFN consumers: the best of every budget measured
+    "best": {"importance": "l2", "selection": "exact", "compensate": True},
+    # the paper's method as published
+    "paper": {"importance": "snp", "selection": "score", "compensate": False},
+}
+
+
+def _preset(preset, **given):
+    """Options of ``preset`` for every argument still at its default (None: no preset)."""
+    defaults = {"importance": "snp", "selection": "score", "compensate": False}
+    if preset is None:
+        return given
+    if preset not in PRESETS:
+        raise SNPError(f"unknown preset '{preset}'; available: {list(PRESETS)}")
+    return {k: (PRESETS[preset].get(k, v) if v == defaults[k] else v) for k, v in given.items()}
 
 
 def analyze(model: torch.nn.Module, example_inputs, leaf_modules=(), frontend: str = "auto") -> Analysis:
@@ -31,6 +52,30 @@ def analyze(model: torch.nn.Module, example_inputs, leaf_modules=(), frontend: s
         raise SNPError(f"expected a torch.nn.Module or fx.GraphModule, got {type(model).__name__}")
     work = copy.deepcopy(model).eval()
     gm = trace(work, leaf_modules, example_inputs, frontend)
+    try:
+        a = _analyze(gm, example_inputs, leaf_modules)
+    except SNPError as first:
+        if frontend != "auto" or gm.meta.get("snp_frontend") == "export" or leaf_modules:
+            raise
+        try:  # the fx graph does not run (e.g. it baked in a default argument): the exported one may
+            return _analyze(export(copy.deepcopy(model).eval(), example_inputs), example_inputs, leaf_modules)
+        except SNPError:
+            raise first from None
+    if frontend == "auto" and a.unknown_ops and not leaf_modules and a.gm.meta["snp_frontend"] == "fx":
+        # ops the table does not know (often python helpers fx keeps whole): torch.export
+        # traces through them to ATen; keep whichever graph the analysis understands better
+        try:
+            b = _analyze(export(copy.deepcopy(model).eval(), example_inputs), example_inputs, leaf_modules)
+        except SNPError:
+            return a
+        if len(b.unknown_ops) < len(a.unknown_ops):
+            return b
+    return a
+
+
+def _analyze(gm, example_inputs, leaf_modules) -> Analysis:
+    gm.meta.setdefault("snp_frontend", "fx")  # recorded (with the leaves) so snp_fx.load can re-trace the same graph
+    gm.meta["snp_leaf_modules"] = tuple(leaf_modules)
     inputs = normalize_inputs(gm, example_inputs)
     try:
         return propagate(gm, inputs)
@@ -44,7 +89,7 @@ def analyze(model: torch.nn.Module, example_inputs, leaf_modules=(), frontend: s
 def plan(model, example_inputs, ratios=None, importance: str = "snp", analysis: Analysis | None = None,
          leaf_modules=(), seed: int = 0, calibration=None, gamma: int = DEFAULT_GAMMA, progress: bool = True,
          target_macs=None, target_params=None, round_to: int = 1, heads: bool = False,
-         scores=None) -> PruningPlan:
+         scores=None, selection: str = "score", preset: str | None = None) -> PruningPlan:
     """Which channels to keep in every group, as a JSON-serialisable PruningPlan.
 
     Budget, one of: ``ratios`` (dict of kind or group name -> fraction removed, or the path of an
@@ -55,7 +100,12 @@ def plan(model, example_inputs, ratios=None, importance: str = "snp", analysis: 
     ``importance``: "snp" (default), "l1", "l2", "gm", "random", "reverse" (see snp_fx.importance).
     ``calibration``: batches for the q/k scores (default: the example inputs).
     ``scores``: precomputed ``snp_fx.importance.Scores`` (skips scoring).
+    ``selection``: "score" (the top scores) or "exact" (q/k pairs chosen per head to minimise the
+    exact change of the pre-softmax scores over the calibration set; the scores still set the counts).
+    ``preset``: a name from ``PRESETS`` ("best", "paper") filling the options left at their defaults.
     """
+    opts = _preset(preset, importance=importance, selection=selection)
+    importance, selection = opts["importance"], opts["selection"]
     a = analysis or analyze(model, example_inputs, leaf_modules)
     targeted = target_macs is not None or target_params is not None
     if targeted and ratios:
@@ -67,12 +117,13 @@ def plan(model, example_inputs, ratios=None, importance: str = "snp", analysis: 
             ratios = paper_ratios(a, ratios)
         ratios = {} if ratios is None else ratios
         check_ratios(a, ratios)
-    sc = scores if scores is not None else compute_scores(a, importance, calibration, gamma, seed, progress)
+    sc = scores if scores is not None else compute_scores(a, importance, calibration, gamma, seed, progress,
+                                                          selection=selection)
     if targeted:
         p = plan_for_target(a, sc, target_macs, target_params, round_to=round_to, heads=heads)
     else:
         p = make_plan(a, ratios, sc, round_to=round_to)
-    p.meta.update(importance=importance, gamma=gamma)
+    p.meta.update(importance=importance, gamma=gamma, selection=selection)
     p.scores = sc
     return p
 
@@ -86,13 +137,19 @@ def _prunes_residual(analysis: Analysis, p: PruningPlan) -> bool:
 
 
 def apply(model, plan: PruningPlan, example_inputs, verify: bool = True, analysis: Analysis | None = None,
-          leaf_modules=()) -> fx.GraphModule:
+          leaf_modules=(), compensate: bool = False, calibration=None, ridge: float = DEFAULT_RIDGE,
+          progress: bool = True) -> fx.GraphModule:
     """Rewrite ``model`` into a smaller GraphModule following ``plan``.
 
     With ``verify`` (default) the result is checked on the example inputs
     against the original with the removed weights zeroed (and, when the
     residual stream is pruned, its normalisations counting kept channels
     only).  A failed check raises RewriteError.
+
+    ``compensate=True`` then refits the consumer of every pruned v / FFN group
+    (output projection, fc2) by ridge least squares over ``calibration`` (default: the
+    example inputs) so it reproduces the dense layer output from the kept channels
+    (snp_fx.compensate); what was done is in ``pruned.meta["snp_compensation"]``.
     """
     if not isinstance(plan, PruningPlan):
         raise SNPError(f"plan must be a PruningPlan, got {type(plan).__name__}")
@@ -101,9 +158,16 @@ def apply(model, plan: PruningPlan, example_inputs, verify: bool = True, analysi
     pruned = rewrite(a, keep)
     pruned.eval()
     if verify:
-        _check(a, keep, pruned, plan)
+        _check(a, keep, pruned, plan)  # before compensation, which changes the kept weights
+    if compensate:
+        if calibration is None:
+            calibration = [a.inputs if len(a.inputs) > 1 else a.inputs[0]]
+        pruned.meta["snp_compensation"] = _compensate(a, keep, pruned, calibration, ridge, progress=progress)
     pruned.train(model.training)
     pruned.meta["snp_plan"] = plan.to_json()
+    # what snp_fx.save needs to rebuild this graph from the original model (see snp_fx/io.py)
+    pruned.meta["snp_example_inputs"] = dict(example_inputs) if isinstance(example_inputs, dict) else example_inputs
+    pruned.meta["snp_source_shapes"] = {k: list(v.shape) for k, v in model.state_dict().items()}
     return pruned
 
 
@@ -130,21 +194,27 @@ def _check(a: Analysis, keep, pruned, p: PruningPlan):
 def prune(model, example_inputs, ratios=None, importance: str = "snp", verify: bool = True,
           leaf_modules=(), seed: int = 0, calibration=None, gamma: int = DEFAULT_GAMMA,
           progress: bool = True, target_macs=None, target_params=None, round_to: int = 1,
-          heads: bool = False) -> fx.GraphModule:
-    """Analyze, plan and rewrite in one call (arguments as in ``plan``).
+          heads: bool = False, selection: str = "score", compensate: bool = False,
+          preset: str | None = None) -> fx.GraphModule:
+    """Analyze, plan and rewrite in one call (arguments as in ``plan`` and ``apply``).
+
+    ``preset="best"``: exact q/k selection and least-squares compensation (see ``PRESETS``).
 
     ``ratios``: fraction removed per kind — {"qk", "v", "ffn", "residual", "heads"} —
     or per group name from ``analyze``; q/k and v remove the same count in every head.
     """
+    opts = _preset(preset, importance=importance, selection=selection, compensate=compensate)
+    importance, selection, compensate = opts["importance"], opts["selection"], opts["compensate"]
     a = analyze(model, example_inputs, leaf_modules)
     sc = None  # scored once (one calibration pass), re-planned if a group has to be set aside
     for _ in range(len(a.groups) + 1):
         p = plan(model, example_inputs, ratios, importance, analysis=a, seed=seed, calibration=calibration,
                  gamma=gamma, progress=progress, target_macs=target_macs, target_params=target_params,
-                 round_to=round_to, heads=heads, scores=sc)
+                 round_to=round_to, heads=heads, scores=sc, selection=selection)
         sc = p.scores
         try:
-            return apply(model, p, example_inputs, verify=verify, analysis=a)
+            return apply(model, p, example_inputs, verify=verify, analysis=a, compensate=compensate,
+                         calibration=calibration, progress=progress)
         except RewriteError as e:
             # a node the rewrite cannot fix: leave its groups alone (reported in the analysis) and replan
             refused = a.refuse(e.node, f"not rewritable at `{e.node}`: {e}") if e.node else []

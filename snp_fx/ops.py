@@ -120,6 +120,8 @@ def module_kind(mod: nn.Module) -> str:
 
 
 def kind_of(key: str) -> str:
+    if key.endswith("_") and not key.startswith("_") and key[:-1] in UNARY | BINARY:
+        key = key[:-1]  # in-place variant (x.silu_(), x.mul_(y)): the same labels
     if key in FUNCTION_KINDS:
         return FUNCTION_KINDS[key]
     if key in CONTRACT:

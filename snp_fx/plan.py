@@ -86,6 +86,14 @@ def _topk_sorted(scores: torch.Tensor, k: int) -> list[int]:
     return sorted(idx.tolist())
 
 
+def _pick_in_head(scores_obj, g: Group, h: int, k: int, ranking: torch.Tensor) -> list[int]:
+    """Kept indices of head ``h``: the scores' own selector (exact q/k selection) when it has one
+    for this group, else the top ``k`` of ``ranking``."""
+    select = None if isinstance(scores_obj, torch.Tensor) else getattr(scores_obj, "select", None)  # not Tensor.select
+    picked = select(g, h, k) if select is not None and g.kind == "qk" else None
+    return picked if picked is not None else _topk_sorted(ranking, k)
+
+
 def check_ratios(analysis: Analysis, ratios: dict) -> None:
     """Raise a clear error for ratios that cannot be planned (before any costly scoring)."""
     if not isinstance(ratios, dict):
@@ -114,7 +122,7 @@ def make_plan(analysis: Analysis, ratios: dict, scores, round_to: int = 1) -> Pr
     ``scores``: a ``Scores`` (or a tensor of class scores); the lowest go first.
     """
     head_scores = getattr(scores, "heads", {})
-    scores = getattr(scores, "classes", scores)
+    scores_obj, scores = scores, getattr(scores, "classes", scores)
     check_ratios(analysis, ratios)
 
     def ratio_for(g: Group) -> float:
@@ -151,7 +159,7 @@ def make_plan(analysis: Analysis, ratios: dict, scores, round_to: int = 1) -> Pr
             rows = kept_heads if can_drop_heads else range(g.heads)  # heads only go from both at once
             keep = []
             for h in range(g.heads):
-                keep.append(_topk_sorted(scores[g.classes[h]], k) if h in rows else [])
+                keep.append(_pick_in_head(scores_obj, g, h, k, scores[g.classes[h]]) if h in rows else [])
             plan[g.name] = {"kind": g.kind, "keep": keep}
     for g in analysis.groups.values():
         if g.site or not g.prunable:
@@ -345,8 +353,8 @@ def plan_for_target(analysis: Analysis, scores, target_macs=None, target_params=
             if g.site:
                 rows = heads_kept[g.site] if g.site in hnorm and g.heads == len(hnorm[g.site]) else range(g.heads)
                 rows = set(rows)
-                plan[g.name] = {"kind": g.kind, "keep": [_topk_sorted(s[h], widths[g.name]) if h in rows else []
-                                                         for h in range(g.heads)]}
+                plan[g.name] = {"kind": g.kind, "keep": [
+                    _pick_in_head(scores, g, h, widths[g.name], s[h]) if h in rows else [] for h in range(g.heads)]}
             else:
                 plan[g.name] = {"kind": g.kind, "keep": _topk_sorted(s, widths[g.name])}
         return PruningPlan(plan)

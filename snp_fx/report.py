@@ -173,3 +173,170 @@ def time_interleaved(models: dict, inputs: tuple, repeats: int = 10, warmup: int
             m(*inputs)
             times[name].append(time.perf_counter() - t)
     return {name: statistics.median(ts) for name, ts in times.items()}
+
+
+# ---------------------------------------------------------------------------
+# Per-block widths and the prune report (used by the CLI and the examples)
+# ---------------------------------------------------------------------------
+
+def _block_of(name: str) -> str:
+    """The module path up to its last numeric part: `blocks.3.attn.qk` -> `blocks.3`."""
+    parts = name.split(".")
+    last = max((i for i, p in enumerate(parts) if p.isdigit()), default=None)
+    return ".".join(parts[:last + 1]) if last is not None else name.rsplit(".", 1)[0]
+
+
+def block_widths(analysis, plan) -> tuple[list[dict], list[dict]]:
+    """Kept and dense widths per attention block, and the other groups.
+
+    Blocks: one row per attention site's block (its module path up to the block
+    index), with ``heads``, ``qk`` / ``v`` (width per head) and ``ffn`` (hidden width,
+    summed when a block has several FFN groups), each a (kept, dense) pair or None.
+    Others: residual groups and FFN-like groups outside the blocks (a classifier),
+    as dicts with ``name``, ``kind``, ``kept``, ``dense``, ``prunable``.
+    """
+    def kept_per_head(name):
+        g = analysis.groups[name]
+        entry = plan.groups.get(name)
+        if entry is None:
+            return g.heads, g.width
+        widths = [len(k) for k in entry["keep"] if k]
+        return len(widths), (max(widths) if widths else 0)
+
+    rows: dict[str, dict] = {}
+    for site in analysis.sites:
+        row = rows.setdefault(_block_of(site.name), {"block": _block_of(site.name), "heads": None, "qk": None,
+                                                     "v": None, "ffn": None})
+        qk = analysis.groups.get(f"{site.name}.qk")
+        if qk is None:
+            continue
+        h, w = kept_per_head(qk.name)
+        row["heads"], row["qk"] = (h, qk.heads), (w, qk.width)
+        v = analysis.groups.get(f"{site.name}.v")
+        if v is not None:
+            row["v"] = (kept_per_head(v.name)[1], v.width)
+    others = []
+    for g in analysis.groups.values():
+        entry = plan.groups.get(g.name)
+        kept = len(entry["keep"]) if entry else g.width
+        row = rows.get(_block_of(g.name))
+        if g.kind == "ffn" and row is not None:
+            k0, d0 = row["ffn"] or (0, 0)
+            row["ffn"] = (k0 + kept, d0 + g.width)
+        elif g.kind in ("ffn", "residual"):
+            others.append({"name": g.name, "kind": g.kind, "kept": kept, "dense": g.width, "prunable": g.prunable})
+    return list(rows.values()), others
+
+
+def _pair(p) -> str:
+    return "-" if p is None else f"{p[0]}/{p[1]}"
+
+
+def _short(v) -> str:
+    if isinstance(v, dict) and len(v) > 6:  # e.g. an authors' config: one ratio per group
+        return f"{{{len(v)} groups, {min(v.values()):.2f}..{max(v.values()):.2f}}}"
+    if isinstance(v, float):
+        return f"{v:.4g}"
+    return str(v)
+
+
+def _ms(s: float) -> str:
+    return f"{s * 1e3:.1f} ms"
+
+
+def prune_report(title: str, analysis, plan, stats: dict, outputs: dict | None = None) -> str:
+    """The markdown report the CLI prints and writes to report.md.
+
+    ``stats``: ``params`` and ``macs`` as (dense, pruned) pairs, optional ``latency``
+    (dense, pruned) seconds with ``latency_note``, optional ``elapsed`` seconds.
+    ``outputs``: what was written where (label -> path).
+    """
+    rows, others = block_widths(analysis, plan)
+    lines = [f"# {title}", ""]
+    if plan.meta:
+        lines += ["Plan: " + ", ".join(f"{k}={_short(v)}" for k, v in plan.meta.items()), ""]
+    lines += ["| block | heads | q/k width per head | v width per head | FFN width |", "|---|---|---|---|---|"]
+    lines += [f"| {r['block']} | {_pair(r['heads'])} | {_pair(r['qk'])} | {_pair(r['v'])} | {_pair(r['ffn'])} |"
+              for r in rows]
+    lines += ["", "| group | kind | kept width |", "|---|---|---|"]
+    lines += [f"| {r['name']} | {r['kind']} | {r['kept']}/{r['dense']}" + ("" if r["prunable"] else " (unprunable)")
+              + " |" for r in others] or ["| (none) | - | - |"]
+    lines += ["", "| | dense | pruned | pruned / dense |", "|---|---|---|---|"]
+    (p0, p1), (m0, m1) = stats["params"], stats["macs"]
+    lines.append(f"| params | {p0 / 1e6:.2f} M | {p1 / 1e6:.2f} M | {p1 / p0:.1%} |")
+    lines.append(f"| MACs | {m0 / 1e9:.3f} G | {m1 / 1e9:.3f} G | {m1 / m0:.1%} |")
+    if stats.get("latency"):
+        t0, t1 = stats["latency"]
+        lines.append(f"| latency | {_ms(t0)} | {_ms(t1)} | {t1 / t0:.1%} (speed-up {t0 / t1:.2f}x) |")
+    notes = [n for n in (stats.get("latency_note"),) if n]
+    if stats.get("elapsed") is not None:
+        notes.append(f"analyze + score + plan + rewrite + verify took {stats['elapsed']:.1f} s")
+    if notes:
+        lines += [""] + [f"{n}." for n in notes]
+    if outputs:
+        lines += ["", "Wrote:", ""] + [f"* {label}: `{path}`" for label, path in outputs.items()]
+    return "\n".join(lines) + "\n"
+
+
+@torch.no_grad()
+def attention_maps(gm, inputs: tuple, nodes) -> dict:
+    """Attention probabilities at the given attention-site nodes of a GraphModule.
+
+    For ``scaled_dot_product_attention`` the probabilities are recomputed from its
+    q, k, mask and scale; for an explicit ``q @ k^T`` the first softmax downstream
+    of it (through a scale, a bias, ...) is read.  Returns node name -> tensor
+    (..., heads, queries, keys) for the nodes it could read.
+    """
+    import torch.fx as fx
+
+    from . import ops
+
+    modules = dict(gm.named_modules())
+    kind = {n.name: ops.kind_of(ops.op_key(n, modules)) for n in gm.graph.nodes
+            if n.op in ("call_function", "call_method", "call_module")}
+    by_name = {n.name: n for n in gm.graph.nodes}
+    wanted = [n for n in nodes if n in by_name]
+    read_at: dict[str, str] = {}  # node whose output (or args) gives the map -> site node
+    for name in wanted:
+        if kind.get(name) == "sdpa":
+            read_at[name] = name
+            continue
+        frontier, seen = [by_name[name]], set()
+        for _ in range(6):  # a few hops: scale, bias add, mask, then the softmax
+            nxt = [u for n in frontier for u in n.users if u.name not in seen]
+            seen.update(u.name for u in nxt)
+            hit = next((u for u in nxt if kind.get(u.name) == "softmax"), None)
+            if hit is not None:
+                read_at[hit.name] = name
+                break
+            frontier = nxt
+    names = ["query", "key", "value", "attn_mask", "dropout_p", "is_causal", "scale", "enable_gqa"]
+    out: dict = {}
+
+    class Reader(fx.Interpreter):
+        def run_node(self, n):
+            result = super().run_node(n)
+            site = read_at.get(n.name)
+            if site is None:
+                return result
+            if kind.get(n.name) != "sdpa":
+                out[site] = result.detach().float()
+                return result
+            args, kwargs = self.fetch_args_kwargs_from_env(n)
+            got = dict(zip(names, args))
+            got.update(kwargs)
+            q, k, mask = got["query"], got["key"], got.get("attn_mask")
+            if k.shape[-3] != q.shape[-3]:  # grouped-query attention
+                k = k.repeat_interleave(q.shape[-3] // k.shape[-3], dim=-3)
+            scale = got.get("scale") or q.shape[-1] ** -0.5
+            s = (q @ k.transpose(-2, -1)).float() * scale
+            if got.get("is_causal"):
+                causal = torch.ones(s.shape[-2:], dtype=torch.bool, device=s.device).tril()
+                s = s.masked_fill(~causal, float("-inf"))
+            if isinstance(mask, torch.Tensor):
+                s = s.masked_fill(~mask, float("-inf")) if mask.dtype == torch.bool else s + mask
+            out[site] = s.softmax(-1)
+            return result
+
+    Reader(gm).run(*inputs)
+    return out

@@ -11,6 +11,10 @@ float per unit class and, per attention site, one per head.
 * ``l1`` / ``l2``: weight norms of every parameter slice of the class.
 * ``gm``: FPGM geometric-median distance of the producing rows.
 * ``random``: seeded uniform.  ``reverse``: ``snp`` negated (sanity check).
+
+``selection="exact"`` (any importance): scores still decide how many q/k pairs
+each head keeps; which ones is chosen to minimise the exact change of the
+head's pre-softmax scores over the calibration set (exact.py).
 """
 from __future__ import annotations
 
@@ -20,9 +24,11 @@ import torch
 
 from ..errors import SNPError
 from .calibrate import calibrate_qk
+from .exact import exact_keep
 from .snp import geometric_median_scores, redundancy_scores
 
 IMPORTANCES = ("snp", "l1", "l2", "gm", "random", "reverse")
+SELECTIONS = ("score", "exact")
 DEFAULT_GAMMA = 2  # measured: benchmarks/gamma.py (lowest attention-score error at 30-70% q/k)
 
 
@@ -30,6 +36,19 @@ DEFAULT_GAMMA = 2  # measured: benchmarks/gamma.py (lowest attention-score error
 class Scores:
     classes: torch.Tensor                 # (n_ids,) float64, indexed by class id
     heads: dict[str, torch.Tensor] = dataclasses.field(default_factory=dict)  # site -> (H,)
+    # q/k group name -> (heads, E, E) sums of Gq * Gk: exact selection (selection="exact")
+    pair_grams: dict[str, torch.Tensor] = dataclasses.field(default_factory=dict)
+    _picked: dict = dataclasses.field(default_factory=dict, repr=False)
+
+    def select(self, group, head: int, n_keep: int) -> list[int] | None:
+        """Kept positions of ``group``'s head chosen by exact selection, or None (rank by score)."""
+        m = self.pair_grams.get(group.name)
+        if m is None:
+            return None
+        key = (group.name, head, n_keep)
+        if key not in self._picked:  # plan_for_target asks for the same widths many times
+            self._picked[key] = exact_keep(m[head], group.classes[head], n_keep)
+        return self._picked[key]
 
 
 def params_of(analysis) -> dict[str, torch.Tensor]:
@@ -113,13 +132,24 @@ def residual_tss_average(analysis, params, group) -> torch.Tensor:
 
 
 def compute_scores(analysis, importance: str = "snp", calibration=None, gamma: int = DEFAULT_GAMMA,
-                   seed: int = 0, progress: bool = True) -> Scores:
+                   seed: int = 0, progress: bool = True, selection: str = "score") -> Scores:
     """Scores for every class.  ``calibration`` (for ``snp``/``reverse``): an iterable of batches —
     a tensor (the model's single input), a tuple/list of tensors (positional inputs), a pair
     ``(inputs, labels)`` from a DataLoader (labels are ignored) or a dict of keyword inputs.
-    Without it the example inputs are the calibration set."""
+    Without it the example inputs are the calibration set.
+    ``selection``: "score" (keep the top scores) or "exact" (see the module doc)."""
     if importance not in IMPORTANCES:
         raise SNPError(f"unknown importance '{importance}'; available: {list(IMPORTANCES)}")
+    if selection not in SELECTIONS:
+        raise SNPError(f"unknown selection '{selection}'; available: {list(SELECTIONS)}")
+    if calibration is None:
+        calibration = [analysis.inputs if len(analysis.inputs) > 1 else analysis.inputs[0]]
+    exact = selection == "exact" and any(g.prunable and g.kind == "qk" for g in analysis.groups.values())
+    if exact and importance not in ("snp", "reverse"):  # one pass for the Gram products alone
+        base = compute_scores(analysis, importance, calibration, gamma, seed, progress)
+        _, _, _, grams = calibrate_qk(analysis, calibration, gamma, progress, grams=True, score=False)
+        base.pair_grams = _by_group(analysis, grams)
+        return base
     params = params_of(analysis)
     n = analysis.space.next_id
     if importance == "random":
@@ -140,17 +170,26 @@ def compute_scores(analysis, importance: str = "snp", calibration=None, gamma: i
         widths = {g.width for g in qk_groups.values()}
         if gamma < 1 or gamma > max(widths):
             raise SNPError(f"gamma={gamma} must be between 1 and the q/k head dim ({max(widths)})")
-        if calibration is None:
-            calibration = [analysis.inputs if len(analysis.inputs) > 1 else analysis.inputs[0]]
-        rows, acc, energy = calibrate_qk(analysis, calibration, gamma, progress)
+        rows, acc, energy, *grams = calibrate_qk(analysis, calibration, gamma, progress, grams=exact)
         for site, r, a, e in zip(analysis.sites, rows, acc, energy):
-            scores[r.reshape(-1)] = a.reshape(-1)
+            scores.index_add_(0, r.reshape(-1), a.reshape(-1))  # a class may hold several channels (RoPE)
             heads[site.name] = e / e.sum().clamp_min(1e-30)
     for g in groups:
         if g.kind in ("v", "ffn"):
             scores[g.classes.reshape(-1)] = redundancy_scores(producer_rows(analysis, params, g.classes))
         elif g.kind == "residual":
             scores[g.classes] = residual_tss_average(analysis, params, g)[g.classes]
+    pair_grams = _by_group(analysis, grams[0]) if exact else {}
     if importance == "reverse":
-        return Scores(-scores, {k: -v for k, v in heads.items()})
-    return Scores(scores, heads)
+        return Scores(-scores, {k: -v for k, v in heads.items()}, pair_grams)
+    return Scores(scores, heads, pair_grams)
+
+
+def _by_group(analysis, grams) -> dict[str, torch.Tensor]:
+    """Per-site Gram products keyed by the prunable q/k group of the site."""
+    out = {}
+    for site, m in zip(analysis.sites, grams):
+        g = analysis.groups.get(f"{site.name}.qk")
+        if g is not None and g.prunable and tuple(m.shape[:2]) == tuple(g.classes.shape):
+            out[g.name] = m
+    return out

@@ -41,7 +41,7 @@ def _as_inputs(batch, n_inputs: int, names: list[str]):
 
 
 class _SiteReader(fx.Interpreter):
-    def __init__(self, gm, sites, heads_of, gamma, acc, energy):
+    def __init__(self, gm, sites, heads_of, gamma, acc, energy, grams=None, score=True):
         super().__init__(gm, garbage_collect_values=True)
         self.sites = {s.node: i for i, s in enumerate(sites) if s.operands is not None}
         self.site_list = sites
@@ -49,6 +49,8 @@ class _SiteReader(fx.Interpreter):
         self.gamma = gamma
         self.acc = acc
         self.energy = energy
+        self.grams = grams    # per site (heads, E, E): sum over slices of Gq * Gk (exact q/k selection)
+        self.score = score    # False: only the Gram products are wanted
 
     check_every_node = False  # set when a batch went non-finite, to name the node
 
@@ -66,25 +68,66 @@ class _SiteReader(fx.Interpreter):
             batch = torch.broadcast_shapes(q.shape[:-2], k.shape[:-2])
             q = q.expand(batch + q.shape[-2:]).reshape(-1, *q.shape[-2:])
             k = k.expand(batch + k.shape[-2:]).reshape(-1, *k.shape[-2:])
-            w, e = qk_pair_scores(q, k, self.gamma)
             head = self.heads_of(i, q.shape[0])
-            self.acc[i].index_add_(0, head, w.cpu())
-            self.energy[i].index_add_(0, head, e.cpu())
+            if self.score:
+                w, e = qk_pair_scores(q, k, self.gamma)
+                self.acc[i].index_add_(0, head, w.cpu())
+                self.energy[i].index_add_(0, head, e.cpu())
+            if self.grams is not None:
+                wq, wk = _valid_positions(self.site_list[i], args, kwargs, batch, q.shape[-2], k.shape[-2])
+                self.grams[i].index_add_(0, head, pair_gram_product(q, k, wq, wk).cpu())
         return out
 
 
-def calibrate_qk(analysis, calibration, gamma: int, progress: bool = True):
-    """Per site: summed pair scores (heads, E) and score energy (heads,)."""
+def _valid_positions(site, args, kwargs, batch, nq: int, nk: int):
+    """Query / key weights (P, N) from an SDPA attention mask, or None.
+
+    A key masked for every query carries no score; in self-attention (nq == nk)
+    such a position is padding, so its query row is ignored too."""
+    if site.kind != "sdpa":
+        return None, None
+    names = ["query", "key", "value", "attn_mask"]
+    got = dict(zip(names, args))
+    got.update(kwargs)
+    mask = got.get("attn_mask")
+    if not isinstance(mask, torch.Tensor):
+        return None, None
+    valid = mask if mask.dtype == torch.bool else mask > -1e3  # additive masks use large negatives
+    valid = valid.expand(batch + (nq, nk)).reshape(-1, nq, nk)
+    wk = valid.any(-2)
+    wq = valid.any(-1) & wk if nq == nk else valid.any(-1)
+    return wq, wk
+
+
+def pair_gram_product(q: torch.Tensor, k: torch.Tensor, wq=None, wk=None) -> torch.Tensor:
+    """(P, d, d): Gq * Gk (elementwise) with Gq = Q^T diag(wq) Q, Gk = K^T diag(wk) K per slice.
+
+    r^T (Gq * Gk) r = ||sum_i r_i Q_i K_i^T||_F^2 (over the weighted rows and
+    columns): the score change when the pairs marked by r are removed."""
+    qd, kd = q.double(), k.double()
+    gq = (qd * wq[..., None]).transpose(-1, -2) @ qd if wq is not None else qd.transpose(-1, -2) @ qd
+    gk = (kd * wk[..., None]).transpose(-1, -2) @ kd if wk is not None else kd.transpose(-1, -2) @ kd
+    return gq * gk
+
+
+def calibrate_qk(analysis, calibration, gamma: int, progress: bool = True, grams: bool = False,
+                 score: bool = True):
+    """Per site: summed pair scores (heads, E) and score energy (heads,).
+
+    ``grams=True`` also returns, per site, (heads, E, E) sums of Gq * Gk (see
+    ``pair_gram_product``) for exact q/k selection; ``score=False`` skips the SNP scores."""
     from ..analysis import _rows  # the same row order as the groups
 
     gm = analysis.gm
     placeholders = [n.target for n in gm.graph.nodes if n.op == "placeholder"]
     sites = analysis.sites
-    rows, acc, energy, pos_heads = [], [], [], []
+    rows, acc, energy, pos_heads, gram = [], [], [], [], []
     for s in sites:
         r = _rows(analysis.classes(s.q))
         rows.append(r)
         acc.append(torch.zeros(r.shape, dtype=torch.float64))
+        if grams:
+            gram.append(torch.zeros(r.shape + (r.shape[-1],), dtype=torch.float64))
         energy.append(torch.zeros(r.shape[0], dtype=torch.float64))
         # head index of every flattened batch position of the reduced labels
         lab = analysis.classes(s.q)
@@ -102,7 +145,7 @@ def calibrate_qk(analysis, calibration, gamma: int, progress: bool = True):
                            "use batches of the example inputs' size")
         return h[:period].repeat(p // period)
 
-    reader = _SiteReader(gm, sites, heads_of, gamma, acc, energy)
+    reader = _SiteReader(gm, sites, heads_of, gamma, acc, energy, gram if grams else None, score)
     try:
         from tqdm.auto import tqdm
         it = tqdm(calibration, desc="snp_fx calibration", disable=not progress, leave=False)
@@ -133,4 +176,6 @@ def calibrate_qk(analysis, calibration, gamma: int, progress: bool = True):
             n_batches += 1
     if n_batches == 0:
         raise SNPError("the calibration iterable is empty; give at least one batch")
+    if grams:
+        return rows, acc, energy, gram
     return rows, acc, energy

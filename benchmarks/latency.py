@@ -1,0 +1,169 @@
+"""Speed of pruned DeiTs on CPU, dense and pruned timed side by side, and torch-pruning at equal MACs.
+
+    python benchmarks/latency.py [--models deit_tiny_patch16_224 ...] [--repeats 8] [--threads 2] [--quick]
+
+Per model (timm, random init) the rows are:
+  (a) snp_fx with the SNP authors' config ("DeiT_t", "DeiT_s", "DeiT_s_small", "DeiT_b"),
+  (b) snp_fx with target_macs = the same GMACs, round_to=8,
+  (c) DeiT-B only: target_macs=3.5e9 with whole heads allowed (heads=True), round_to=8,
+  (d) torch-pruning (PyPI) with its timm ViT recipe (examples/transformers/prune_timm_vit.py:
+      BasePruner, L1 GroupMagnitudeImportance, uniform ratio, head dims pruned, classifier
+      ignored), its ratio bisected until the MACs match row (a) / (c) within 1%.
+fp32, 2 threads (--threads), eval + inference_mode, batch 1 and 16 at 224x224.  The dense model and every
+pruned variant of it are timed in turns in one process (snp_fx.report.time_interleaved), so
+the speedups (dense time / pruned time) hold even when the machine is shared.
+Writes benchmarks/results/latency.json.
+"""
+import argparse
+import copy
+
+import timm
+import torch
+import torch_pruning as tp
+from timm.models.vision_transformer import Attention
+
+import snp_fx
+from snp_fx.report import count_macs, time_interleaved
+from torch.profiler import ProfilerActivity, profile
+
+from common import report
+
+# The authors' configs per model, with the GMACs they are published at.
+CONFIGS = {
+    "deit_tiny_patch16_224": [("DeiT_t", 0.64)],
+    "deit_small_patch16_224": [("DeiT_s", 2.04), ("DeiT_s_small", 1.27)],
+    "deit_base_patch16_224": [("DeiT_b", 6.32)],
+}
+HEADS_BUDGET = {"deit_base_patch16_224": 3.5}  # row (c): whole heads may go
+# Speedups the SNP paper reports on a server CPU (Xeon 4210R), by (model, GMACs).
+PAPER = {("deit_small_patch16_224", 2.04): 1.38, ("deit_small_patch16_224", 1.27): 1.60,
+         ("deit_base_patch16_224", 6.32): 1.89, ("deit_base_patch16_224", 3.5): 2.65}
+
+
+def tp_prune(dense, x, ratio):
+    """torch-pruning's timm ViT recipe at one uniform pruning ratio (a pruned copy of ``dense``)."""
+    model = copy.deepcopy(dense)
+    num_heads = {m.qkv: m.num_heads for m in model.modules() if isinstance(m, Attention)}
+    pruner = tp.pruner.BasePruner(
+        model, x, importance=tp.importance.GroupMagnitudeImportance(p=1), global_pruning=False,
+        pruning_ratio=ratio, ignored_layers=[model.head], num_heads=num_heads,
+        prune_num_heads=False, prune_head_dims=True, round_to=1)
+    for group in pruner.step(interactive=True):
+        group.prune()
+    # The recipe then fixes the heads' bookkeeping.  It also replaces Attention.forward, because
+    # old timm reshaped to the input width; timm >= 1.0 reshapes to self.attn_dim (and Block now
+    # passes attn_mask=, which the recipe's forward(self, x) would reject), so setting attn_dim
+    # is the equivalent.  Like the recipe, self.scale is left at the dense 1/sqrt(head_dim), but
+    # the fused path calls SDPA without scale=, so it uses 1/sqrt(pruned head_dim): a changed
+    # softmax temperature (an accuracy matter only, the cost is the same).
+    for m in model.modules():
+        if isinstance(m, Attention):
+            m.num_heads = pruner.num_heads[m.qkv]
+            m.head_dim = m.qkv.out_features // (3 * m.num_heads)
+            m.attn_dim = m.num_heads * m.head_dim
+    return model.eval()
+
+
+def tp_matching(dense, x, target, tol=0.01):
+    """Bisect torch-pruning's ratio until count_macs is within ``tol`` of ``target``."""
+    lo, hi, best = 0.0, 0.95, None
+    for _ in range(20):
+        r = (lo + hi) / 2
+        model = tp_prune(dense, x, r)
+        macs = count_macs(model, (x,))
+        if best is None or abs(macs - target) < abs(best[1] - target):
+            best = (model, macs, r)
+        if abs(macs / target - 1) <= tol:
+            break
+        lo, hi = (r, hi) if macs > target else (lo, r)
+    return best
+
+
+@torch.inference_mode()
+def fused_attention(model, x):
+    """"k/n": how many of the n attention calls run torch's fused CPU kernel.
+
+    The CPU flash kernel needs q, k and v of one head width; otherwise SDPA falls back to
+    its unfused math path (bmm, softmax, and copies of q, k, v and the output).
+    """
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        model(x)
+    names = [e.name for e in prof.events()]
+    fused = names.count("aten::_scaled_dot_product_flash_attention_for_cpu")
+    return f"{fused}/{names.count('aten::scaled_dot_product_attention')}"
+
+
+def variants(name, dense, x, quick):
+    """[(label, budget, pruned model, paper speedup or None)] for one dense model."""
+    out = []
+    configs = CONFIGS[name][:1] if quick else CONFIGS[name]
+    for cfg, g in configs:
+        a = snp_fx.prune(dense, x, ratios=cfg, progress=False)
+        out.append((f"snp_fx `{cfg}` config", g, a, PAPER.get((name, g))))
+        b = snp_fx.prune(dense, x, target_macs=g * 1e9, round_to=8, progress=False)
+        out.append((f"snp_fx target {g}G, round_to 8", g, b, PAPER.get((name, g))))
+        model, _, r = tp_matching(dense, x, count_macs(a, (x,)))
+        out.append((f"torch-pruning L1 uniform r={r:.3f}", g, model, None))
+    if name in HEADS_BUDGET and not quick:
+        g = HEADS_BUDGET[name]
+        c = snp_fx.prune(dense, x, target_macs=g * 1e9, round_to=8, heads=True, progress=False)
+        out.append((f"snp_fx target {g}G + heads, round_to 8", g, c, PAPER.get((name, g))))
+        model, _, r = tp_matching(dense, x, count_macs(c, (x,)))
+        out.append((f"torch-pruning L1 uniform r={r:.3f}", g, model, None))
+    return out
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--models", nargs="+", default=list(CONFIGS))
+    ap.add_argument("--repeats", type=int, default=8, help="timed turns at batch 16 (3x at batch 1)")
+    ap.add_argument("--quick", action="store_true", help="first config per model, no heads row, 2 repeats")
+    ap.add_argument("--threads", type=int, default=2)
+    args = ap.parse_args()
+    if args.quick:
+        args.repeats = 2
+    torch.set_num_threads(args.threads)
+    rows = []
+    for name in args.models:
+        if name not in CONFIGS:
+            raise SystemExit(f"--models: {name} has no SNP config; choose from {list(CONFIGS)}")
+        torch.manual_seed(0)
+        dense = timm.create_model(name, pretrained=False).eval()
+        x1 = torch.randn(1, 3, 224, 224)
+        vs = variants(name, dense, x1, args.quick)
+        dense_macs = count_macs(dense, (x1,))
+        models = {"dense": dense, **{i: m for i, (_, _, m, _) in enumerate(vs)}}
+        with torch.inference_mode():
+            for i, (label, _, m, _) in enumerate(vs):
+                y = m(x1)
+                if y.shape != (1, 1000) or not torch.isfinite(y).all():
+                    raise RuntimeError(f"{name} / {label}: bad output {tuple(y.shape)}")
+        times = {}
+        for batch, reps in ((1, 3 * args.repeats), (16, args.repeats)):
+            xb = torch.randn(batch, 3, 224, 224)
+            times[batch] = time_interleaved(models, (xb,), repeats=reps, warmup=2)
+        tp_ms = {budget: times[16][i] for i, (label, budget, _, _) in enumerate(vs) if label.startswith("torch-pruning")}
+        for i, (label, budget, m, paper) in enumerate(vs):
+            vs_tp = times[16][i] / tp_ms[budget] if budget in tp_ms and not label.startswith("torch-pruning") else None
+            macs = count_macs(m, (x1,))
+            ratio = dense_macs / macs
+            s1, s16 = times[1]["dense"] / times[1][i], times[16]["dense"] / times[16][i]
+            rows.append({"model": name, "variant": label, "budget_gmacs": budget, "dense_gmacs": dense_macs / 1e9,
+                         "pruned_gmacs": macs / 1e9, "macs_ratio": ratio,
+                         "dense_ms_b1": times[1]["dense"] * 1e3, "pruned_ms_b1": times[1][i] * 1e3,
+                         "dense_ms_b16": times[16]["dense"] * 1e3, "pruned_ms_b16": times[16][i] * 1e3,
+                         "speedup_b1": s1, "speedup_b16": s16, "speedup_over_macs_b16": s16 / ratio,
+                         "time_vs_torch_pruning_b16": vs_tp, "vs_tp": "-" if vs_tp is None else f"{vs_tp:.2f}",
+                         "fused_attention": fused_attention(m, x1), "threads": args.threads,
+                         "paper_speedup": paper, "paper": "-" if paper is None else f"{paper:.2f}x"})
+            print(f"{name} | {label}: {macs / 1e9:.3f} GMACs, speedup b1 {s1:.2f}x, b16 {s16:.2f}x", flush=True)
+    report("latency", [("model", "model", ""), ("variant", "variant", ""), ("budget (G)", "budget_gmacs", ".2f"),
+                       ("MACs dense (G)", "dense_gmacs", ".3f"), ("MACs pruned (G)", "pruned_gmacs", ".3f"),
+                       ("MACs ratio", "macs_ratio", ".2f"), ("speedup b1", "speedup_b1", ".2f"),
+                       ("speedup b16", "speedup_b16", ".2f"), ("b16 speedup / MACs ratio", "speedup_over_macs_b16", ".2f"),
+                       ("b16 time / torch-pruning's", "vs_tp", ""), ("fused attention", "fused_attention", ""),
+                       ("paper (Xeon 4210R)", "paper", "")], rows)
+
+
+if __name__ == "__main__":
+    main()
