@@ -296,8 +296,10 @@ class _Propagator(fx.Interpreter):
     def rule_reduce(self, n, key, args, kwargs, result):
         lab = self.lab(n.args[0])
         x = args[0]
-        dim = kwargs.get("dim", args[1] if len(args) > 1 and not isinstance(args[1], bool) else None)
-        keepdim = kwargs.get("keepdim", args[2] if len(args) > 2 and isinstance(args[2], bool) else False)
+        first = 2 if key in ("norm", "linalg_vector_norm") else 1  # norm(x, p, dim, keepdim)
+        dim = kwargs.get("dim", args[first] if len(args) > first and not isinstance(args[first], bool) else None)
+        keepdim = kwargs.get("keepdim", args[first + 1] if len(args) > first + 1 and isinstance(args[first + 1], bool)
+                             else False)
         dims = list(range(x.dim())) if dim is None else ([dim] if isinstance(dim, int) else list(dim))
         dims = [d % x.dim() for d in dims]
         var = L.varying_dims(lab)

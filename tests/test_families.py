@@ -15,6 +15,7 @@ SMALL = {  # name -> (create_model kwargs, input size, sites)
     "eva02_tiny_patch14_224": (dict(img_size=56, depth=2), 56, 2),            # interleaved RoPE pairs
     "vit_small_patch16_rope_224": (dict(img_size=64, depth=2), 64, 2),        # rotate-half RoPE
     "qwen3_vit_88m": (dict(depth=2, embed_dim=128, num_heads=4), 64, 2),     # RoPE table as [sin | cos]
+    "xcit_nano_12_p16_224": (dict(img_size=64, depth=2), 64, 2),             # F.normalize, vector norms
     "swinv2_tiny_window8_256": (dict(img_size=64, depths=(1, 1), num_heads=(2, 4), embed_dim=32, window_size=4), 64, 2),
 }
 
