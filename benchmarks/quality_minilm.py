@@ -287,8 +287,8 @@ def main():
     dense_count = count_macs(a.gm, a.inputs)
     for frac in targets:
         for label, sc, comp in [(lab, s, False) for lab, s in base if lab not in ("gm", "reverse")] + [("exact", exact, False),
-                                                                       ("exact +comp (best)", exact, True),
-                                                                       ("l2 +exact +comp", Scores(l2.classes, {}, exact.pair_grams), True)]:
+                                                                       ("snp +exact +comp", exact, True),
+                                                                       ("l2 +exact +comp (preset best)", Scores(l2.classes, {}, exact.pair_grams), True)]:
             measure("macs", frac, label, plan_for_target(a, sc, target_macs=frac), comp=comp)
         # torch-pruning: one uniform ratio over q/k/v head dims and FFN, solved for the same MACs
         t = time.perf_counter()
@@ -310,7 +310,7 @@ def main():
     for r in [x for x in ratios if x in (0.3, 0.5, 0.7)] or ratios[:1]:
         measure("qk+v", r, "snp (g=2)", make_plan(a, {"qk": r, "v": r}, snp_plain))
         measure("qk+v", r, "l2", make_plan(a, {"qk": r, "v": r}, l2))
-        measure("qk+v", r, "exact +comp (best)", make_plan(a, {"qk": r, "v": r}, exact), comp=True)
+        measure("qk+v", r, "snp +exact +comp", make_plan(a, {"qk": r, "v": r}, exact), comp=True)
         t = time.perf_counter()
         tp_gm, _ = tp_prune(model, cal[0], r, ffn=False)
         m = evaluate(tp_gm, ev, dense)

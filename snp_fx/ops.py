@@ -70,6 +70,8 @@ FUNCTION_KINDS = {
     "linear": "linear", "layer_norm": "layer_norm", "group_norm": "group_norm",
     "batch_norm": "batch_norm", "conv1d": "conv", "conv2d": "conv", "embedding": "embedding",
     "pad": "pad", "constant_pad_nd": "pad", "addmm": "addmm",
+    "avg_pool2d": "pool", "max_pool2d": "pool", "adaptive_avg_pool2d": "pool", "adaptive_avg_pool1d": "pool",
+    "avg_pool1d": "pool", "_adaptive_avg_pool2d": "pool",
 }
 
 MODULE_KINDS: list[tuple[type, str]] = [
