@@ -84,7 +84,7 @@ def estimate_macs(analysis, keep: torch.Tensor) -> int:
             total += math.prod(new(n.name)) * con
         elif kind == "sdpa":
             q, k, v = (new(a.name) for a in n.args[:3])
-            total += math.prod(q[:-1]) * k[-2] * 2 * max(q[-1], v[-1])  # the rewrite pads to one width
+            total += math.prod(q[:-1]) * k[-2] * (q[-1] + v[-1])
     return total
 
 

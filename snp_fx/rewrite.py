@@ -503,26 +503,17 @@ class _Rewriter:
         new.args = (new.args[0], new_idx if isinstance(node.args[1], tuple) else new_idx[0])
 
     def fix_sdpa(self, node, new):
-        names = ["query", "key", "value"]
-        q, k, v = (node.args[i] if len(node.args) > i else node.kwargs[n] for i, n in enumerate(names))
+        q = node.args[0] if node.args else node.kwargs["query"]
         old_e = self.a.shapes[q.name][-1]
-        e_qk, e_v = self.sizes_of(q)[-1], self.sizes_of(v)[-1]
-        if e_qk != old_e and not (len(node.args) > 6 or node.kwargs.get("scale") is not None):
-            new.kwargs = {**new.kwargs, "scale": old_e ** -0.5}  # an explicit scale stays as it is
-        if e_qk == e_v:
+        new_e = self.sizes_of(q)[-1]
+        if new_e == old_e:
             return
-        # torch's fused attention kernels need one head width for q, k and v: zero-pad the
-        # narrower side (zero q/k columns add nothing to q k^T; zero v columns are cut off after)
-        width = max(e_qk, e_v)
-        g = self.graph
-        with g.inserting_before(new):
-            repl = {self.env[n]: g.call_function(torch.nn.functional.pad, (self.env[n], (0, width - e)))
-                    for n, e in ((q, e_qk), (k, e_qk), (v, e_v)) if e < width}
-        new.args = fx.node.map_arg(new.args, lambda n: repl.get(n, n))
-        new.kwargs = fx.node.map_arg(new.kwargs, lambda n: repl.get(n, n))
-        if e_v < width:
-            with g.inserting_after(new):
-                self.env[node] = g.call_function(operator.getitem, (new, (Ellipsis, slice(0, e_v))))
+        if len(node.args) > 6 or node.kwargs.get("scale") is not None:
+            return  # an explicit scale stays as it is
+        kw = dict(new.kwargs)
+        kw["scale"] = old_e ** -0.5
+        new.kwargs = kw
+
 
 def _get_attr(gm, target):
     obj = gm

@@ -107,9 +107,8 @@ def test_deit_small_shapes_flops_params():
     assert pruned.get_submodule("blocks.0.attn.proj").weight.shape == (r, 6 * 48)
     assert pruned.get_submodule("blocks.0.attn.qkv").weight.shape == (6 * (32 + 32 + 48), r)
     assert pruned.head.weight.shape == (1000, r)
-    # MACs predicted by hand from the widths (linear layers + attention products + patch embed);
-    # SDPA runs q/k zero-padded to v's width (one head width keeps torch's fused kernel)
+    # MACs predicted by hand from the widths (linear layers + attention products + patch embed)
     n, d, h, e, ev, f = 197, r, 6, 32, 48, round(1536 * 0.7)
-    per_block = n * d * h * (2 * e + ev) + h * n * n * ev + h * n * n * ev + n * h * ev * d + 2 * n * d * f
+    per_block = n * d * h * (2 * e + ev) + h * n * n * e + h * n * n * ev + n * h * ev * d + 2 * n * d * f
     predicted = 12 * per_block + 196 * 3 * 16 * 16 * d + d * 1000
     assert count_macs(pruned, (x,)) == pytest.approx(predicted, rel=1e-3)
