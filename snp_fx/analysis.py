@@ -359,27 +359,26 @@ class _Propagator(fx.Interpreter):
             data_args[0] = L.expand(lab0, args[0].shape)
         else:
             return self.full(NONE, result)
-        try:
-            if key in ("view", "_unsafe_view") and not isinstance(data_args[1], torch.dtype):
-                out = data_args[0].reshape(*data_args[1:], **kwargs)  # labels need not be contiguous
-            elif n.op == "call_method":
-                out = getattr(data_args[0], n.target)(*data_args[1:], **kwargs)
-            elif n.op == "call_module":
-                out = self.modules[n.target](data_args[0])
-            else:
-                out = n.target(*data_args, **kwargs)
-        except Exception as e:  # noqa: BLE001 - any failure means we do not understand it
-            reason = f"{n.name}: `{key}` could not be followed on labels ({e})"
-            self.freeze_all(n, reason)
-            return self.frozen_output(result, reason)
-        return _map_struct(out, lambda t: L.reduce(t) if isinstance(t, torch.Tensor) else None)
+        if key in ("view", "_unsafe_view") and not isinstance(data_args[1], torch.dtype):
+            fn = lambda: data_args[0].reshape(*data_args[1:], **kwargs)  # noqa: E731 - labels need not be contiguous
+        elif n.op == "call_method":
+            fn = lambda: getattr(data_args[0], n.target)(*data_args[1:], **kwargs)  # noqa: E731
+        elif n.op == "call_module":
+            fn = lambda: self.modules[n.target](data_args[0])  # noqa: E731
+        else:
+            fn = lambda: n.target(*data_args, **kwargs)  # noqa: E731
+        return self.on_labels(n, key, fn, result)
 
     def rule_wrapped(self, n, key, args, kwargs, result):
         """A python function that only moves data (probed): run it on the labels of every tensor."""
         data_args = [L.expand(self.lab(a), x.shape) if isinstance(x, torch.Tensor) else x
                      for a, x in zip(n.args, args)]
+        return self.on_labels(n, key, lambda: n.target(*data_args, **kwargs), result)
+
+    def on_labels(self, n, key, fn, result):
+        """Labels of the result of ``fn`` (the op run on label tensors); frozen if it cannot run."""
         try:
-            out = n.target(*data_args, **kwargs)
+            out = fn()
         except Exception as e:  # noqa: BLE001 - any failure means we do not understand it
             reason = f"{n.name}: `{key}` could not be followed on labels ({e})"
             self.freeze_all(n, reason)
