@@ -28,7 +28,7 @@ from snp_fx.report import attention_scores, count_macs, estimate_macs
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from common import report  # noqa: E402
 from digits import accuracy, data, trained_model  # noqa: E402
-from quality_minilm import plots  # noqa: E402
+from quality_minilm import criterion_sweeps, plots  # noqa: E402
 
 warnings.filterwarnings("ignore")
 
@@ -103,14 +103,7 @@ def main():
 
     base = [("snp (g=2)", snp_plain), ("l2", l2), ("gm", gm)] + \
         [(f"random s{s}", r) for s, r in rnd.items()] + [("reverse", reverse)]
-    for r in ratios:
-        for label, sc in base[:1] + [("snp (g=4)", snp4)] + base[1:] + [("exact", exact)]:
-            measure("qk", r, label, make_plan(a, {"qk": r}, sc))
-    for r in ratios:
-        for label, sc in base:
-            measure("v", r, label, make_plan(a, {"v": r}, sc))
-        for label, sc in base[:3] + base[3:4]:
-            measure("v", r, label + " +comp", make_plan(a, {"v": r}, sc), comp=True)
+    criterion_sweeps(a, measure, ratios, base, snp4, exact, base[:4])
     for r in [x for x in ratios if x in (0.3, 0.5, 0.7)]:
         measure("qk+v", r, "snp (g=2)", make_plan(a, {"qk": r, "v": r}, snp_plain))
         measure("qk+v", r, "l2", make_plan(a, {"qk": r, "v": r}, l2))

@@ -275,14 +275,7 @@ def main():
     dense_macs = estimate_macs(a, torch.ones(a.space.next_id, dtype=torch.bool))
     base = [("snp (g=2)", snp_plain), ("l2", l2), ("gm", gm)] + \
         [(f"random s{s}", r) for s, r in rnd.items()] + [("reverse", reverse)]
-    for r in ratios:
-        for label, sc in base[:1] + [("snp (g=4)", snp4)] + base[1:] + [("exact", exact)]:
-            measure("qk", r, label, make_plan(a, {"qk": r}, sc))
-    for r in ratios:
-        for label, sc in base:
-            measure("v", r, label, make_plan(a, {"v": r}, sc))
-        for label, sc in base[:2] + base[3:4]:
-            measure("v", r, label + " +comp", make_plan(a, {"v": r}, sc), comp=True)
+    criterion_sweeps(a, measure, ratios, base, snp4, exact, base[:2] + base[3:4])
     targets = [t for t in (0.7, 0.5, 0.35) if str(t) in args.targets.split(",")]
     dense_count = count_macs(a.gm, a.inputs)
     for frac in targets:
@@ -351,6 +344,20 @@ def v_score_analysis(a, snp, l2, gm, stats, consumers):
         for name, sc in (("snp", snp), ("l2", l2), ("gm", gm)):
             out[name].append(float(spearmanr(sc.classes[in_cls].numpy(), cost.numpy()).statistic))
     return {k: round(sum(v) / len(v), 3) for k, v in out.items() if v}
+
+
+def criterion_sweeps(a, measure, ratios, base, snp4, exact, compensated):
+    """q/k alone and v alone at each ratio, for every criterion (shared with quality_digits.py).
+
+    ``base``: (label, scores) pairs; ``compensated``: those also measured with compensate=True on v."""
+    for r in ratios:
+        for label, sc in base[:1] + [("snp (g=4)", snp4)] + base[1:] + [("exact", exact)]:
+            measure("qk", r, label, make_plan(a, {"qk": r}, sc))
+    for r in ratios:
+        for label, sc in base:
+            measure("v", r, label, make_plan(a, {"v": r}, sc))
+        for label, sc in compensated:
+            measure("v", r, label + " +comp", make_plan(a, {"v": r}, sc), comp=True)
 
 
 def plots(rows, name, title, ylabel="embedding cosine"):
