@@ -323,6 +323,9 @@ class _Rewriter:
                 self.skip.add(user)
                 break
             moved = _track_dim(ukey, user, pos, rank)
+            if moved is None and ukey in ("reshape", "view"):  # a reshape that leaves the slot dim alone
+                before, after = self.a.shapes[cur.name], self.a.shapes[user.name]
+                moved = (pos, len(after)) if tuple(before[:pos + 1]) == tuple(after[:pos + 1]) else None
             if moved is None:
                 return False
             pos, rank = moved
@@ -354,7 +357,10 @@ class _Rewriter:
                 sizes = [part_shapes[i][d] if d in var else mapped[d] for d in range(len(shape))]
                 cur_new = self.graph.call_method("reshape", (part, *sizes))
             for c in chain:
-                cur_new = self.graph.create_node(c.op, c.target, (cur_new, *c.args[1:]), dict(c.kwargs))
+                rest = fx.node.map_arg((c.args[1:], dict(c.kwargs)), self.early)
+                cur_new = self.graph.create_node(c.op, c.target, (cur_new, *rest[0]), rest[1])
+                if ops.op_key(c, self.modules) in ("reshape", "view"):
+                    self.slot_sizes(c, cur_new, pos, i)
             outs.append(self.graph.call_method("squeeze", (cur_new, pos)))
         self.env[node] = split
         self.fused.add(node)
@@ -363,6 +369,32 @@ class _Rewriter:
             self.env[user] = outs[i]
             self.skip.add(user)
         return True
+
+    def early(self, n: fx.Node) -> fx.Node:
+        """``n`` in the new graph, copied ahead of its turn if it is size arithmetic
+        (``B * heads``) that a rebuilt chain needs before the graph reaches it."""
+        if n in self.env:
+            return self.env[n]
+        if n.op not in ("call_function", "call_method") or self.a.shapes.get(n.name) is not None:
+            raise Irregular(f"fused qkv chain needs `{n.name}` before it is computed")
+        self.env[n] = self.graph.node_copy(n, self.early)
+        self.skip.add(n)
+        return self.env[n]
+
+    def slot_sizes(self, node, new, pos, i):
+        """Sizes of a reshape in a fused-qkv chain, rebuilt for slot ``i`` alone."""
+        lab = self.a.labels[node.name].narrow(pos, i, 1) if self.a.labels[node.name].shape[pos] > 1 \
+            else self.a.labels[node.name]
+        shape = list(self.a.shapes[node.name])
+        shape[pos] = 1
+        sizes = self.new_sizes(lab, shape)
+        orig, setter = _size_list(node)
+        if len(orig) != len(shape):
+            raise Irregular(f"reshape with {len(orig)} sizes for a {len(shape)}-d result")
+        mapped = [fx.node.map_arg(a, self.early) for a in orig]
+        old = self.a.shapes[node.name]
+        setter(new, [1 if d == pos else self.size_arg(new, m, o, sizes[d], old[d], lab.shape[d] > 1)
+                     for d, (m, o) in enumerate(zip(mapped, orig))])
 
     def _slot_index(self, user, pos, rank):
         """i if ``user`` takes slot i of dim ``pos`` (select(pos, i) or x[i] at pos 0), else None."""
