@@ -274,15 +274,16 @@ class _Propagator(fx.Interpreter):
         rank = len(out_shape)
         fulls, bcast = [], []
         for lab, shape in pairs:
-            f = L.expand(lab, shape)
-            f = f.reshape((1,) * (rank - f.dim()) + tuple(f.shape))
+            f = lab.reshape((1,) * (rank - lab.dim()) + tuple(lab.shape))
             shape = (1,) * (rank - len(shape)) + tuple(shape)
             bcast.append({d for d in range(rank) if shape[d] == 1 and out_shape[d] > 1})
             fulls.append(L.reduce(f))
-        out = L.expand(fulls[0], out_shape)
+        # work at the size where some labels vary, not the real size (attention scores are big)
+        work = torch.broadcast_shapes(*[f.shape for f in fulls])
+        out = L.expand(fulls[0], work)
         out_b = bcast[0]
         for f, b in zip(fulls[1:], bcast[1:]):
-            other = L.expand(f, out_shape)
+            other = L.expand(f, work)
             var_out = set(L.varying_dims(L.reduce(out)))
             var_f = set(L.varying_dims(f))
             other_shared = bool(b & var_out) and not (var_f & var_out)

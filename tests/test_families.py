@@ -1,6 +1,6 @@
 """Transformer families beyond plain ViTs (small configs, random init): rotary embeddings (timm
 EVA-02, ViT-RoPE, Qwen3-ViT), cosine attention (Swin V2), relative-position tables contracted with q
-(BoTNet, SAM), nn.MultiheadAttention (torchvision's ViT).
+(BoTNet, SAM), heads inside the head dim (NesT), nn.MultiheadAttention (torchvision's ViT).
 
 Each must find every attention site, prune q/k, v, FFN, heads and residual, and equal the masked
 original (the zoo sweep, benchmarks/zoo.py, runs the full-size variants)."""
@@ -89,6 +89,21 @@ def test_head_shared_rel_pos_table_couples_heads():
     q0 = a.gm.get_parameter("blocks.0.attn.qkv.weight")[:64].reshape(4, 16, -1)
     q1 = pruned.get_parameter("blocks.0.attn.qkv.weight")[:4 * len(kept)].reshape(4, len(kept), -1)
     assert torch.equal(q1, q0[:, kept])
+
+
+def test_nest_heads_inside_head_dim():
+    """NesT merges heads as (head_dim, heads): the kept v channels of each head are interleaved across
+    heads, so the rewrite gathers them back into the order the projection's columns are sliced in."""
+    from timm.models.nest import Nest
+    torch.manual_seed(0)
+    model = _randomize(Nest(img_size=32, patch_size=4, num_levels=2, embed_dims=(32, 64), num_heads=(2, 4),
+                            depths=(1, 1), num_classes=5).eval())
+    a = snp_fx.analyze(model, torch.randn(2, 3, 32, 32))
+    assert len(a.prunable("qk")) == 2 and len(a.prunable("v")) == 2, str(a)
+    for seed in (0, 1):
+        pruned, _ = check_mask_equivalence(a, {"qk": 0.5, "v": 0.5, "ffn": 0.3, "heads": 0.5 * seed,
+                                               "residual": 0.25 * seed}, seed)
+    assert any(n.startswith("snp_order_") for n, _ in pruned.named_buffers())
 
 
 def test_torchvision_vit_multihead_attention():
