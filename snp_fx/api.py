@@ -144,6 +144,8 @@ def plan(model, example_inputs, ratios=None, importance: str = "snp", analysis: 
     else:
         p = make_plan(a, ratios, sc, round_to=round_to)
     p.meta.update(importance=importance, gamma=gamma, selection=selection)
+    for site, why in p.meta.get("heads_kept", {}).items():
+        warnings.warn(f"snp_fx: heads of {site} kept: {why}", stacklevel=2)
     p.scores = sc
     return p
 

@@ -133,6 +133,7 @@ def make_plan(analysis: Analysis, ratios: dict, scores, round_to: int = 1) -> Pr
         return _round_width(k, g.width, round_to) if ratio_for(g) > 0 else k
 
     plan: dict[str, dict] = {}
+    heads_kept: dict[str, str] = {}  # site -> why its heads stay although a heads ratio was asked for
     by_site: dict[str, dict[str, Group]] = {}
     for g in analysis.groups.values():
         if g.site:
@@ -145,6 +146,8 @@ def make_plan(analysis: Analysis, ratios: dict, scores, round_to: int = 1) -> Pr
         heads_ratio = float(ratios.get(heads_key, 0.0))
         kept_heads = list(range(qk.heads))
         can_drop_heads = qk.prunable and (v is not None and v.prunable and v.heads == qk.heads)
+        if heads_ratio > 0 and not can_drop_heads and qk.heads * (v.heads if v is not None else 1) > 1:
+            heads_kept[site] = _why_heads_stay(qk, v)
         if heads_ratio > 0 and can_drop_heads:
             n_keep = _keep_count(qk.heads, heads_ratio, f"heads of {site}", strict=heads_key != "heads")
             head_score = head_scores.get(site)
@@ -165,7 +168,21 @@ def make_plan(analysis: Analysis, ratios: dict, scores, round_to: int = 1) -> Pr
         if g.site or not g.prunable:
             continue
         plan[g.name] = {"kind": g.kind, "keep": _topk_sorted(scores[g.classes], count(g))}
-    return PruningPlan(plan, meta={"ratios": {k: float(v) for k, v in ratios.items()}})
+    meta = {"ratios": {k: float(v) for k, v in ratios.items()}}
+    if heads_kept:
+        meta["heads_kept"] = heads_kept
+    return PruningPlan(plan, meta=meta)
+
+
+def _why_heads_stay(qk: Group, v: Group | None) -> str:
+    if not qk.prunable:
+        return f"q/k is not prunable ({qk.reason})"
+    if v is None or not v.prunable:
+        return "v is not prunable" + (f" ({v.reason})" if v is not None else "")
+    if qk.heads == 1:
+        return "the heads share their q/k channels (a table shared by the heads, e.g. relative positions, " \
+               "is contracted with q), so no head can go alone"
+    return f"q/k has {qk.heads} head rows and v {v.heads}"
 
 
 def keep_mask(analysis: Analysis, plan: PruningPlan) -> torch.Tensor:
