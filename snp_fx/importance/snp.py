@@ -30,7 +30,11 @@ def qk_pair_scores(q: torch.Tensor, k: torch.Tensor, gamma: int) -> tuple[torch.
     gq = (q.transpose(-1, -2) @ q).double()  # the N-long sums in the input precision: the hot part
     gk = (k.transpose(-1, -2) @ k).double()
     lq, info = torch.linalg.cholesky_ex(gq)
-    bad = info != 0
+    d = gq.shape[-1]
+    # Q^T Q is singular with fewer tokens than dims, and numerically so when Q is ill conditioned
+    # (the Cholesky then "succeeds" on rounding noise): those slices take the direct path
+    diag = torch.diagonal(lq, dim1=-2, dim2=-1).abs()
+    bad = (info != 0) | (diag.amin(-1) <= 1e-3 * diag.amax(-1)) | (min(q.shape[-2], k.shape[-2]) < d)
     if bool(bad.all()):
         return _direct_scores(q, k, gamma)
     rq = lq.transpose(-1, -2)
@@ -38,8 +42,7 @@ def qk_pair_scores(q: torch.Tensor, k: torch.Tensor, gamma: int) -> tuple[torch.
         rq = torch.where(bad[:, None, None], torch.eye(rq.shape[-1], dtype=rq.dtype).expand_as(rq), rq)
     m = rq @ gk @ rq.transpose(-1, -2)
     m = (m + m.transpose(-1, -2)) / 2
-    evals, evecs = torch.linalg.eigh(m.float())        # ascending; float32 halves the cost
-    evals, evecs = evals.double(), evecs.double()
+    evals, evecs = torch.linalg.eigh(m)                # ascending; s_j^2 spans twice the exponents of s_j
     g = min(gamma, evals.shape[-1])
     top = evecs[..., :, -g:].flip(-1)                  # (P, d, g)
     sig = evals[..., -g:].flip(-1).clamp_min(0).sqrt()  # (P, g)
