@@ -171,8 +171,8 @@ class _Propagator(fx.Interpreter):
         key = ops.op_key(n, self.modules)
         kind = ops.kind_of(key)
         in_labs = [x for x in _flat_labels(self.lab(list(n.args) + list(n.kwargs.values())))]
-        if not in_labs and kind not in ("linear", "embedding", "conv", "conv_transpose", "layer_norm", "batch_norm",
-                                        "group_norm", "addmm"):
+        if not in_labs and kind not in ("linear", "embedding", "conv", "conv_transpose", "convolution", "layer_norm",
+                                        "batch_norm", "group_norm", "addmm"):
             # pure python / shape arithmetic, or tensor factories
             if kind == "factory" and isinstance(result, torch.Tensor):
                 return self.frozen_output(result, f"{n.name}: `{key}` makes a tensor of literal size", soft=True)
@@ -561,7 +561,7 @@ class _Propagator(fx.Interpreter):
         else:  # F.conv2d / aten.conv2d(x, weight, bias, stride, padding, dilation, groups)
             wn = n.args[1] if len(n.args) > 1 else n.kwargs.get("weight")
             bn = n.args[2] if len(n.args) > 2 else n.kwargs.get("bias")
-            groups = args[6] if len(args) > 6 else kwargs.get("groups", 1)
+            groups = _conv_groups(key, args, kwargs)
             if not (isinstance(wn, fx.Node) and wn.op == "get_attr") or (
                     bn is not None and not (isinstance(bn, fx.Node) and bn.op == "get_attr")):
                 reason = f"{n.name}: conv with computed parameters"
@@ -607,6 +607,11 @@ class _Propagator(fx.Interpreter):
         self.producers.append((n.target + ".weight", out_ids))
         return out.reshape((1, -1) + (1,) * (result.dim() - 2))
 
+    def rule_convolution(self, n, key, args, kwargs, result):
+        """Core ATen convolution(x, weight, bias, stride, padding, dilation, transposed, output_padding, groups)."""
+        rule = self.rule_conv_transpose if args[6] else self.rule_conv
+        return rule(n, key, args, kwargs, result)
+
     def rule_conv_transpose(self, n, key, args, kwargs, result):
         """ConvTranspose / conv_transpose{1,2}d: weight (in, out / groups, k...), dim 1 makes the channels."""
         x_lab = self.lab(n.args[0])
@@ -617,7 +622,7 @@ class _Propagator(fx.Interpreter):
         else:  # aten / F.conv_transpose2d(x, weight, bias, stride, padding, output_padding, groups, dilation)
             wn = n.args[1] if len(n.args) > 1 else n.kwargs.get("weight")
             bn = n.args[2] if len(n.args) > 2 else n.kwargs.get("bias")
-            groups = args[6] if len(args) > 6 else kwargs.get("groups", 1)
+            groups = _conv_groups(key, args, kwargs)
             if not (isinstance(wn, fx.Node) and wn.op == "get_attr") or (
                     bn is not None and not (isinstance(bn, fx.Node) and bn.op == "get_attr")):
                 reason = f"{n.name}: conv_transpose with computed parameters"
@@ -844,6 +849,12 @@ def _moves_data_only(fn, args, kwargs) -> bool:
             return False
         others.append([x for x in leaves if not isinstance(x, torch.Tensor)])
     return others[0] == others[1]  # what is not a tensor (sizes) must not depend on the values
+
+
+def _conv_groups(key, args, kwargs) -> int:
+    """The groups argument: position 8 of aten.convolution, 6 of conv{1,2}d / conv_transpose{1,2}d."""
+    pos = 8 if key == "convolution" else 6
+    return args[pos] if len(args) > pos else kwargs.get("groups", 1)
 
 
 def _flat_labels(x):

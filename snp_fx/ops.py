@@ -70,6 +70,7 @@ FUNCTION_KINDS = {
     "linear": "linear", "layer_norm": "layer_norm", "group_norm": "group_norm",
     "batch_norm": "batch_norm", "_native_batch_norm_legit_no_training": "batch_norm",
     "conv1d": "conv", "conv2d": "conv", "conv_transpose1d": "conv_transpose", "conv_transpose2d": "conv_transpose",
+    "convolution": "convolution",  # core ATen: one op for both, ``transposed`` says which
     "embedding": "embedding",
     "pad": "pad", "constant_pad_nd": "pad", "addmm": "addmm",
     "avg_pool2d": "pool", "max_pool2d": "pool", "adaptive_avg_pool2d": "pool", "adaptive_avg_pool1d": "pool",

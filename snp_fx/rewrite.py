@@ -198,10 +198,11 @@ class _Rewriter:
             self.fix_getitem(node, new)
         elif key == "scaled_dot_product_attention":
             self.fix_sdpa(node, new)
-        elif key in ("conv1d", "conv2d", "conv_transpose1d", "conv_transpose2d"):
-            groups = node.args[6] if len(node.args) > 6 else node.kwargs.get("groups", 1)
+        elif key in ("conv1d", "conv2d", "conv_transpose1d", "conv_transpose2d", "convolution"):
+            pos = 8 if key == "convolution" else 6
+            groups = node.args[pos] if len(node.args) > pos else node.kwargs.get("groups", 1)
             if groups != 1 and groups == self.a.shapes[node.name][1]:  # depthwise: one group per kept channel
-                _set_arg(new, 6, "groups", self.sizes_of(node)[1])
+                _set_arg(new, pos, "groups", self.sizes_of(node)[1])
 
     def gather_operands(self, node, new):
         """Cut buffer-derived operands (rotary cos/sin tables) to this op's kept positions.
