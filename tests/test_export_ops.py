@@ -6,10 +6,10 @@ Small hand-written conv models, analysed through torch.fx (F.* calls, modules) a
 import pytest
 import torch
 import torch.nn.functional as F
+from oracles import check_mask_equivalence, random_scores
 from torch import nn
 
 import snp_fx
-from oracles import check_mask_equivalence, random_scores
 from snp_fx.plan import keep_mask, make_plan
 from snp_fx.report import count_macs, estimate_macs
 from snp_fx.rewrite import rewrite

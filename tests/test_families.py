@@ -19,7 +19,8 @@ SMALL = {  # name -> (create_model kwargs, input size, sites)
     "xcit_nano_12_p16_224": (dict(img_size=64, depth=2), 64, 2),             # F.normalize, vector norms
     "swinv2_tiny_window8_256": (dict(img_size=64, depths=(1, 1), num_heads=(2, 4), embed_dim=32, window_size=4), 64, 2),
     # conv attention (a timm leaf: torch.export): batch norm, depthwise conv, dense ConvTranspose2d upsampling
-    "lowformer_b0": (dict(width_list=[8, 16, 32, 64, 128], depth_list=[0, 1, 1, 1, 1], head_widths=(64, 64)), 64, 2),
+    "lowformer_b0": ({"width_list": [8, 16, 32, 64, 128], "depth_list": [0, 1, 1, 1, 1], "head_widths": (64, 64)},
+                     64, 2),
 }
 
 
@@ -84,13 +85,14 @@ def test_torchvision_vit_multihead_attention():
                                    "residual": 0.25 * seed}, seed)
 
 
+@pytest.mark.filterwarnings("ignore:The tensor attributes")  # timm caches the attention biases in eval mode
 def test_efficientvit_msra_cascaded_heads():
     """EfficientViT (MSRA), exported: functional batch norm, depthwise conv on q, out = v @ attn^T (v the
     left operand), and cascaded heads: head i's output is added to input chunk i + 1, so the v of heads
     0..H-2 are residual channels, shared by every block of a stage (pruned with the stage's first block)."""
     torch.manual_seed(0)
-    kw = dict(img_size=96, embed_dim=(32, 64), key_dim=(8, 8), depth=(1, 2), num_heads=(2, 2), window_size=(4, 4),
-              kernels=(3, 3), down_ops=(("", 1), ("subsample", 2)))
+    kw = {"img_size": 96, "embed_dim": (32, 64), "key_dim": (8, 8), "depth": (1, 2), "num_heads": (2, 2),
+          "window_size": (4, 4), "kernels": (3, 3), "down_ops": (("", 1), ("subsample", 2))}
     model = _randomize(timm.create_model("efficientvit_m0", pretrained=False, num_classes=5, **kw).eval())
     a = snp_fx.analyze(model, torch.randn(2, 3, 96, 96))  # windows of 4 on a 6 x 6 map: padded windows
     assert len(a.sites) == 6 and all(s.av_node is not None for s in a.sites)
