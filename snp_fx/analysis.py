@@ -85,6 +85,7 @@ class _Propagator(fx.Interpreter):
         self.dep_site: dict[int, Site] = {}
         self.unknown: dict[str, str] = {}
         self.gathered: dict[str, list[str]] = {}  # elementwise node -> operands the rewrite gathers
+        self.tables: list[tuple[int, int]] = []  # id ranges of small parameters (one unit per element)
 
     # ---- helpers -------------------------------------------------------------
     def pids(self, name: str, t: torch.Tensor, soft: bool = False) -> list[torch.Tensor]:
@@ -161,6 +162,8 @@ class _Propagator(fx.Interpreter):
                     # one unit per element: the couplings decide which dim gets sliced
                     if n.target not in self.elem_ids:
                         self.elem_ids[n.target] = self.space.new(result.numel(), soft).reshape(result.shape)
+                        if not soft:
+                            self.tables.append((int(self.elem_ids[n.target].min()), self.space.next_id))
                     return self.elem_ids[n.target]
                 ids = self.pids(n.target, result, soft)
                 d = max([d for d in range(result.dim()) if result.shape[d] > 1] or [result.dim() - 1])
@@ -271,15 +274,16 @@ class _Propagator(fx.Interpreter):
         rank = len(out_shape)
         fulls, bcast = [], []
         for lab, shape in pairs:
-            f = L.expand(lab, shape)
-            f = f.reshape((1,) * (rank - f.dim()) + tuple(f.shape))
+            f = lab.reshape((1,) * (rank - lab.dim()) + tuple(lab.shape))
             shape = (1,) * (rank - len(shape)) + tuple(shape)
             bcast.append({d for d in range(rank) if shape[d] == 1 and out_shape[d] > 1})
             fulls.append(L.reduce(f))
-        out = L.expand(fulls[0], out_shape)
+        # work at the size where some labels vary, not the real size (attention scores are big)
+        work = torch.broadcast_shapes(*[f.shape for f in fulls])
+        out = L.expand(fulls[0], work)
         out_b = bcast[0]
         for f, b in zip(fulls[1:], bcast[1:]):
-            other = L.expand(f, out_shape)
+            other = L.expand(f, work)
             var_out = set(L.varying_dims(L.reduce(out)))
             var_f = set(L.varying_dims(f))
             other_shared = bool(b & var_out) and not (var_f & var_out)
@@ -659,6 +663,8 @@ class _Propagator(fx.Interpreter):
         la = la.reshape((1,) * (r - la.dim()) + tuple(la.shape))
         lb = lb.reshape((1,) * (r - lb.dim()) + tuple(lb.shape))
         a_vk, b_vk = la.shape[-1] > 1, lb.shape[-2] > 1
+        if a_vk and b_vk and (self.is_table(lb) or self.is_table(la)):
+            return self.contract_table(la, lb, out_rank)
         if a_vk and b_vk:
             if la.shape[-2] > 1 or lb.shape[-1] > 1:
                 self.freeze_all(n, f"{n.name}: contraction of channels that also vary along free dims")
@@ -716,6 +722,30 @@ class _Propagator(fx.Interpreter):
                 site.v = v
                 site.av_node = n.name
 
+    def is_table(self, lab: torch.Tensor) -> bool:
+        """Labels that are all elements of one small parameter, still uncoupled (a relative-position table)."""
+        if not any(bool(((lab >= lo) & (lab < hi)).all()) for lo, hi in self.tables):
+            return False
+        roots = self.space.roots()
+        return bool((torch.bincount(roots, minlength=roots.numel())[lab] == 1).all())  # coupled to nothing yet
+
+    def contract_table(self, la, lb, out_rank):
+        """A @ B where one side is a parameter table shared by the heads (q @ rel_pos^T).
+
+        The contracted dim is one dense dim of both, so each of its positions is one
+        channel everywhere: a table column is coupled with that q channel of every head
+        (the heads keep the same q/k channels).  Each output row exists while its
+        activation row has channels, like attention scores.
+        """
+        a_table = self.is_table(la) and not self.is_table(lb)
+        act = lb.transpose(-1, -2) if a_table else la          # (..., rows, K)
+        tab = la if a_table else lb.transpose(-1, -2)          # (..., cols, K)
+        self.space.union(act.unsqueeze(-2), tab.unsqueeze(-3))  # every (row, col) pair shares the K channel
+        rows = act.reshape(-1, act.shape[-1])
+        dep = self.space.dependent(list(rows)).reshape(act.shape[:-1] + (1,))
+        out = dep.transpose(-1, -2) if a_table else dep
+        return L.reduce(out.reshape((1,) * (out_rank - out.dim()) + tuple(out.shape)))
+
     def rule_addmm(self, n, key, args, kwargs, result):
         """addmm(bias, x, W): HF Conv1D and friends, W stored (in, out)."""
         bn, xn, wn = n.args[0], n.args[1], n.args[2]
@@ -755,32 +785,37 @@ class _Propagator(fx.Interpreter):
             self.sites[-1].operands = fn
 
     def rule_einsum(self, n, key, args, kwargs, result):
+        """Two-operand einsum as a broadcast matmul: shared letters are batch dims, one
+        contracted letter; free letters of one operand beyond the last are batch dims
+        the other operand broadcasts over."""
         eq = args[0].replace(" ", "")
         ops_ = args[1:] if not isinstance(args[1], (list, tuple)) else args[1]
         nodes = n.args[1:] if not isinstance(n.args[1], (list, tuple)) else n.args[1]
         m = re.fullmatch(r"([a-z]+),([a-z]+)->([a-z]*)", eq)
-        if not m or len(ops_) != 2:
-            reason = f"{n.name}: einsum '{eq}' form not supported"
-            self.freeze_all(n, reason)
-            return self.frozen_output(result, reason)
-        sa, sb, so = m.groups()
-        batch = [c for c in so if c in sa and c in sb]
+        sa, sb, so = m.groups() if m else ("", "", "")
         con = [c for c in sa if c in sb and c not in so]
         fa = [c for c in sa if c not in sb]
         fb = [c for c in sb if c not in sa]
-        if len(con) != 1 or len(fa) != 1 or len(fb) != 1 or len(batch) + 2 != len(so):
+        if not m or len(ops_) != 2 or len(con) != 1 or not fa or not fb or sorted(so) != sorted(
+                [c for c in sa if c in sb and c in so] + fa + fb) or len(set(sa)) != len(sa) or len(set(sb)) != len(sb):
             reason = f"{n.name}: einsum '{eq}' form not supported"
             self.freeze_all(n, reason)
             return self.frozen_output(result, reason)
-        la = L.expand(self.lab(nodes[0]), ops_[0].shape).permute([sa.index(c) for c in batch + fa + con])
-        lb = L.expand(self.lab(nodes[1]), ops_[1].shape).permute([sb.index(c) for c in batch + con + fb])
-        out = self.contract(n, L.reduce(la), L.reduce(lb), len(so))
-        pa = [sa.index(c) for c in batch + fa + con]
-        pb = [sb.index(c) for c in batch + fb + con]
-        self._set_operands(n, lambda args, kwargs: (
-            (args[1:] if not isinstance(args[1], (list, tuple)) else args[1])[0].permute(pa),
-            (args[1:] if not isinstance(args[1], (list, tuple)) else args[1])[1].permute(pb)))
-        order = batch + fa + fb
+        batch = [c for c in so if c in sa and c in sb] + fa[:-1] + fb[:-1]
+        order_a = batch + fa[-1:] + con  # A as (batch..., I, K)
+        order_b = batch + fb[-1:] + con  # B as (batch..., J, K)
+
+        def arrange(t, letters, order):  # permute to ``order``, size-1 dims for letters it lacks
+            t = t.permute([letters.index(c) for c in order if c in letters])
+            shape = iter(t.shape)
+            return t.reshape([next(shape) if c in letters else 1 for c in order])
+        la = arrange(L.expand(self.lab(nodes[0]), ops_[0].shape), sa, order_a)
+        lb = arrange(L.expand(self.lab(nodes[1]), ops_[1].shape), sb, order_b)
+        out = self.contract(n, L.reduce(la), L.reduce(lb.transpose(-1, -2)), len(so))
+        self._set_operands(n, lambda args, kwargs: tuple(
+            arrange(t, s, o) for t, s, o in zip(args[1:] if not isinstance(args[1], (list, tuple)) else args[1],
+                                                (sa, sb), (order_a, order_b))))
+        order = batch + fa[-1:] + fb[-1:]
         return L.reduce(out.permute([order.index(c) for c in so]))
 
     def rule_sdpa(self, n, key, args, kwargs, result):

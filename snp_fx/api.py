@@ -50,7 +50,7 @@ def analyze(model: torch.nn.Module, example_inputs, leaf_modules=(), frontend: s
     """
     if not isinstance(model, torch.nn.Module):
         raise SNPError(f"expected a torch.nn.Module or fx.GraphModule, got {type(model).__name__}")
-    work = copy.deepcopy(model).eval()
+    work = _copy(model).eval()
     gm = trace(work, leaf_modules, example_inputs, frontend)
     try:
         a = _analyze(gm, example_inputs, leaf_modules)
@@ -58,19 +58,39 @@ def analyze(model: torch.nn.Module, example_inputs, leaf_modules=(), frontend: s
         if frontend != "auto" or gm.meta.get("snp_frontend") == "export" or leaf_modules:
             raise
         try:  # the fx graph does not run (e.g. it baked in a default argument): the exported one may
-            return _analyze(export(copy.deepcopy(model).eval(), example_inputs), example_inputs, leaf_modules)
+            return _analyze(export(_copy(model).eval(), example_inputs), example_inputs, leaf_modules)
         except SNPError:
             raise first from None
     if frontend == "auto" and a.unknown_ops and not leaf_modules and a.gm.meta["snp_frontend"] == "fx":
         # ops the table does not know (often python helpers fx keeps whole): torch.export
         # traces through them to ATen; keep whichever graph the analysis understands better
         try:
-            b = _analyze(export(copy.deepcopy(model).eval(), example_inputs), example_inputs, leaf_modules)
+            b = _analyze(export(_copy(model).eval(), example_inputs), example_inputs, leaf_modules)
         except SNPError:
             return a
         if len(b.unknown_ops) < len(a.unknown_ops):
             return b
     return a
+
+
+def _copy(model: torch.nn.Module) -> torch.nn.Module:
+    """A deep copy, also of models holding cached tensors made with autograd (timm's EfficientViT
+    caches its attention biases after an eval forward): those are copied detached."""
+    try:
+        return copy.deepcopy(model)
+    except RuntimeError as e:
+        if "graph leaves" not in str(e):
+            raise
+    memo, todo = {}, [vars(m) for m in model.modules()]
+    while todo:
+        v = todo.pop()
+        if isinstance(v, torch.Tensor) and v.grad_fn is not None:
+            memo[id(v)] = v.detach().clone()
+        elif isinstance(v, dict):
+            todo += list(v.values())
+        elif isinstance(v, (list, tuple)):
+            todo += list(v)
+    return copy.deepcopy(model, memo)
 
 
 def _analyze(gm, example_inputs, leaf_modules) -> Analysis:

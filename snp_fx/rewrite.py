@@ -27,10 +27,17 @@ class Irregular(Exception):
 
 
 def pruned_sizes(lab: torch.Tensor, shape, keep: torch.Tensor, dims=None) -> list[int]:
-    """Pruned shape of a tensor with reduced labels ``lab`` and real ``shape``.
+    """Pruned shape of a tensor with reduced labels ``lab`` and real ``shape``."""
+    return _layout(lab, shape, keep, dims)[0]
 
-    The last channel dim may keep different indices per outer slice (per
-    head) but the same count; outer channel dims keep whole slices.
+
+def _layout(lab: torch.Tensor, shape, keep: torch.Tensor, dims=None):
+    """(pruned shape, ragged dim) of a tensor with reduced labels ``lab`` and real ``shape``.
+
+    One channel dim (the ragged one, normally the innermost: the head dim) may keep
+    different indices per slice but the same count; the other channel dims keep whole
+    slices.  NesT's output permute puts the heads inside the head dim: the ragged dim is
+    then an outer one.
     """
     shape = list(shape)
     lab = lab.reshape((1,) * (len(shape) - lab.dim()) + tuple(lab.shape))
@@ -40,20 +47,45 @@ def pruned_sizes(lab: torch.Tensor, shape, keep: torch.Tensor, dims=None) -> lis
     if not var:
         if not bool(k.all()):
             raise Irregular("a tensor whose channels are all removed")
-        return shape
+        return shape, None
     kk = L.expand(k, tuple(lab.shape[d] if d in var else 1 for d in range(len(shape))))
-    for d in var[:-1]:
-        other = [i for i in range(len(shape)) if i != d]
-        shape[d] = int(kk.any(dim=other).sum()) if other else int(kk.sum())
-    last = var[-1]
-    counts = kk.sum(dim=last)
-    nz = counts[counts > 0]
-    if nz.numel() and not bool((nz == nz.reshape(-1)[0]).all()):
-        raise Irregular(f"dim {last} keeps different counts per slice: {sorted(set(nz.reshape(-1).tolist()))}")
-    shape[last] = int(nz.reshape(-1)[0]) if nz.numel() else 0
-    if math.prod(shape[d] for d in var) != int(kk.sum()):
-        raise Irregular("kept channels do not form a regular block")
-    return shape
+    problem = None
+    for ragged in reversed(var):
+        new = list(shape)
+        for d in var:
+            if d != ragged:
+                other = [i for i in range(len(shape)) if i != d]
+                new[d] = int(kk.any(dim=other).sum()) if other else int(kk.sum())
+        counts = kk.sum(dim=ragged)
+        nz = counts[counts > 0]
+        if nz.numel() and not bool((nz == nz.reshape(-1)[0]).all()):
+            problem = problem or f"dim {ragged} keeps different counts per slice: {sorted(set(nz.reshape(-1).tolist()))}"
+            continue
+        new[ragged] = int(nz.reshape(-1)[0]) if nz.numel() else 0
+        if math.prod(new[d] for d in var) != int(kk.sum()):
+            problem = problem or "kept channels do not form a regular block"
+            continue
+        return new, ragged
+    raise Irregular(problem)
+
+
+def _kept_sequence(lab: torch.Tensor, shape, keep: torch.Tensor) -> torch.Tensor:
+    """Labels of the kept elements over the channel dims, flattened in the pruned tensor's own
+    order: whole slices on the outer channel dims, each slice's kept entries in order on the ragged one."""
+    _, ragged = _layout(lab, shape, keep)
+    lab = lab.reshape((1,) * (len(shape) - lab.dim()) + tuple(lab.shape))
+    var = L.varying_dims(lab)
+    g = lab.reshape([lab.shape[d] for d in var])
+    r = var.index(ragged)
+    g = g.movedim(r, -1)
+    k = keep[g.clamp(min=0)] | (g < 0)
+    for d in range(g.dim() - 1):  # whole slices
+        other = [i for i in range(g.dim()) if i != d]
+        sl = k.any(dim=other).nonzero().flatten()
+        g, k = g.index_select(d, sl), k.index_select(d, sl)
+    count = int(k.sum()) // max(1, math.prod(g.shape[:-1]))
+    g = g[k].reshape(tuple(g.shape[:-1]) + (count,))
+    return g.movedim(-1, r).reshape(-1)
 
 
 class _Rewriter:
@@ -74,9 +106,9 @@ class _Rewriter:
         return pruned_sizes(lab, shape, self.keep, dims)
 
     def check_layout(self, node: fx.Node):
-        """Every tensor must keep a regular layout: whole slices on outer channel dims and, at
-        most, per-slice choices on the innermost one.  (A head dim moved inside the head-dim,
-        as in NesT's output permute, would silently reorder channels: refuse it.)"""
+        """Every tensor must keep a regular layout: whole slices on all channel dims but one, which
+        may keep different indices per slice (the same count).  Where that dim is not the innermost
+        (NesT), flattening reorders channels: ``restore_order`` gathers them back."""
         lab, shape = self.a.labels.get(node.name), self.a.shapes.get(node.name)
         for lab_i, shape_i in zip(*((lab, shape) if isinstance(lab, (list, tuple)) else ((lab,), (shape,)))):
             if isinstance(lab_i, torch.Tensor) and isinstance(shape_i, tuple) and len(L.varying_dims(lab_i)) > 1:
@@ -170,6 +202,8 @@ class _Rewriter:
             self.gather_operands(node, new)
         if key in ops.SIZE_ARGS:
             self.fix_sizes(node, new, key)
+        if key in ("reshape", "view", "_unsafe_view", "flatten") and node not in self.fused:
+            self.restore_order(node, new)
         elif key == "layer_norm":
             n_in = self.sizes_of(node.args[0])
             k = len(node.args[1]) if len(node.args) > 1 else len(node.kwargs["normalized_shape"])
@@ -281,6 +315,36 @@ class _Rewriter:
                     for d, (m, o) in enumerate(zip(mapped, orig))]
         setter(new, new_list)
 
+    def restore_order(self, node, new):
+        """Flattening channel dims whose pruned order is not the original one (NesT's heads
+        inside the head dim) gathers the result back into the order every consumer's
+        weights are sliced in."""
+        x = node.args[0]
+        lab_in, lab_out = self.a.labels.get(getattr(x, "name", None)), self.a.labels.get(node.name)
+        if not (isinstance(lab_in, torch.Tensor) and isinstance(lab_out, torch.Tensor)) or \
+                len(L.varying_dims(lab_in)) < 2:
+            return
+        shape_in = self.a.shapes[x.name]
+        _, ragged = _layout(lab_in, shape_in, self.keep)
+        if ragged == len(shape_in) - lab_in.dim() + L.varying_dims(lab_in)[-1]:
+            return  # the head dim innermost: kept channels stay in their original order
+        var_out = L.varying_dims(lab_out)
+        if len(var_out) != 1:
+            raise Irregular("channels reordered by pruning are reshaped into several channel dims")
+        seq = _kept_sequence(lab_in, shape_in, self.keep)
+        out = lab_out.reshape(-1)
+        canon = out[self.keep[out.clamp(min=0)] | (out < 0)]
+        if torch.equal(seq, canon):
+            return
+        if seq.numel() != canon.numel() or torch.unique(seq).numel() != seq.numel() or \
+                not torch.equal(torch.sort(seq).values, torch.sort(canon).values):
+            raise Irregular("channels reordered by pruning cannot be put back in order")
+        order = torch.argsort(seq)
+        name = f"snp_order_{node.name}"
+        self.attrs[name] = order[torch.searchsorted(seq[order], canon)]
+        index = self.graph.get_attr(name)
+        self.env[node] = self.graph.call_function(torch.index_select, (new, var_out[0] - lab_out.dim(), index))
+
     def size_arg(self, new, arg, orig, new_size, old_size, varying):
         """The size for one output dim: ``arg`` in the new graph, ``orig`` in the analysed one."""
         if isinstance(orig, fx.Node):
@@ -334,6 +398,9 @@ class _Rewriter:
                 self.skip.add(user)
                 break
             moved = _track_dim(ukey, user, pos, rank)
+            if moved is None and ukey in ("reshape", "view"):  # a reshape that leaves the slot dim alone
+                before, after = self.a.shapes[cur.name], self.a.shapes[user.name]
+                moved = (pos, len(after)) if tuple(before[:pos + 1]) == tuple(after[:pos + 1]) else None
             if moved is None:
                 return False
             pos, rank = moved
@@ -365,7 +432,10 @@ class _Rewriter:
                 sizes = [part_shapes[i][d] if d in var else mapped[d] for d in range(len(shape))]
                 cur_new = self.graph.call_method("reshape", (part, *sizes))
             for c in chain:
-                cur_new = self.graph.create_node(c.op, c.target, (cur_new, *c.args[1:]), dict(c.kwargs))
+                rest = fx.node.map_arg((c.args[1:], dict(c.kwargs)), self.early)
+                cur_new = self.graph.create_node(c.op, c.target, (cur_new, *rest[0]), rest[1])
+                if ops.op_key(c, self.modules) in ("reshape", "view"):
+                    self.slot_sizes(c, cur_new, pos, i)
             outs.append(self.graph.call_method("squeeze", (cur_new, pos)))
         self.env[node] = split
         self.fused.add(node)
@@ -374,6 +444,32 @@ class _Rewriter:
             self.env[user] = outs[i]
             self.skip.add(user)
         return True
+
+    def early(self, n: fx.Node) -> fx.Node:
+        """``n`` in the new graph, copied ahead of its turn if it is size arithmetic
+        (``B * heads``) that a rebuilt chain needs before the graph reaches it."""
+        if n in self.env:
+            return self.env[n]
+        if n.op not in ("call_function", "call_method") or self.a.shapes.get(n.name) is not None:
+            raise Irregular(f"fused qkv chain needs `{n.name}` before it is computed")
+        self.env[n] = self.graph.node_copy(n, self.early)
+        self.skip.add(n)
+        return self.env[n]
+
+    def slot_sizes(self, node, new, pos, i):
+        """Sizes of a reshape in a fused-qkv chain, rebuilt for slot ``i`` alone."""
+        lab = self.a.labels[node.name].narrow(pos, i, 1) if self.a.labels[node.name].shape[pos] > 1 \
+            else self.a.labels[node.name]
+        shape = list(self.a.shapes[node.name])
+        shape[pos] = 1
+        sizes = self.new_sizes(lab, shape)
+        orig, setter = _size_list(node)
+        if len(orig) != len(shape):
+            raise Irregular(f"reshape with {len(orig)} sizes for a {len(shape)}-d result")
+        mapped = [fx.node.map_arg(a, self.early) for a in orig]
+        old = self.a.shapes[node.name]
+        setter(new, [1 if d == pos else self.size_arg(new, m, o, sizes[d], old[d], lab.shape[d] > 1)
+                     for d, (m, o) in enumerate(zip(mapped, orig))])
 
     def _slot_index(self, user, pos, rank):
         """i if ``user`` takes slot i of dim ``pos`` (select(pos, i) or x[i] at pos 0), else None."""

@@ -1,6 +1,7 @@
 """Transformer families beyond plain ViTs (small configs, random init): rotary embeddings (timm
-EVA-02, ViT-RoPE, Qwen3-ViT), cosine attention (Swin V2), nn.MultiheadAttention (torchvision's ViT), conv attention through torch.export
-(LowFormer, EfficientViT-MSRA).
+EVA-02, ViT-RoPE, Qwen3-ViT), cosine attention (Swin V2), relative-position tables contracted with q
+(BoTNet, SAM), heads inside the head dim (NesT), nn.MultiheadAttention (torchvision's ViT), conv
+attention through torch.export (LowFormer, EfficientViT-MSRA).
 
 Each must find every attention site, prune q/k, v, FFN, heads and residual, and equal the masked
 original (the zoo sweep, benchmarks/zoo.py, runs the full-size variants)."""
@@ -18,6 +19,10 @@ SMALL = {  # name -> (create_model kwargs, input size, sites)
     "qwen3_vit_88m": (dict(depth=2, embed_dim=128, num_heads=4), 64, 2),     # RoPE table as [sin | cos]
     "xcit_nano_12_p16_224": (dict(img_size=64, depth=2), 64, 2),             # F.normalize, vector norms
     "swinv2_tiny_window8_256": (dict(img_size=64, depths=(1, 1), num_heads=(2, 4), embed_dim=32, window_size=4), 64, 2),
+    # relative-position tables shared by the heads, contracted with q (matmul / einsum 'bhwc,hkc->bhwk')
+    "botnet26t_256": (dict(img_size=64), 64, 3),
+    "samvit_base_patch16": (dict(img_size=64, depth=2, global_attn_indexes=(1,), window_size=2, embed_dim=64,
+                                 num_heads=4), 64, 2),
     # conv attention (a timm leaf: torch.export): batch norm, depthwise conv, dense ConvTranspose2d upsampling
     "lowformer_b0": ({"width_list": [8, 16, 32, 64, 128], "depth_list": [0, 1, 1, 1, 1], "head_widths": (64, 64)},
                      64, 2),
@@ -70,6 +75,39 @@ def test_rotary_pairs_stay_together_interleaved():
     rows = {int(m.nonzero()) for m in (w1[:, None] == w0[None]).all(-1) if bool(m.any())}
     assert len(rows) == 3 * 32  # half of each head's 64 query channels
     assert all((r ^ 1) in rows for r in rows)  # r ^ 1: the other member of the pair (2i, 2i+1)
+
+
+def test_head_shared_rel_pos_table_couples_heads():
+    """SAM's rel-pos tables (one per axis, shared by the heads) are contracted with q: the heads keep
+    the same q/k channels, and the tables lose the same columns."""
+    a = analysis("samvit_base_patch16")
+    g = a.prunable("qk")[0]
+    assert (g.heads, g.width) == (1, 16)  # 4 heads of 16 channels, one shared choice
+    assert a.groups[g.name[:-3] + ".v"].heads == 4  # v is still chosen per head
+    pruned, plan = check_mask_equivalence(a, {"qk": 0.5}, seed=2)
+    kept = plan.groups[g.name]["keep"][0]
+    for axis in ("h", "w"):
+        t0 = a.gm.get_parameter(f"blocks.0.attn.rel_pos_{axis}")
+        t1 = pruned.get_parameter(f"blocks.0.attn.rel_pos_{axis}")
+        assert torch.equal(t1, t0[:, kept])
+    q0 = a.gm.get_parameter("blocks.0.attn.qkv.weight")[:64].reshape(4, 16, -1)
+    q1 = pruned.get_parameter("blocks.0.attn.qkv.weight")[:4 * len(kept)].reshape(4, len(kept), -1)
+    assert torch.equal(q1, q0[:, kept])
+
+
+def test_nest_heads_inside_head_dim():
+    """NesT merges heads as (head_dim, heads): the kept v channels of each head are interleaved across
+    heads, so the rewrite gathers them back into the order the projection's columns are sliced in."""
+    from timm.models.nest import Nest
+    torch.manual_seed(0)
+    model = _randomize(Nest(img_size=32, patch_size=4, num_levels=2, embed_dims=(32, 64), num_heads=(2, 4),
+                            depths=(1, 1), num_classes=5).eval())
+    a = snp_fx.analyze(model, torch.randn(2, 3, 32, 32))
+    assert len(a.prunable("qk")) == 2 and len(a.prunable("v")) == 2, str(a)
+    for seed in (0, 1):
+        pruned, _ = check_mask_equivalence(a, {"qk": 0.5, "v": 0.5, "ffn": 0.3, "heads": 0.5 * seed,
+                                               "residual": 0.25 * seed}, seed)
+    assert any(n.startswith("snp_order_") for n, _ in pruned.named_buffers())
 
 
 def test_torchvision_vit_multihead_attention():

@@ -118,17 +118,35 @@ def test_model_on_cuda():
     assert next(pruned.parameters()).is_cuda
 
 
-def test_head_dim_moved_inside_is_refused_not_reordered():
-    """(B, N, Dv, H) then merged: per-head v choices cannot keep their order -> v left alone.
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_head_dim_moved_inside_is_gathered_back_in_order(seed):
+    """(B, N, Dv, H) then merged: per-head v choices interleave across heads, so the merged channels
+    come out of order; the rewrite gathers them back (an index_select after the reshape).
 
-    Found by benchmarks/zoo.py on timm's NesT, where the rewrite once reordered channels silently.
+    Found by benchmarks/zoo.py on timm's NesT, where the rewrite once reordered channels silently
+    (then refused the layout; now it is pruned, checked against the masked original).
     """
     torch.manual_seed(0)
     model = PlainViT(form="head_last").eval()
+    a = snp_fx.analyze(model, torch.randn(2, 3, 32, 32))
+    assert len(a.prunable("v")) == 2
+    pruned, _ = check_mask_equivalence(a, {"qk": 0.5, "v": 0.5, "heads": 0.5 * (seed == 2)}, seed)
+    assert pruned.get_submodule("blocks.0.attn.v").out_features < 32
+    assert sum(n.startswith("snp_order_") for n, _ in pruned.named_buffers()) == 2  # one per block
+
+
+def test_model_holding_an_autograd_cache_is_copied_not_refused():
+    """timm's EfficientViT caches its attention biases on an eval forward run with autograd on; a
+    deepcopy of such a model fails.  The pass copies those cached tensors detached and leaves the
+    model (and its cache) as it was."""
+    torch.manual_seed(0)
+    model = PlainViT().eval()
     x = torch.randn(2, 3, 32, 32)
-    with pytest.warns(UserWarning, match=r"left \['blocks.0.attn.v'.*unpruned"):
-        pruned = snp_fx.prune(model, x, {"qk": 0.5, "v": 0.5}, importance="random", progress=False)
-    a = snp_fx.analyze(model, x)
-    check_mask_equivalence(a, {"qk": 0.5}, seed=0)  # q/k pairs are unaffected by that layout
-    assert pruned.get_submodule("blocks.0.attn.q").out_features == 16
-    assert pruned.get_submodule("blocks.0.attn.v").out_features == 32
+    model.cache = {"scaled_pos": model.pos_embed * 2}  # a non-leaf tensor, as such caches are
+    with pytest.raises(RuntimeError, match="graph leaves"):
+        __import__("copy").deepcopy(model)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    pruned = snp_fx.prune(model, x, {"qk": 0.5, "ffn": 0.5}, progress=False)
+    assert sum(p.numel() for p in pruned.parameters()) < sum(p.numel() for p in model.parameters())
+    assert model.cache["scaled_pos"].grad_fn is not None
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
