@@ -174,8 +174,8 @@ class _Propagator(fx.Interpreter):
         key = ops.op_key(n, self.modules)
         kind = ops.kind_of(key)
         in_labs = [x for x in _flat_labels(self.lab(list(n.args) + list(n.kwargs.values())))]
-        if not in_labs and kind not in ("linear", "embedding", "conv", "layer_norm", "batch_norm", "group_norm",
-                                        "addmm"):
+        if not in_labs and kind not in ("linear", "embedding", "conv", "conv_transpose", "convolution", "layer_norm",
+                                        "batch_norm", "group_norm", "addmm"):
             # pure python / shape arithmetic, or tensor factories
             if kind == "factory" and isinstance(result, torch.Tensor):
                 return self.frozen_output(result, f"{n.name}: `{key}` makes a tensor of literal size", soft=True)
@@ -503,24 +503,57 @@ class _Propagator(fx.Interpreter):
     def rule_group_norm(self, n, key, args, kwargs, result):
         x_lab = self.lab(n.args[0])
         mod = self.modules.get(n.target) if n.op == "call_module" else None
-        groups = mod.num_groups if mod is not None else args[1]
-        if groups != 1 or any(d != 1 for d in L.varying_dims(x_lab)) or mod is None:
+        groups = mod.num_groups if mod is not None else args[1] if len(args) > 1 else kwargs.get("num_groups")
+        if groups != 1 or any(d != 1 for d in L.varying_dims(x_lab)):
             reason = f"{n.name}: group_norm with {groups} groups"
             self.freeze_all(n, reason)
             return self.frozen_output(result, reason)
-        self._affine(n, [(n.target + ".weight", mod.weight), (n.target + ".bias", mod.bias)], x_lab, 1)
+        if mod is not None:
+            pairs = [(n.target + ".weight", mod.weight), (n.target + ".bias", mod.bias)]
+        else:  # F / aten group_norm(x, num_groups, weight, bias, eps, ...)
+            pairs = []
+            for i, k in ((2, "weight"), (3, "bias")):
+                node = n.args[i] if len(n.args) > i else n.kwargs.get(k)
+                if node is None:
+                    continue
+                if not (isinstance(node, fx.Node) and node.op == "get_attr"):
+                    reason = f"{n.name}: group_norm with computed `{k}`"
+                    self.freeze_all(n, reason)
+                    return self.frozen_output(result, reason)
+                pairs.append((node.target, args[i] if len(args) > i else kwargs[k]))
+        self._affine(n, pairs, x_lab, 1)
         self.space.mark_sensitive(x_lab, f"{n.name}: group_norm")
         return x_lab
 
     def rule_batch_norm(self, n, key, args, kwargs, result):
         x_lab = self.lab(n.args[0])
-        if n.op != "call_module" or any(d != 1 for d in L.varying_dims(x_lab)):
-            reason = f"{n.name}: batch_norm form not supported"
+        if any(d != 1 for d in L.varying_dims(x_lab)):
+            reason = f"{n.name}: batch_norm input carries channels outside dim 1"
             self.freeze_all(n, reason)
             return self.frozen_output(result, reason)
-        mod = self.modules[n.target]
-        pairs = [(f"{n.target}.{k}", getattr(mod, k)) for k in ("weight", "bias", "running_mean", "running_var")]
+        if n.op == "call_module":
+            mod = self.modules[n.target]
+            pairs = [(f"{n.target}.{k}", getattr(mod, k)) for k in ("weight", "bias", "running_mean", "running_var")]
+        else:
+            # F.batch_norm(x, running_mean, running_var, weight, bias, ...); torch / aten batch_norm and
+            # _native_batch_norm_legit_no_training(x, weight, bias, running_mean, running_var, ...)
+            names = ["running_mean", "running_var", "weight", "bias"] if n.target is torch.nn.functional.batch_norm \
+                else ["weight", "bias", "running_mean", "running_var"]
+            pairs = []
+            for i, k in enumerate(names, start=1):
+                node = n.args[i] if len(n.args) > i else n.kwargs.get(k)
+                if node is None:
+                    continue
+                if not (isinstance(node, fx.Node) and node.op == "get_attr"):
+                    reason = f"{n.name}: batch_norm with computed `{k}`"
+                    self.freeze_all(n, reason)
+                    return self.frozen_output(result, reason)
+                pairs.append((node.target, args[i] if len(args) > i else kwargs[k]))
+        # per-channel statistics and affine: every channel on dim 1 stands alone
         self._affine(n, [(k, t) for k, t in pairs if isinstance(t, torch.Tensor)], x_lab, 1)
+        if isinstance(result, (tuple, list)):  # the native form returns (out, save_mean, save_invstd)
+            return (x_lab,) + tuple(L.constant(NONE, r.dim()) if isinstance(r, torch.Tensor) else None
+                                    for r in result[1:])
         return x_lab
 
     def rule_conv(self, n, key, args, kwargs, result):
@@ -532,7 +565,7 @@ class _Propagator(fx.Interpreter):
         else:  # F.conv2d / aten.conv2d(x, weight, bias, stride, padding, dilation, groups)
             wn = n.args[1] if len(n.args) > 1 else n.kwargs.get("weight")
             bn = n.args[2] if len(n.args) > 2 else n.kwargs.get("bias")
-            groups = args[6] if len(args) > 6 else kwargs.get("groups", 1)
+            groups = _conv_groups(key, args, kwargs)
             if not (isinstance(wn, fx.Node) and wn.op == "get_attr") or (
                     bn is not None and not (isinstance(bn, fx.Node) and bn.op == "get_attr")):
                 reason = f"{n.name}: conv with computed parameters"
@@ -540,8 +573,9 @@ class _Propagator(fx.Interpreter):
                 return self.frozen_output(result, reason)
             w_name, w = wn.target, args[1]
             b_name, b = (bn.target, args[2]) if bn is not None else (None, None)
-            if groups != 1:
-                reason = f"{n.name}: grouped functional conv"
+            depthwise = groups == args[0].shape[1] == w.shape[0] and w.shape[1] == 1
+            if groups != 1 and not depthwise:
+                reason = f"{n.name}: grouped functional conv ({groups} groups of {w.shape[1]} channels)"
                 self.freeze_all(n, reason)
                 return self.frozen_output(result, reason)
         if any(d != 1 for d in L.varying_dims(x_lab)):
@@ -551,7 +585,11 @@ class _Propagator(fx.Interpreter):
         out_ids, in_ids = self.pids(w_name, w)[:2]
         if n.op != "call_module":
             x_ch = L.expand(x_lab, x_lab.shape).movedim(1, -1).reshape(-1, x_lab.shape[1])[0]
-            self.space.union(in_ids, x_ch)
+            if groups == 1:
+                self.space.union(in_ids, x_ch)
+            else:  # depthwise: channel i -> channel i (the rewrite sets groups to the kept count)
+                self.space.union(out_ids, x_ch)
+                self.space.freeze(in_ids, "depthwise kernel dim")
             if b is not None:
                 self.space.union(self.pids(b_name, b)[0], out_ids)
             self.producers.append((w_name, out_ids))
@@ -572,6 +610,51 @@ class _Propagator(fx.Interpreter):
             self.space.union(self.pids(n.target + ".bias", mod.bias)[0], out_ids)
         self.producers.append((n.target + ".weight", out_ids))
         return out.reshape((1, -1) + (1,) * (result.dim() - 2))
+
+    def rule_convolution(self, n, key, args, kwargs, result):
+        """Core ATen convolution(x, weight, bias, stride, padding, dilation, transposed, output_padding, groups)."""
+        rule = self.rule_conv_transpose if args[6] else self.rule_conv
+        return rule(n, key, args, kwargs, result)
+
+    def rule_conv_transpose(self, n, key, args, kwargs, result):
+        """ConvTranspose / conv_transpose{1,2}d: weight (in, out / groups, k...), dim 1 makes the channels."""
+        x_lab = self.lab(n.args[0])
+        if n.op == "call_module":
+            mod = self.modules[n.target]
+            w_name, w, groups = n.target + ".weight", mod.weight, mod.groups
+            b_name, b = n.target + ".bias", mod.bias
+        else:  # aten / F.conv_transpose2d(x, weight, bias, stride, padding, output_padding, groups, dilation)
+            wn = n.args[1] if len(n.args) > 1 else n.kwargs.get("weight")
+            bn = n.args[2] if len(n.args) > 2 else n.kwargs.get("bias")
+            groups = _conv_groups(key, args, kwargs)
+            if not (isinstance(wn, fx.Node) and wn.op == "get_attr") or (
+                    bn is not None and not (isinstance(bn, fx.Node) and bn.op == "get_attr")):
+                reason = f"{n.name}: conv_transpose with computed parameters"
+                self.freeze_all(n, reason)
+                return self.frozen_output(result, reason)
+            w_name, w = wn.target, args[1]
+            b_name, b = (bn.target, args[2]) if bn is not None else (None, None)
+        depthwise = groups > 1 and groups == args[0].shape[1] == w.shape[0] and w.shape[1] == 1
+        if groups != 1 and not depthwise:
+            reason = f"{n.name}: grouped conv_transpose ({groups} groups)"
+            self.freeze_all(n, reason)
+            return self.frozen_output(result, reason)
+        if any(d != 1 for d in L.varying_dims(x_lab)):
+            reason = f"{n.name}: conv_transpose input carries channels outside dim 1"
+            self.freeze_all(n, reason)
+            return self.frozen_output(result, reason)
+        in_ids, out_ids = self.pids(w_name, w)[:2]
+        x_ch = L.expand(x_lab, x_lab.shape).movedim(1, -1).reshape(-1, x_lab.shape[1])[0]
+        self.space.union(in_ids, x_ch)
+        if depthwise:  # channel i -> channel i: dim 0 names the channels, dim 1 (size 1) is the kernel's
+            self.space.freeze(out_ids, "depthwise kernel dim")
+            out_ids = in_ids
+        else:
+            self.producer_dim[w_name] = 1
+        if b is not None:
+            self.space.union(self.pids(b_name, b)[0], out_ids)
+        self.producers.append((w_name, out_ids))
+        return out_ids.reshape((1, -1) + (1,) * (result.dim() - 2))
 
     # ---- contractions ------------------------------------------------------------
     def contract(self, n, la, lb, out_rank):
@@ -621,12 +704,23 @@ class _Propagator(fx.Interpreter):
         if bool(dep_b.any()):
             m = dep_b & (ca > 0)
             self.space.add_support(cb[m], ca[m])
+            self._note_v(n, cb[dep_b], ca, la[..., :, 0])  # v @ attn^T: v is (..., E, tokens)
         both = (ca >= 0) & (cb >= 0) & ~dep_a & ~dep_b
         if bool(both.any()):
             self.space.freeze(ca[both], f"{n.name}: product of two channel tensors")
             self.space.freeze(cb[both], f"{n.name}: product of two channel tensors")
         out = torch.where(dep_a | (ca < 0), cb, ca)
         return L.reduce(out.reshape((1,) * (out_rank - out.dim()) + tuple(out.shape)))
+
+    def _note_v(self, n, dep, other, v):
+        """The values of the site whose scores ``dep`` are: the channels ``v`` of the other operand."""
+        roots = self.space.roots()
+        site_of = {int(roots[k]): s for k, s in self.dep_site.items()}
+        for d in torch.unique(dep).tolist():
+            site = site_of.get(int(roots[d]))
+            if site is not None and site.v is None and bool((other > 0).any()):
+                site.v = v
+                site.av_node = n.name
 
     def is_table(self, lab: torch.Tensor) -> bool:
         """Labels that are all elements of one small parameter, still uncoupled (a relative-position table)."""
@@ -790,6 +884,12 @@ def _moves_data_only(fn, args, kwargs) -> bool:
             return False
         others.append([x for x in leaves if not isinstance(x, torch.Tensor)])
     return others[0] == others[1]  # what is not a tensor (sizes) must not depend on the values
+
+
+def _conv_groups(key, args, kwargs) -> int:
+    """The groups argument: position 8 of aten.convolution, 6 of conv{1,2}d / conv_transpose{1,2}d."""
+    pos = 8 if key == "convolution" else 6
+    return args[pos] if len(args) > pos else kwargs.get("groups", 1)
 
 
 def _flat_labels(x):

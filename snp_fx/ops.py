@@ -11,7 +11,7 @@ is a *kind*; the analysis (analysis.py) implements one rule per kind:
   softmax    normalisation over ``dim`` (not equivalent to zeroing if a channel dim)
   like       zeros_like & co: new tensor shaped like the input
   factory    new tensor from literal sizes (frozen: sizes are baked in)
-  linear / layer_norm / group_norm / batch_norm / conv / embedding
+  linear / layer_norm / group_norm / batch_norm / conv / conv_transpose / embedding
   matmul / bmm / einsum / sdpa   contractions
   shape      x.shape / x.size(): python ints (tracked for channel taint)
   pad        padding (only along dims without channels)
@@ -68,7 +68,10 @@ SHAPE = {"size", "dim", "numel"}
 
 FUNCTION_KINDS = {
     "linear": "linear", "layer_norm": "layer_norm", "group_norm": "group_norm",
-    "batch_norm": "batch_norm", "conv1d": "conv", "conv2d": "conv", "embedding": "embedding",
+    "batch_norm": "batch_norm", "_native_batch_norm_legit_no_training": "batch_norm",
+    "conv1d": "conv", "conv2d": "conv", "conv_transpose1d": "conv_transpose", "conv_transpose2d": "conv_transpose",
+    "convolution": "convolution",  # core ATen: one op for both, ``transposed`` says which
+    "embedding": "embedding",
     "pad": "pad", "constant_pad_nd": "pad", "addmm": "addmm",
     "avg_pool2d": "pool", "max_pool2d": "pool", "adaptive_avg_pool2d": "pool", "adaptive_avg_pool1d": "pool",
     "avg_pool1d": "pool", "_adaptive_avg_pool2d": "pool",
@@ -77,6 +80,7 @@ FUNCTION_KINDS = {
 MODULE_KINDS: list[tuple[type, str]] = [
     (nn.Linear, "linear"), (nn.LayerNorm, "layer_norm"), (nn.GroupNorm, "group_norm"),
     (nn.modules.batchnorm._BatchNorm, "batch_norm"), (nn.Conv1d, "conv"), (nn.Conv2d, "conv"),
+    (nn.ConvTranspose1d, "conv_transpose"), (nn.ConvTranspose2d, "conv_transpose"),
     (nn.Embedding, "embedding"), (nn.Softmax, "softmax"), (nn.Flatten, "move"),
     (nn.Unflatten, "move"),
 ]
@@ -132,7 +136,7 @@ def kind_of(key: str) -> str:
                         ("softmax", SOFTMAX), ("like", LIKE), ("factory", FACTORY), ("shape", SHAPE)):
         if key in names:
             return kind
-    if key in ("linear", "layer_norm", "group_norm", "batch_norm", "conv", "embedding", "pool", "unary",
+    if key in ("linear", "layer_norm", "group_norm", "batch_norm", "conv", "conv_transpose", "embedding", "pool", "unary",
                "softmax", "move", "addmm"):
         return key
     return "unknown"

@@ -67,9 +67,14 @@ def estimate_macs(analysis, keep: torch.Tensor) -> int:
             k = math.prod(mod.kernel_size)
             depthwise = mod.groups == mod.in_channels == mod.out_channels and mod.groups > 1
             total += math.prod(new(n.name)) * (1 if depthwise else new(x.name)[1] // mod.groups) * k
-        elif kind == "conv" and x is not None:  # functional conv (torch.export)
-            w = n.args[1]
-            total += math.prod(new(n.name)) * new(x.name)[1] * math.prod(shapes[w.name][2:])
+        elif kind in ("conv", "conv_transpose", "convolution") and x is not None:
+            # what FlopCounterMode counts: batch * spatial size (of the input if transposed) * weight size
+            w_name = f"{n.target}.weight" if n.op == "call_module" else n.args[1].target
+            w_shape = modules[n.target].weight.shape if n.op == "call_module" else shapes[n.args[1].name]
+            transposed = kind == "conv_transpose" or (kind == "convolution" and n.args[6])
+            out = shapes[x.name] if transposed else shapes[n.name]
+            w_kept = math.prod(int(m.sum()) for m in analysis.dim_masks(w_name, w_shape, keep))
+            total += out[0] * math.prod(out[2:]) * w_kept
         elif kind == "addmm":
             total += math.prod(new(n.name)) * new(n.args[1].name)[-1]
         elif kind == "matmul":

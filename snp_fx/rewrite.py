@@ -147,6 +147,12 @@ class _Rewriter:
             mod.in_channels = w.shape[0] if depthwise else w.shape[1] * mod.groups
             if depthwise:
                 mod.groups = w.shape[0]
+        elif isinstance(mod, (nn.ConvTranspose1d, nn.ConvTranspose2d)):  # weight (in, out / groups, k...)
+            depthwise = mod.groups == mod.in_channels == mod.out_channels and mod.groups > 1
+            mod.in_channels = w.shape[0]
+            mod.out_channels = w.shape[0] if depthwise else w.shape[1] * mod.groups
+            if depthwise:
+                mod.groups = w.shape[0]
         elif isinstance(mod, nn.modules.batchnorm._BatchNorm):
             mod.num_features = mod.running_mean.shape[0] if mod.running_mean is not None else w.shape[0]
         elif isinstance(mod, nn.GroupNorm):
@@ -226,6 +232,11 @@ class _Rewriter:
             self.fix_getitem(node, new)
         elif key == "scaled_dot_product_attention":
             self.fix_sdpa(node, new)
+        elif key in ("conv1d", "conv2d", "conv_transpose1d", "conv_transpose2d", "convolution"):
+            pos = 8 if key == "convolution" else 6
+            groups = node.args[pos] if len(node.args) > pos else node.kwargs.get("groups", 1)
+            if groups != 1 and groups == self.a.shapes[node.name][1]:  # depthwise: one group per kept channel
+                _set_arg(new, pos, "groups", self.sizes_of(node)[1])
 
     def gather_operands(self, node, new):
         """Cut buffer-derived operands (rotary cos/sin tables) to this op's kept positions.

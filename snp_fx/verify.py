@@ -42,6 +42,32 @@ def masked_layer_norm(x, normalized_shape, weight=None, bias=None, eps=1e-5, *un
     return y
 
 
+def masked_group_norm(x, num_groups, weight=None, bias=None, eps=1e-5, *unused, keep=None):
+    """GroupNorm with one group, channels on dim 1, whose statistics run over the kept channels only."""
+    shape = (1, -1) + (1,) * (x.dim() - 2)
+    k = keep.to(x.dtype).reshape(shape)
+    dims = tuple(range(1, x.dim()))
+    n = k.sum() * x[0, 0].numel()
+    mean = (x * k).sum(dims, keepdim=True) / n
+    var = ((x - mean) * k).pow(2).sum(dims, keepdim=True) / n
+    y = (x - mean) * torch.rsqrt(var + eps) * k
+    if weight is not None:
+        y = y * weight.reshape(shape)
+    if bias is not None:
+        y = y + bias.reshape(shape)
+    return y
+
+
+class _MaskedGroupNormModule(nn.Module):
+    def __init__(self, gn: nn.GroupNorm, keep: torch.Tensor):
+        super().__init__()
+        self.gn = gn
+        self.register_buffer("keep", keep)
+
+    def forward(self, x):
+        return masked_group_norm(x, 1, self.gn.weight, self.gn.bias, self.gn.eps, keep=self.keep)
+
+
 def masked_mean(x, dim, keepdim=False, keep=None):
     """Mean over the last dim counting kept channels only (removed ones are zero)."""
     return x.sum(dim, keepdim=keepdim) / keep.to(x.dtype).sum()
@@ -103,6 +129,24 @@ def _mask_norms(analysis, keep, gm, graph, env, attrs):
             continue  # elementwise, contractions and sums over removed (zero) channels are exact already
         x = node.args[0] if node.args and isinstance(node.args[0], fx.Node) else None
         lab = analysis.labels.get(x.name) if x is not None else None
+        if kind == "group_norm" and isinstance(lab, torch.Tensor) and lab.dim() > 1 and lab.shape[1] > 1:
+            # the analysis follows one group with channels on dim 1 only
+            kept = torch.where(lab >= 0, keep[lab.clamp(min=0)], torch.ones_like(lab, dtype=torch.bool))
+            mask = kept.movedim(1, -1).reshape(-1, lab.shape[1])[0].to(device)
+            if bool(mask.all()):
+                continue
+            if node.op == "call_module":
+                attrs[node.target] = _MaskedGroupNormModule(attrs[node.target], mask)
+                continue
+            name = f"_snp_keep_{n_masks}"
+            n_masks += 1
+            attrs[name] = mask
+            new = env[node]
+            with graph.inserting_before(new):
+                mask_node = graph.get_attr(name)
+            new.op, new.target = "call_function", masked_group_norm
+            new.kwargs = {**new.kwargs, "keep": mask_node}
+            continue
         if not isinstance(lab, torch.Tensor) or lab.dim() == 0 or lab.shape[-1] == 1:
             continue
         kept = torch.where(lab >= 0, keep[lab.clamp(min=0)], torch.ones_like(lab, dtype=torch.bool))

@@ -1,6 +1,7 @@
 """Transformer families beyond plain ViTs (small configs, random init): rotary embeddings (timm
 EVA-02, ViT-RoPE, Qwen3-ViT), cosine attention (Swin V2), relative-position tables contracted with q
-(BoTNet, SAM), heads inside the head dim (NesT), nn.MultiheadAttention (torchvision's ViT).
+(BoTNet, SAM), heads inside the head dim (NesT), nn.MultiheadAttention (torchvision's ViT), conv
+attention through torch.export (LowFormer, EfficientViT-MSRA).
 
 Each must find every attention site, prune q/k, v, FFN, heads and residual, and equal the masked
 original (the zoo sweep, benchmarks/zoo.py, runs the full-size variants)."""
@@ -22,6 +23,9 @@ SMALL = {  # name -> (create_model kwargs, input size, sites)
     "botnet26t_256": (dict(img_size=64), 64, 3),
     "samvit_base_patch16": (dict(img_size=64, depth=2, global_attn_indexes=(1,), window_size=2, embed_dim=64,
                                  num_heads=4), 64, 2),
+    # conv attention (a timm leaf: torch.export): batch norm, depthwise conv, dense ConvTranspose2d upsampling
+    "lowformer_b0": ({"width_list": [8, 16, 32, 64, 128], "depth_list": [0, 1, 1, 1, 1], "head_widths": (64, 64)},
+                     64, 2),
 }
 
 
@@ -125,3 +129,24 @@ def test_torchvision_vit_multihead_attention():
     for seed in (0, 1):
         check_mask_equivalence(a, {"qk": 0.5, "v": 0.25, "ffn": 0.3, "heads": 0.5 * seed,
                                    "residual": 0.25 * seed}, seed)
+
+
+@pytest.mark.filterwarnings("ignore:The tensor attributes")  # timm caches the attention biases in eval mode
+def test_efficientvit_msra_cascaded_heads():
+    """EfficientViT (MSRA), exported: functional batch norm, depthwise conv on q, out = v @ attn^T (v the
+    left operand), and cascaded heads: head i's output is added to input chunk i + 1, so the v of heads
+    0..H-2 are residual channels, shared by every block of a stage (pruned with the stage's first block)."""
+    torch.manual_seed(0)
+    kw = {"img_size": 96, "embed_dim": (32, 64), "key_dim": (8, 8), "depth": (1, 2), "num_heads": (2, 2),
+          "window_size": (4, 4), "kernels": (3, 3), "down_ops": (("", 1), ("subsample", 2))}
+    model = _randomize(timm.create_model("efficientvit_m0", pretrained=False, num_classes=5, **kw).eval())
+    a = snp_fx.analyze(model, torch.randn(2, 3, 96, 96))  # windows of 4 on a 6 x 6 map: padded windows
+    assert len(a.sites) == 6 and all(s.av_node is not None for s in a.sites)
+    assert len(a.prunable("qk")) == 6, str(a)
+    v = {s.name: a.groups[f"{s.name}.v"] for s in a.sites}
+    shared = [name for name, g in v.items() if not g.prunable]
+    # the last head's v is its own in every block; heads 0..H-2 are prunable in each stage's first block only
+    assert shared == ["stages.1.blocks.1.mixer.m.attn.qkvs.0.conv"], str(a)
+    assert "shares channels with stages.1.blocks.0.mixer.m.attn.qkvs.0.conv.v" in v[shared[0]].reason
+    for seed in (0, 1):
+        check_mask_equivalence(a, {"qk": 0.5, "v": 0.25, "ffn": 0.3}, seed)
