@@ -86,6 +86,7 @@ class _Propagator(fx.Interpreter):
         self.unknown: dict[str, str] = {}
         self.gathered: dict[str, list[str]] = {}  # elementwise node -> operands the rewrite gathers
         self.tables: list[tuple[int, int]] = []  # id ranges of small parameters (one unit per element)
+        self.summed: list[torch.Tensor] = []  # channels two computed tensors are added on (a residual stream)
 
     # ---- helpers -------------------------------------------------------------
     def pids(self, name: str, t: torch.Tensor, soft: bool = False) -> list[torch.Tensor]:
@@ -262,6 +263,11 @@ class _Propagator(fx.Interpreter):
             # layer, a computed constant) is gathered per use by the rewrite, not coupled
             self.gathered[n.name] = [nodes[i].name for i in soft]
             keep = [i for i in keep if i not in soft]
+        computed = [i for i in keep if nodes[i].op != "get_attr" and bool((labs[i] > 0).any())]
+        if key.rstrip("_") in ("add", "iadd", "sub", "isub", "rsub") and \
+                len({tuple(torch.unique(labs[i][labs[i] > 0]).tolist()) for i in computed}) > 1:
+            # x + f(x), f's channels made apart (not gelu's x + c x^3): a residual stream, whatever its norm
+            self.summed += [labs[i] for i in computed]
         return self.elementwise([(labs[i], real[i].shape) for i in keep], tuple(result.shape))
 
     def elementwise(self, pairs, out_shape):
@@ -931,6 +937,7 @@ class Analysis:
         self.sites = prop.sites
         self.unknown_ops = prop.unknown
         self.gathered = prop.gathered
+        self._summed = prop.summed
         self.class_of = prop.space.components()
         self.class_size = torch.bincount(self.class_of, minlength=self.class_of.numel())
         canon = lambda t: L.reduce(self.classes(t)) if isinstance(t, torch.Tensor) else t  # noqa: E731
@@ -973,6 +980,9 @@ class Analysis:
         for ids, why in self.space.sensitive:
             for c in torch.unique(self.class_of[ids]).tolist():
                 sens.setdefault(c, why)
+        self.summed_classes = set()
+        for lab in self._summed:
+            self.summed_classes.update(torch.unique(self.class_of[lab[lab > 0]]).tolist())
         dep = set()
         if self.space.support:
             dep = set(self.class_of[torch.tensor(sorted(self.space.support))].tolist())
@@ -1044,7 +1054,14 @@ class Analysis:
             v = _rows(self.classes(site.v))
             g = Group(f"{mod}.v", "v", v, site=mod)
             check(g, allow_sensitive=False)  # v is pruned per head on its own (GQA: per kv head)
+            makers = {name.rsplit(".", 1)[0] for name, c in producer_cls if bool(torch.isin(c, v).any())}
+            if g.prunable and len(makers) > 1:
+                # channels other layers make too (EfficientViT's cascaded heads add head i's output
+                # to the input of head i + 1): the residual stream's, pruned with it, not as v
+                g.prunable, g.reason = False, f"its channels are also made by {sorted(makers)[:3]}: residual stream"
             groups.append(g)
+            if not g.prunable and g.reason.endswith("residual stream"):
+                continue
             for c in torch.unique(v).tolist():
                 used.setdefault(c, g.name)
 
@@ -1067,7 +1084,7 @@ class Analysis:
             cls = cls[~torch.isin(cls, torch.tensor(sorted(used) or [-5]))]
             if cls.numel() == 0:
                 continue
-            is_res = any(c in sensitive for c in cls.tolist())
+            is_res = any(c in sensitive or c in self.summed_classes for c in cls.tolist())
             name = producer_cls[members[0]][0].rsplit(".", 1)[0]
             g = Group(name, "residual" if is_res else "ffn", cls)
             pending.append(g)

@@ -135,7 +135,7 @@ def test_torchvision_vit_multihead_attention():
 def test_efficientvit_msra_cascaded_heads():
     """EfficientViT (MSRA), exported: functional batch norm, depthwise conv on q, out = v @ attn^T (v the
     left operand), and cascaded heads: head i's output is added to input chunk i + 1, so the v of heads
-    0..H-2 are residual channels, shared by every block of a stage (pruned with the stage's first block)."""
+    0..H-2 are residual channels, shared by every block of a stage (pruned with the stream)."""
     torch.manual_seed(0)
     kw = {"img_size": 96, "embed_dim": (32, 64), "key_dim": (8, 8), "depth": (1, 2), "num_heads": (2, 2),
           "window_size": (4, 4), "kernels": (3, 3), "down_ops": (("", 1), ("subsample", 2))}
@@ -144,9 +144,11 @@ def test_efficientvit_msra_cascaded_heads():
     assert len(a.sites) == 6 and all(s.av_node is not None for s in a.sites)
     assert len(a.prunable("qk")) == 6, str(a)
     v = {s.name: a.groups[f"{s.name}.v"] for s in a.sites}
-    shared = [name for name, g in v.items() if not g.prunable]
-    # the last head's v is its own in every block; heads 0..H-2 are prunable in each stage's first block only
-    assert shared == ["stages.1.blocks.1.mixer.m.attn.qkvs.0.conv"], str(a)
-    assert "shares channels with stages.1.blocks.0.mixer.m.attn.qkvs.0.conv.v" in v[shared[0]].reason
+    stream = sorted(name for name, g in v.items() if not g.prunable)
+    # heads 0..H-2 (here head 0) of every block: their v channels are the stage's residual stream,
+    # pruned with it under the residual ratio, not as v; the last head's v is its own
+    assert stream == [f"stages.{s}.blocks.{b}.mixer.m.attn.qkvs.0.conv" for s, b in ((0, 0), (1, 0), (1, 1))], str(a)
+    assert all(v[name].reason.endswith("residual stream") for name in stream)
+    assert [g.width for g in a.prunable("residual")] == [32, 64]  # batch-norm streams, found by their adds
     for seed in (0, 1):
-        check_mask_equivalence(a, {"qk": 0.5, "v": 0.25, "ffn": 0.3}, seed)
+        check_mask_equivalence(a, {"qk": 0.5, "v": 0.25, "ffn": 0.3, "residual": 0.25 * seed}, seed)
