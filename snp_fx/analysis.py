@@ -700,13 +700,7 @@ class _Propagator(fx.Interpreter):
         if bool(dep_a.any()):
             m = dep_a & (cb > 0)
             self.space.add_support(ca[m], cb[m])
-            roots = self.space.roots()
-            site_of = {int(roots[k]): s for k, s in self.dep_site.items()}
-            for d in torch.unique(ca[dep_a]).tolist():
-                site = site_of.get(int(roots[d]))
-                if site is not None and site.v is None and bool((cb > 0).any()):
-                    site.v = lb[..., 0, :]
-                    site.av_node = n.name
+            self._note_v(n, ca[dep_a], cb, lb[..., 0, :])  # attn @ v: v is (..., tokens, E)
         if bool(dep_b.any()):
             m = dep_b & (ca > 0)
             self.space.add_support(cb[m], ca[m])
