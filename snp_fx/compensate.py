@@ -149,8 +149,7 @@ def _resolve(gm, name: str):
 def collect_stats(analysis, consumers: list[Consumer], calibration, progress: bool = True) -> dict[str, list]:
     """One streamed pass over ``calibration`` through the dense graph: per consumer node,
     [sum x x^T, sum x, rows] of its input.  Independent of the plan: reusable for many."""
-    from .importance.calibrate import _as_inputs
-    from .trace import normalize_inputs
+    from .importance.calibrate import graph_runs
 
     gm = analysis.gm
     reader = _InputStats(gm, consumers)
@@ -162,9 +161,10 @@ def collect_stats(analysis, consumers: list[Consumer], calibration, progress: bo
         it = calibration
     with torch.inference_mode():
         for b, batch in enumerate(it):
-            args, kwargs = _as_inputs(batch, len(placeholders), placeholders)
+            runs = graph_runs(analysis, batch, placeholders)
             try:
-                reader.run(*normalize_inputs(gm, kwargs if kwargs else args))
+                for inputs in runs:
+                    reader.run(*inputs)
             except Exception as e:
                 raise SNPError(f"calibration batch {b} does not run through the model: "
                                f"{type(e).__name__}: {e}") from e

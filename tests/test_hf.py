@@ -87,3 +87,17 @@ def test_rotary_pairs_and_kv_heads_go_together(name):
         assert kept == {r % d for r in rows if r // d == heads[0]}  # query heads of a group keep the same
     with torch.no_grad():
         assert pruned(**inputs).logits.shape == model(**inputs).logits.shape
+
+
+def test_calibration_batches_of_other_sizes_on_an_exported_graph():
+    """torch.export specialises the graph to the example shapes: a calibration batch twice as large is
+    run in two halves (same scores as the halves given one by one); another length is refused clearly."""
+    model, inputs, a = analysis("bert")
+    double = {k: torch.cat([v, v.flip(0)]) for k, v in inputs.items()}
+    halves = [{k: v[:2] for k, v in double.items()}, {k: v[2:] for k, v in double.items()}]
+    s1 = snp_fx.importance.compute_scores(a, "snp", [double], progress=False)
+    s2 = snp_fx.importance.compute_scores(a, "snp", halves, progress=False)
+    assert torch.allclose(s1.classes, s2.classes)
+    longer = {k: torch.cat([v, v], dim=1) for k, v in inputs.items()}
+    with pytest.raises(snp_fx.SNPError, match="specialised to the example inputs' shapes"):
+        snp_fx.importance.compute_scores(a, "snp", [longer], progress=False)

@@ -13,6 +13,35 @@ from ..errors import SNPError
 from .snp import qk_pair_scores
 
 
+def graph_runs(analysis, batch, placeholders: list[str]) -> list[tuple]:
+    """The graph inputs of one calibration batch, as one or more runs.
+
+    An exported graph is specialised to the example inputs' shapes: a batch larger by a
+    whole multiple (the other dims equal) runs in chunks of the example batch size; any
+    other shape is refused, saying what to give instead."""
+    from ..trace import normalize_inputs
+    args, kwargs = _as_inputs(batch, len(placeholders), placeholders)
+    inputs = normalize_inputs(analysis.gm, kwargs if kwargs else args)
+    if analysis.gm.meta.get("snp_frontend") != "export":
+        return [inputs]
+    pairs = [(i, x, r) for i, (x, r) in enumerate(zip(inputs, analysis.inputs))
+             if isinstance(x, torch.Tensor) and isinstance(r, torch.Tensor) and x.shape != r.shape]
+    if not pairs:
+        return [inputs]
+    factors = {x.shape[0] // r.shape[0] if x.dim() == r.dim() >= 1 and x.shape[1:] == r.shape[1:]
+               and x.shape[0] % r.shape[0] == 0 else None for _, x, r in pairs}
+    if len(factors) != 1 or None in factors:
+        got = {placeholders[i] if i < len(placeholders) else i: tuple(x.shape) for i, x, _ in pairs}
+        want = {placeholders[i] if i < len(placeholders) else i: tuple(r.shape) for i, _, r in pairs}
+        raise SNPError(f"calibration batch shapes {got} do not fit the exported graph, which torch.export "
+                       f"specialised to the example inputs' shapes {want}: give batches of those shapes "
+                       "(a whole multiple of the example batch size is split), or example inputs shaped "
+                       "like the calibration batches")
+    n = factors.pop()
+    split = {i: x.chunk(n, 0) for i, x, _ in pairs}
+    return [tuple(split[i][c] if i in split else x for i, x in enumerate(inputs)) for c in range(n)]
+
+
 class _NonFinite(Exception):
     pass
 
@@ -155,24 +184,22 @@ def calibrate_qk(analysis, calibration, gamma: int, progress: bool = True, grams
     device = next((p.device for p in gm.parameters()), torch.device("cpu"))
     with torch.inference_mode():
         for b, batch in enumerate(it):
-            args, kwargs = _as_inputs(batch, len(placeholders), placeholders)
-            from ..trace import normalize_inputs
-            inputs = normalize_inputs(gm, kwargs if kwargs else args)
-            inputs = tuple(x.to(device) if isinstance(x, torch.Tensor) else x for x in inputs)
-            try:
+            for inputs in graph_runs(analysis, batch, placeholders):
+                inputs = tuple(x.to(device) if isinstance(x, torch.Tensor) else x for x in inputs)
                 try:
-                    out = reader.run(*inputs)
-                    finite = all(bool(torch.isfinite(t).all()) for t in _leaves(out))
-                except _NonFinite:
-                    finite = False
-                if not finite:
-                    reader.check_every_node = True  # run again to say where it started
-                    reader.run(*inputs)
-            except SNPError:
-                raise
-            except Exception as e:
-                raise SNPError(f"calibration batch {b} does not run through the model: "
-                               f"{type(e).__name__}: {e}") from e
+                    try:
+                        out = reader.run(*inputs)
+                        finite = all(bool(torch.isfinite(t).all()) for t in _leaves(out))
+                    except _NonFinite:
+                        finite = False
+                    if not finite:
+                        reader.check_every_node = True  # run again to say where it started
+                        reader.run(*inputs)
+                except SNPError:
+                    raise
+                except Exception as e:
+                    raise SNPError(f"calibration batch {b} does not run through the model: "
+                                   f"{type(e).__name__}: {e}") from e
             n_batches += 1
     if n_batches == 0:
         raise SNPError("the calibration iterable is empty; give at least one batch")
