@@ -669,8 +669,9 @@ class _Propagator(fx.Interpreter):
         la = la.reshape((1,) * (r - la.dim()) + tuple(la.shape))
         lb = lb.reshape((1,) * (r - lb.dim()) + tuple(lb.shape))
         a_vk, b_vk = la.shape[-1] > 1, lb.shape[-2] > 1
-        if a_vk and b_vk and (self.is_table(lb) or self.is_table(la)):
-            return self.contract_table(la, lb, out_rank)
+        table = self.table_side(la, lb) if a_vk and b_vk else None
+        if table is not None:
+            return self.contract_table(la, lb, table == "a", out_rank)
         if a_vk and b_vk:
             if la.shape[-2] > 1 or lb.shape[-1] > 1:
                 self.freeze_all(n, f"{n.name}: contraction of channels that also vary along free dims")
@@ -729,7 +730,16 @@ class _Propagator(fx.Interpreter):
         roots = self.space.roots()
         return bool((torch.bincount(roots, minlength=roots.numel())[lab] == 1).all())  # coupled to nothing yet
 
-    def contract_table(self, la, lb, out_rank):
+    def table_side(self, la, lb):
+        """"a" or "b" if that operand is a parameter table the q/k pairing cannot take: it varies
+        along its own free dim (one row per relative position) or the heads share it."""
+        for side, tab, act, free in (("b", lb, la, -1), ("a", la, lb, -2)):
+            if self.is_table(tab) and (tab.shape[free] > 1 or any(
+                    act.shape[d] > 1 and tab.shape[d] == 1 for d in range(act.dim() - 2))):
+                return side
+        return None
+
+    def contract_table(self, la, lb, a_table, out_rank):
         """A @ B where one side is a parameter table shared by the heads (q @ rel_pos^T).
 
         The contracted dim is one dense dim of both, so each of its positions is one
@@ -737,7 +747,6 @@ class _Propagator(fx.Interpreter):
         (the heads keep the same q/k channels).  Each output row exists while its
         activation row has channels, like attention scores.
         """
-        a_table = self.is_table(la) and not self.is_table(lb)
         act = lb.transpose(-1, -2) if a_table else la          # (..., rows, K)
         tab = la if a_table else lb.transpose(-1, -2)          # (..., cols, K)
         self.space.union(act.unsqueeze(-2), tab.unsqueeze(-3))  # every (row, col) pair shares the K channel
@@ -1048,11 +1057,10 @@ class Analysis:
             v = _rows(self.classes(site.v))
             g = Group(f"{mod}.v", "v", v, site=mod)
             check(g, allow_sensitive=False)  # v is pruned per head on its own (GQA: per kv head)
-            makers = {name.rsplit(".", 1)[0] for name, c in producer_cls if bool(torch.isin(c, v).any())}
-            if g.prunable and len(makers) > 1:
-                # channels other layers make too (EfficientViT's cascaded heads add head i's output
+            if g.prunable and any(c in self.summed_classes for c in torch.unique(v).tolist()):
+                # added to channels made elsewhere (EfficientViT's cascaded heads add head i's output
                 # to the input of head i + 1): the residual stream's, pruned with it, not as v
-                g.prunable, g.reason = False, f"its channels are also made by {sorted(makers)[:3]}: residual stream"
+                g.prunable, g.reason = False, "its channels are added to others: residual stream"
             groups.append(g)
             if not g.prunable and g.reason.endswith("residual stream"):
                 continue
