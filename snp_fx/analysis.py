@@ -562,23 +562,32 @@ class _Propagator(fx.Interpreter):
                                     for r in result[1:])
         return x_lab
 
-    def rule_conv(self, n, key, args, kwargs, result):
-        x_lab = self.lab(n.args[0])
+    def conv_params(self, n, key, args, kwargs):
+        """(weight name, weight, bias name, bias, groups) of a conv module or of a functional /
+        aten conv whose parameters are get_attr nodes; None if they are computed."""
         if n.op == "call_module":
             mod = self.modules[n.target]
-            w_name, w, groups = n.target + ".weight", mod.weight, mod.groups
-            b_name, b = n.target + ".bias", mod.bias
-        else:  # F.conv2d / aten.conv2d(x, weight, bias, stride, padding, dilation, groups)
-            wn = n.args[1] if len(n.args) > 1 else n.kwargs.get("weight")
-            bn = n.args[2] if len(n.args) > 2 else n.kwargs.get("bias")
-            groups = _conv_groups(key, args, kwargs)
-            if not (isinstance(wn, fx.Node) and wn.op == "get_attr") or (
-                    bn is not None and not (isinstance(bn, fx.Node) and bn.op == "get_attr")):
-                reason = f"{n.name}: conv with computed parameters"
-                self.freeze_all(n, reason)
-                return self.frozen_output(result, reason)
-            w_name, w = wn.target, args[1]
-            b_name, b = (bn.target, args[2]) if bn is not None else (None, None)
+            return n.target + ".weight", mod.weight, n.target + ".bias", mod.bias, mod.groups
+        # F.conv2d / aten.conv2d(x, weight, bias, ..., groups), conv_transpose2d, aten.convolution
+        wn = n.args[1] if len(n.args) > 1 else n.kwargs.get("weight")
+        bn = n.args[2] if len(n.args) > 2 else n.kwargs.get("bias")
+        if not (isinstance(wn, fx.Node) and wn.op == "get_attr") or (
+                bn is not None and not (isinstance(bn, fx.Node) and bn.op == "get_attr")):
+            return None
+        b_name, b = (bn.target, args[2]) if bn is not None else (None, None)
+        return wn.target, args[1], b_name, b, _conv_groups(key, args, kwargs)
+
+    def rule_conv(self, n, key, args, kwargs, result):
+        x_lab = self.lab(n.args[0])
+        params = self.conv_params(n, key, args, kwargs)
+        if params is None:
+            reason = f"{n.name}: conv with computed parameters"
+            self.freeze_all(n, reason)
+            return self.frozen_output(result, reason)
+        w_name, w, b_name, b, groups = params
+        if n.op == "call_module":
+            mod = self.modules[n.target]
+        else:
             depthwise = groups == args[0].shape[1] == w.shape[0] and w.shape[1] == 1
             if groups != 1 and not depthwise:
                 reason = f"{n.name}: grouped functional conv ({groups} groups of {w.shape[1]} channels)"
@@ -625,21 +634,12 @@ class _Propagator(fx.Interpreter):
     def rule_conv_transpose(self, n, key, args, kwargs, result):
         """ConvTranspose / conv_transpose{1,2}d: weight (in, out / groups, k...), dim 1 makes the channels."""
         x_lab = self.lab(n.args[0])
-        if n.op == "call_module":
-            mod = self.modules[n.target]
-            w_name, w, groups = n.target + ".weight", mod.weight, mod.groups
-            b_name, b = n.target + ".bias", mod.bias
-        else:  # aten / F.conv_transpose2d(x, weight, bias, stride, padding, output_padding, groups, dilation)
-            wn = n.args[1] if len(n.args) > 1 else n.kwargs.get("weight")
-            bn = n.args[2] if len(n.args) > 2 else n.kwargs.get("bias")
-            groups = _conv_groups(key, args, kwargs)
-            if not (isinstance(wn, fx.Node) and wn.op == "get_attr") or (
-                    bn is not None and not (isinstance(bn, fx.Node) and bn.op == "get_attr")):
-                reason = f"{n.name}: conv_transpose with computed parameters"
-                self.freeze_all(n, reason)
-                return self.frozen_output(result, reason)
-            w_name, w = wn.target, args[1]
-            b_name, b = (bn.target, args[2]) if bn is not None else (None, None)
+        params = self.conv_params(n, key, args, kwargs)
+        if params is None:
+            reason = f"{n.name}: conv_transpose with computed parameters"
+            self.freeze_all(n, reason)
+            return self.frozen_output(result, reason)
+        w_name, w, b_name, b, groups = params
         depthwise = groups > 1 and groups == args[0].shape[1] == w.shape[0] and w.shape[1] == 1
         if groups != 1 and not depthwise:
             reason = f"{n.name}: grouped conv_transpose ({groups} groups)"
