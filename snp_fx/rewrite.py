@@ -200,10 +200,13 @@ class _Rewriter:
         lab = self.a.labels.get(node.name)
         if node.name in self.a.gathered:
             self.gather_operands(node, new)
-        if key in ops.SIZE_ARGS:
+        if key in ("reshape", "view", "_unsafe_view", "flatten"):
+            if key != "flatten":
+                self.fix_sizes(node, new, key)
+            if node not in self.fused:
+                self.restore_order(node, new)
+        elif key in ops.SIZE_ARGS:
             self.fix_sizes(node, new, key)
-        if key in ("reshape", "view", "_unsafe_view", "flatten") and node not in self.fused:
-            self.restore_order(node, new)
         elif key == "layer_norm":
             n_in = self.sizes_of(node.args[0])
             k = len(node.args[1]) if len(node.args) > 1 else len(node.kwargs["normalized_shape"])
