@@ -26,18 +26,18 @@ class Irregular(Exception):
     pass
 
 
-def pruned_sizes(lab: torch.Tensor, shape, keep: torch.Tensor, dims=None) -> list[int]:
+def pruned_sizes(lab: torch.Tensor, shape, keep: torch.Tensor, dims=None, ragged=None) -> list[int]:
     """Pruned shape of a tensor with reduced labels ``lab`` and real ``shape``."""
-    return _layout(lab, shape, keep, dims)[0]
+    return _layout(lab, shape, keep, dims, ragged)[0]
 
 
-def _layout(lab: torch.Tensor, shape, keep: torch.Tensor, dims=None):
+def _layout(lab: torch.Tensor, shape, keep: torch.Tensor, dims=None, ragged=None):
     """(pruned shape, ragged dim) of a tensor with reduced labels ``lab`` and real ``shape``.
 
-    One channel dim (the ragged one, normally the innermost: the head dim) may keep
+    One channel dim (the ragged one: the head dim where a reshape split the heads) may keep
     different indices per slice but the same count; the other channel dims keep whole
-    slices.  NesT's output permute puts the heads inside the head dim: the ragged dim is
-    then an outer one.
+    slices.  ``ragged`` says which dim that is (NesT's output permute moves it outwards);
+    without it the innermost that fits is taken.
     """
     shape = list(shape)
     lab = lab.reshape((1,) * (len(shape) - lab.dim()) + tuple(lab.shape))
@@ -50,7 +50,7 @@ def _layout(lab: torch.Tensor, shape, keep: torch.Tensor, dims=None):
         return shape, None
     kk = L.expand(k, tuple(lab.shape[d] if d in var else 1 for d in range(len(shape))))
     problem = None
-    for ragged in reversed(var):
+    for ragged in ([ragged] if ragged in var else reversed(var)):
         new = list(shape)
         for d in var:
             if d != ragged:
@@ -69,10 +69,9 @@ def _layout(lab: torch.Tensor, shape, keep: torch.Tensor, dims=None):
     raise Irregular(problem)
 
 
-def _kept_sequence(lab: torch.Tensor, shape, keep: torch.Tensor) -> torch.Tensor:
+def _kept_sequence(lab: torch.Tensor, shape, keep: torch.Tensor, ragged: int) -> torch.Tensor:
     """Labels of the kept elements over the channel dims, flattened in the pruned tensor's own
-    order: whole slices on the outer channel dims, each slice's kept entries in order on the ragged one."""
-    _, ragged = _layout(lab, shape, keep)
+    order: whole slices on the other channel dims, each slice's kept entries in order on the ragged one."""
     lab = lab.reshape((1,) * (len(shape) - lab.dim()) + tuple(lab.shape))
     var = L.varying_dims(lab)
     g = lab.reshape([lab.shape[d] for d in var])
@@ -100,10 +99,37 @@ class _Rewriter:
         self.attrs: dict[str, object] = {}
         self.skip: set[fx.Node] = set()
         self.fused: set[fx.Node] = set()  # fused-qkv reshapes replaced by per-slot parts
+        self.ragged: dict[str, int | None] = {}  # node -> its ragged channel dim (see ragged_of)
 
     # ---- sizes ---------------------------------------------------------------
-    def new_sizes(self, lab: torch.Tensor, shape, dims=None) -> list[int]:
-        return pruned_sizes(lab, shape, self.keep, dims)
+    def new_sizes(self, lab: torch.Tensor, shape, dims=None, ragged=None) -> list[int]:
+        return pruned_sizes(lab, shape, self.keep, dims, ragged)
+
+    def ragged_of(self, node: fx.Node):
+        """The channel dim of ``node``'s tensor that keeps per-slice choices: the innermost, as a
+        reshape splitting heads leaves it, carried along by permutes and elementwise ops (NesT
+        moves it outwards).  Which dim it is cannot be read off the keep pattern alone."""
+        if node.name in self.ragged:
+            return self.ragged[node.name]
+        lab, shape = self.a.labels.get(node.name), self.a.shapes.get(node.name)
+        r = None
+        if isinstance(lab, torch.Tensor) and isinstance(shape, tuple) and L.varying_dims(lab):
+            r = len(shape) - lab.dim() + L.varying_dims(lab)[-1]
+            src = node.args[0] if node.args and isinstance(node.args[0], fx.Node) else None
+            key = ops.op_key(node, self.modules) if node.op in ("call_function", "call_method") else None
+            src_shape = self.a.shapes.get(src.name) if src is not None else None
+            if key is not None and isinstance(src_shape, tuple) and len(L.varying_dims(lab)) > 1:
+                rs = self.ragged_of(src)
+                if rs is not None and key == "permute":
+                    r = _perm_args(node).index(rs) if len(src_shape) == len(shape) else r
+                elif rs is not None and key == "transpose":
+                    a, b = [x % len(shape) for x in node.args[1:3]]
+                    r = b if rs == a else a if rs == b else rs
+                elif rs is not None and len(src_shape) == len(shape) and (
+                        key in ("contiguous", "clone") or ops.kind_of(key) in ("unary", "binary", "like")):
+                    r = rs
+        self.ragged[node.name] = r
+        return r
 
     def check_layout(self, node: fx.Node):
         """Every tensor must keep a regular layout: whole slices on all channel dims but one, which
@@ -112,10 +138,10 @@ class _Rewriter:
         lab, shape = self.a.labels.get(node.name), self.a.shapes.get(node.name)
         for lab_i, shape_i in zip(*((lab, shape) if isinstance(lab, (list, tuple)) else ((lab,), (shape,)))):
             if isinstance(lab_i, torch.Tensor) and isinstance(shape_i, tuple) and len(L.varying_dims(lab_i)) > 1:
-                self.new_sizes(lab_i, shape_i)
+                self.new_sizes(lab_i, shape_i, ragged=self.ragged_of(node) if lab_i is lab else None)
 
     def sizes_of(self, node: fx.Node):
-        return self.new_sizes(self.a.labels[node.name], self.a.shapes[node.name])
+        return self.new_sizes(self.a.labels[node.name], self.a.shapes[node.name], ragged=self.ragged_of(node))
 
     # ---- parameters ----------------------------------------------------------
     def slice_tensor(self, name: str, t: torch.Tensor) -> torch.Tensor:
@@ -218,7 +244,8 @@ class _Rewriter:
             lab, shape = self.a.labels[x.name], self.a.shapes[x.name]
             d = node.args[1] % len(shape)
             if d in L.varying_dims(lab) and self.count_kept(lab, shape, d, 0, shape[d]) != shape[d]:
-                raise Irregular(f"`{key}` along a pruned dim")
+                if key != "index_select" or not self.remap_index(node, lab, d):
+                    raise Irregular(f"`{key}` along a pruned dim")
         elif key == "narrow":
             self.fix_narrow(node, new)
         elif key in ("slice", "select") and isinstance(self.a.labels.get(getattr(node.args[0], "name", None)),
@@ -318,6 +345,20 @@ class _Rewriter:
                     for d, (m, o) in enumerate(zip(mapped, orig))]
         setter(new, new_list)
 
+    def remap_index(self, node, lab, d) -> bool:
+        """index_select along a pruned dim with a stored index (the gather ``restore_order``
+        left in a model pruned before): keep the kept outputs, renumbered in the pruned input."""
+        idx_node = node.args[2] if len(node.args) > 2 else node.kwargs.get("index")
+        if not (isinstance(idx_node, fx.Node) and idx_node.op == "get_attr") or len(L.varying_dims(lab)) != 1:
+            return False
+        index = _get_attr(self.gm, idx_node.target)
+        ids = lab.reshape(-1)
+        kept_in = self.keep[ids.clamp(min=0)] | (ids < 0)
+        rank = torch.cumsum(kept_in.long(), 0) - 1  # position of each kept input in the pruned input
+        kept_out = kept_in[index]
+        self.attrs[idx_node.target] = rank[index[kept_out]].to(index.dtype)
+        return True
+
     def restore_order(self, node, new):
         """Flattening channel dims whose pruned order is not the original one (NesT's heads
         inside the head dim) gathers the result back into the order every consumer's
@@ -328,13 +369,13 @@ class _Rewriter:
                 len(L.varying_dims(lab_in)) < 2:
             return
         shape_in = self.a.shapes[x.name]
-        _, ragged = _layout(lab_in, shape_in, self.keep)
+        ragged = self.ragged_of(x)
         if ragged == len(shape_in) - lab_in.dim() + L.varying_dims(lab_in)[-1]:
             return  # the head dim innermost: kept channels stay in their original order
         var_out = L.varying_dims(lab_out)
         if len(var_out) != 1:
             raise Irregular("channels reordered by pruning are reshaped into several channel dims")
-        seq = _kept_sequence(lab_in, shape_in, self.keep)
+        seq = _kept_sequence(lab_in, shape_in, self.keep, ragged)
         out = lab_out.reshape(-1)
         canon = out[self.keep[out.clamp(min=0)] | (out < 0)]
         if torch.equal(seq, canon):
@@ -343,7 +384,9 @@ class _Rewriter:
                 not torch.equal(torch.sort(seq).values, torch.sort(canon).values):
             raise Irregular("channels reordered by pruning cannot be put back in order")
         order = torch.argsort(seq)
-        name = f"snp_order_{node.name}"
+        name, i = f"snp_order_{node.name}", 0
+        while name in self.attrs or hasattr(self.gm, name):  # a model pruned before has its own
+            name, i = f"snp_order_{node.name}_{i}", i + 1
         self.attrs[name] = order[torch.searchsorted(seq[order], canon)]
         index = self.graph.get_attr(name)
         self.env[node] = self.graph.call_function(torch.index_select, (new, var_out[0] - lab_out.dim(), index))

@@ -135,6 +135,20 @@ def test_head_dim_moved_inside_is_gathered_back_in_order(seed):
     assert sum(n.startswith("snp_order_") for n, _ in pruned.named_buffers()) == 2  # one per block
 
 
+def test_head_last_pruned_twice_renumbers_the_stored_gather():
+    """A second prune of a head-last model meets the first prune's gather (an index_select with a
+    stored index) on a pruned dim: its index is renumbered for the kept channels (apply verifies)."""
+    torch.manual_seed(0)
+    model = PlainViT(form="head_last").eval()
+    x = torch.randn(2, 3, 32, 32)
+    once = snp_fx.prune(model, x, {"v": 0.5}, importance="random", progress=False)
+    twice = snp_fx.prune(once, x, {"v": 0.5, "heads": 0.5, "residual": 0.25}, importance="random", seed=1,
+                         progress=False)
+    assert twice.get_submodule("blocks.0.attn.v").out_features < once.get_submodule("blocks.0.attn.v").out_features
+    kept = [int(b.numel()) for n, b in twice.named_buffers() if n.startswith("snp_order_")]
+    assert kept and all(k < 32 for k in kept)  # the stored gathers were cut to the kept channels
+
+
 def test_model_holding_an_autograd_cache_is_copied_not_refused():
     """timm's EfficientViT caches its attention biases on an eval forward run with autograd on; a
     deepcopy of such a model fails.  The pass copies those cached tensors detached and leaves the
