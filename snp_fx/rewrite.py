@@ -116,7 +116,7 @@ class _Rewriter:
         if isinstance(lab, torch.Tensor) and isinstance(shape, tuple) and L.varying_dims(lab):
             r = len(shape) - lab.dim() + L.varying_dims(lab)[-1]
             src = node.args[0] if node.args and isinstance(node.args[0], fx.Node) else None
-            key = ops.op_key(node, self.modules) if node.op in ("call_function", "call_method") else None
+            key = ops.op_key(node, self.modules) if node.op.startswith("call_") else None
             src_shape = self.a.shapes.get(src.name) if src is not None else None
             if key is not None and isinstance(src_shape, tuple) and len(L.varying_dims(lab)) > 1:
                 rs = self.ragged_of(src)
