@@ -27,17 +27,12 @@ class Irregular(Exception):
 
 
 def pruned_sizes(lab: torch.Tensor, shape, keep: torch.Tensor, dims=None, ragged=None) -> list[int]:
-    """Pruned shape of a tensor with reduced labels ``lab`` and real ``shape``."""
-    return _layout(lab, shape, keep, dims, ragged)[0]
-
-
-def _layout(lab: torch.Tensor, shape, keep: torch.Tensor, dims=None, ragged=None):
-    """(pruned shape, ragged dim) of a tensor with reduced labels ``lab`` and real ``shape``.
+    """Pruned shape of a tensor with reduced labels ``lab`` and real ``shape``.
 
     One channel dim (the ragged one: the head dim where a reshape split the heads) may keep
     different indices per slice but the same count; the other channel dims keep whole
-    slices.  ``ragged`` says which dim that is (NesT's output permute moves it outwards);
-    without it the innermost that fits is taken.
+    slices.  ``ragged`` says which dim that is (NesT's output permute moves it outwards;
+    see ``_Rewriter.ragged_of``); by default the innermost.
     """
     shape = list(shape)
     lab = lab.reshape((1,) * (len(shape) - lab.dim()) + tuple(lab.shape))
@@ -47,26 +42,21 @@ def _layout(lab: torch.Tensor, shape, keep: torch.Tensor, dims=None, ragged=None
     if not var:
         if not bool(k.all()):
             raise Irregular("a tensor whose channels are all removed")
-        return shape, None
+        return shape
     kk = L.expand(k, tuple(lab.shape[d] if d in var else 1 for d in range(len(shape))))
-    problem = None
-    for ragged in ([ragged] if ragged in var else reversed(var)):
-        new = list(shape)
-        for d in var:
-            if d != ragged:
-                other = [i for i in range(len(shape)) if i != d]
-                new[d] = int(kk.any(dim=other).sum()) if other else int(kk.sum())
-        counts = kk.sum(dim=ragged)
-        nz = counts[counts > 0]
-        if nz.numel() and not bool((nz == nz.reshape(-1)[0]).all()):
-            problem = problem or f"dim {ragged} keeps different counts per slice: {sorted(set(nz.reshape(-1).tolist()))}"
-            continue
-        new[ragged] = int(nz.reshape(-1)[0]) if nz.numel() else 0
-        if math.prod(new[d] for d in var) != int(kk.sum()):
-            problem = problem or "kept channels do not form a regular block"
-            continue
-        return new, ragged
-    raise Irregular(problem)
+    ragged = ragged if ragged in var else var[-1]
+    for d in var:
+        if d != ragged:
+            other = [i for i in range(len(shape)) if i != d]
+            shape[d] = int(kk.any(dim=other).sum()) if other else int(kk.sum())
+    counts = kk.sum(dim=ragged)
+    nz = counts[counts > 0]
+    if nz.numel() and not bool((nz == nz.reshape(-1)[0]).all()):
+        raise Irregular(f"dim {ragged} keeps different counts per slice: {sorted(set(nz.reshape(-1).tolist()))}")
+    shape[ragged] = int(nz.reshape(-1)[0]) if nz.numel() else 0
+    if math.prod(shape[d] for d in var) != int(kk.sum()):
+        raise Irregular("kept channels do not form a regular block")
+    return shape
 
 
 def _kept_sequence(lab: torch.Tensor, shape, keep: torch.Tensor, ragged: int) -> torch.Tensor:
