@@ -585,46 +585,29 @@ class _Propagator(fx.Interpreter):
             self.freeze_all(n, reason)
             return self.frozen_output(result, reason)
         w_name, w, b_name, b, groups = params
-        if n.op == "call_module":
-            mod = self.modules[n.target]
-        else:
-            depthwise = groups == args[0].shape[1] == w.shape[0] and w.shape[1] == 1
-            if groups != 1 and not depthwise:
-                reason = f"{n.name}: grouped functional conv ({groups} groups of {w.shape[1]} channels)"
-                self.freeze_all(n, reason)
-                return self.frozen_output(result, reason)
+        depthwise = groups > 1 and groups == args[0].shape[1] == w.shape[0] and w.shape[1] == 1
+        if groups != 1 and not depthwise and n.op != "call_module":
+            reason = f"{n.name}: grouped functional conv ({groups} groups of {w.shape[1]} channels)"
+            self.freeze_all(n, reason)
+            return self.frozen_output(result, reason)
         if any(d != 1 for d in L.varying_dims(x_lab)):
             reason = f"{n.name}: conv input carries channels outside dim 1"
             self.freeze_all(n, reason)
             return self.frozen_output(result, reason)
         out_ids, in_ids = self.pids(w_name, w)[:2]
-        if n.op != "call_module":
-            x_ch = L.expand(x_lab, x_lab.shape).movedim(1, -1).reshape(-1, x_lab.shape[1])[0]
-            if groups == 1:
-                self.space.union(in_ids, x_ch)
-            else:  # depthwise: channel i -> channel i (the rewrite sets groups to the kept count)
-                self.space.union(out_ids, x_ch)
-                self.space.freeze(in_ids, "depthwise kernel dim")
-            if b is not None:
-                self.space.union(self.pids(b_name, b)[0], out_ids)
-            self.producers.append((w_name, out_ids))
-            return out_ids.reshape((1, -1) + (1,) * (result.dim() - 2))
         x_ch = L.expand(x_lab, x_lab.shape).movedim(1, -1).reshape(-1, x_lab.shape[1])[0]
-        if mod.groups == 1:
+        if groups == 1:
             self.space.union(in_ids, x_ch)
-            out = out_ids
-        elif mod.groups == mod.in_channels == mod.out_channels:  # depthwise: channel i -> channel i
+        elif depthwise:  # channel i -> channel i (the rewrite sets groups to the kept count)
             self.space.union(out_ids, x_ch)
             self.space.freeze(in_ids, "depthwise kernel dim")
-            out = out_ids
-        else:
+        else:  # a grouped module: its channels stay, it still makes them
             self.freeze_all(n, f"{n.name}: grouped conv")
             self.space.freeze(out_ids, f"{n.name}: grouped conv")
-            out = out_ids
-        if mod.bias is not None:
-            self.space.union(self.pids(n.target + ".bias", mod.bias)[0], out_ids)
-        self.producers.append((n.target + ".weight", out_ids))
-        return out.reshape((1, -1) + (1,) * (result.dim() - 2))
+        if b is not None:
+            self.space.union(self.pids(b_name, b)[0], out_ids)
+        self.producers.append((w_name, out_ids))
+        return out_ids.reshape((1, -1) + (1,) * (result.dim() - 2))
 
     def rule_convolution(self, n, key, args, kwargs, result):
         """Core ATen convolution(x, weight, bias, stride, padding, dilation, transposed, output_padding, groups)."""
