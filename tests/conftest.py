@@ -5,6 +5,7 @@ import timm
 import torch
 
 import snp_fx
+from models import randomize_constants
 
 torch.set_num_threads(2)
 
@@ -19,7 +20,7 @@ TIMM_MODELS = [
 @functools.lru_cache(maxsize=None)
 def timm_model(name: str):
     torch.manual_seed(0)
-    return timm.create_model(name, pretrained=False).eval()
+    return randomize_constants(timm.create_model(name, pretrained=False).eval())
 
 
 @functools.lru_cache(maxsize=None)

@@ -144,3 +144,14 @@ def randomize_norms(model: nn.Module, seed=0) -> nn.Module:
                 m.weight.copy_(1 + 0.2 * torch.randn(m.weight.shape, generator=g))
                 m.bias.copy_(0.2 * torch.randn(m.bias.shape, generator=g))
     return model
+
+
+def randomize_constants(model: nn.Module) -> nn.Module:
+    """Some inits are constant (zero heads, layer scales of 1e-5): make every output depend on every
+    weight, so an oracle comparing outputs can see what pruning removed."""
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for p in model.parameters():
+            if bool((p == p.flatten()[0]).all()):
+                p.add_(0.1 * torch.randn(p.shape, generator=g))
+    return randomize_norms(model)

@@ -11,7 +11,7 @@ import torch
 
 import snp_fx
 from oracles import check_mask_equivalence
-from models import randomize_norms
+from models import randomize_constants
 
 SMALL = {  # name -> (create_model kwargs, input size, sites)
     "eva02_tiny_patch14_224": (dict(img_size=56, depth=2), 56, 2),            # interleaved RoPE pairs
@@ -29,15 +29,6 @@ SMALL = {  # name -> (create_model kwargs, input size, sites)
 }
 
 
-def _randomize(model):
-    g = torch.Generator().manual_seed(1)
-    with torch.no_grad():  # some inits are zero (heads, layer scales): make every output depend on every weight
-        for p in model.parameters():
-            if bool((p == p.flatten()[0]).all()):
-                p.add_(0.1 * torch.randn(p.shape, generator=g))
-    return randomize_norms(model)
-
-
 _cache = {}
 
 
@@ -45,7 +36,7 @@ def analysis(name):
     if name not in _cache:
         torch.manual_seed(0)
         kw, size, _ = SMALL[name]
-        model = _randomize(timm.create_model(name, pretrained=False, num_classes=5, **kw).eval())
+        model = randomize_constants(timm.create_model(name, pretrained=False, num_classes=5, **kw).eval())
         _cache[name] = snp_fx.analyze(model, torch.randn(2, 3, size, size))
     return _cache[name]
 
@@ -108,7 +99,7 @@ def test_nest_heads_inside_head_dim():
     heads, so the rewrite gathers them back into the order the projection's columns are sliced in."""
     from timm.models.nest import Nest
     torch.manual_seed(0)
-    model = _randomize(Nest(img_size=32, patch_size=4, num_levels=2, embed_dims=(32, 64), num_heads=(2, 4),
+    model = randomize_constants(Nest(img_size=32, patch_size=4, num_levels=2, embed_dims=(32, 64), num_heads=(2, 4),
                             depths=(1, 1), num_classes=5).eval())
     a = snp_fx.analyze(model, torch.randn(2, 3, 32, 32))
     assert len(a.prunable("qk")) == 2 and len(a.prunable("v")) == 2, str(a)
@@ -122,7 +113,7 @@ def test_torchvision_vit_multihead_attention():
     """torchvision's VisionTransformer runs nn.MultiheadAttention: auto exports it past the leaf."""
     from torchvision.models.vision_transformer import VisionTransformer
     torch.manual_seed(0)
-    model = _randomize(VisionTransformer(image_size=32, patch_size=8, num_layers=2, num_heads=4, hidden_dim=32,
+    model = randomize_constants(VisionTransformer(image_size=32, patch_size=8, num_layers=2, num_heads=4, hidden_dim=32,
                                          mlp_dim=64, num_classes=5).eval())
     a = snp_fx.analyze(model, torch.randn(2, 3, 32, 32))
     assert len(a.prunable("qk")) == 2 and len(a.prunable("v")) == 2
@@ -139,7 +130,7 @@ def test_efficientvit_msra_cascaded_heads():
     torch.manual_seed(0)
     kw = {"img_size": 96, "embed_dim": (32, 64), "key_dim": (8, 8), "depth": (1, 2), "num_heads": (2, 2),
           "window_size": (4, 4), "kernels": (3, 3), "down_ops": (("", 1), ("subsample", 2))}
-    model = _randomize(timm.create_model("efficientvit_m0", pretrained=False, num_classes=5, **kw).eval())
+    model = randomize_constants(timm.create_model("efficientvit_m0", pretrained=False, num_classes=5, **kw).eval())
     a = snp_fx.analyze(model, torch.randn(2, 3, 96, 96))  # windows of 4 on a 6 x 6 map: padded windows
     assert len(a.sites) == 6 and all(s.av_node is not None for s in a.sites)
     assert len(a.prunable("qk")) == 6, str(a)
