@@ -22,7 +22,7 @@ import torch
 import snp_fx
 from snp_fx.compensate import collect_stats, compensate, find_consumers
 from snp_fx.importance import Scores, compute_scores
-from snp_fx.plan import keep_mask, make_plan, plan_for_target
+from snp_fx.planning import keep_mask, make_plan, plan_for_target
 from snp_fx.report import attention_scores, count_macs, estimate_macs
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))

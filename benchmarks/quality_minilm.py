@@ -36,7 +36,7 @@ import torch.fx as fx
 import snp_fx
 from snp_fx.compensate import collect_stats, compensate, find_consumers
 from snp_fx.importance import Scores, compute_scores
-from snp_fx.plan import keep_mask, make_plan, plan_for_target
+from snp_fx.planning import keep_mask, make_plan, plan_for_target
 from snp_fx.report import count_macs, estimate_macs
 from snp_fx.trace import normalize_inputs, trace
 from snp_fx.verify import masked_reference

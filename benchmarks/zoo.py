@@ -23,7 +23,7 @@ import timm
 import torch
 
 import snp_fx
-from snp_fx.plan import keep_mask, make_plan
+from snp_fx.planning import keep_mask, make_plan
 from snp_fx.rewrite import rewrite
 from snp_fx.verify import mask_equivalence
 

@@ -13,7 +13,7 @@ from .compensate import DEFAULT_RIDGE
 from .compensate import compensate as _compensate
 from .errors import RewriteError, SNPError
 from .importance import DEFAULT_GAMMA, compute_scores
-from .plan import (PruningPlan, check_ratios, check_target, keep_mask, make_plan, paper_ratios,
+from .planning import (PruningPlan, check_ratios, check_target, keep_mask, make_plan, paper_ratios,
                    plan_for_target)
 from .rewrite import rewrite
 from .trace import export, normalize_inputs, trace

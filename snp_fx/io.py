@@ -28,7 +28,7 @@ from torch.utils._pytree import tree_leaves
 
 from . import api
 from .errors import RewriteError, SNPError
-from .plan import PruningPlan
+from .planning import PruningPlan
 from .verify import relative_error
 
 FORMAT = "snp_fx.saved/1"

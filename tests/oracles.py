@@ -1,7 +1,7 @@
 """Shared checks used by several test files."""
 import torch
 
-from snp_fx.plan import keep_mask, make_plan
+from snp_fx.planning import keep_mask, make_plan
 from snp_fx.rewrite import rewrite
 from snp_fx.verify import mask_equivalence, relative_error
 

@@ -14,7 +14,7 @@ from snp_fx.compensate import find_consumers, output_error, solve
 from snp_fx.importance import compute_scores
 from snp_fx.importance.calibrate import _valid_positions, pair_gram_product
 from snp_fx.importance.exact import exact_keep, exact_removal, removal_error
-from snp_fx.plan import keep_mask
+from snp_fx.planning import keep_mask
 from snp_fx.report import attention_scores
 
 

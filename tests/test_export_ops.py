@@ -10,7 +10,7 @@ from oracles import check_mask_equivalence, random_scores
 from torch import nn
 
 import snp_fx
-from snp_fx.plan import keep_mask, make_plan
+from snp_fx.planning import keep_mask, make_plan
 from snp_fx.report import count_macs, estimate_macs
 from snp_fx.rewrite import rewrite
 

@@ -6,7 +6,7 @@ import pytest
 import snp_fx
 from conftest import timm_analysis, timm_model
 from snp_fx.importance import compute_scores
-from snp_fx.plan import BUNDLED_CONFIGS, keep_mask, make_plan, paper_ratios, plan_for_target
+from snp_fx.planning import BUNDLED_CONFIGS, keep_mask, make_plan, paper_ratios, plan_for_target
 from snp_fx.report import count_macs, count_params, estimate_macs, estimate_params
 from snp_fx.rewrite import rewrite
 
