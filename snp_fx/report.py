@@ -39,7 +39,7 @@ def estimate_macs(analysis, keep: torch.Tensor) -> int:
     import math
 
     from . import ops
-    from .rewrite import Irregular, pruned_sizes
+    from .labels import Irregular, pruned_sizes
 
     gm = analysis.gm
     modules = dict(gm.named_modules())

@@ -20,61 +20,7 @@ from . import labels as L
 from . import ops
 from .analysis import Analysis
 from .errors import RewriteError
-
-
-class Irregular(Exception):
-    pass
-
-
-def pruned_sizes(lab: torch.Tensor, shape, keep: torch.Tensor, dims=None, ragged=None) -> list[int]:
-    """Pruned shape of a tensor with reduced labels ``lab`` and real ``shape``.
-
-    One channel dim (the ragged one: the head dim where a reshape split the heads) may keep
-    different indices per slice but the same count; the other channel dims keep whole
-    slices.  ``ragged`` says which dim that is (NesT's output permute moves it outwards;
-    see ``_Rewriter.ragged_of``); by default the innermost.
-    """
-    shape = list(shape)
-    lab = lab.reshape((1,) * (len(shape) - lab.dim()) + tuple(lab.shape))
-    k = torch.where(lab >= 0, keep[lab.clamp(min=0)], torch.ones_like(lab, dtype=torch.bool))
-    var = [d for d in range(len(shape)) if lab.shape[d] > 1] if dims is None else \
-        [d for d in dims if lab.shape[d] == shape[d]]
-    if not var:
-        if not bool(k.all()):
-            raise Irregular("a tensor whose channels are all removed")
-        return shape
-    kk = L.expand(k, tuple(lab.shape[d] if d in var else 1 for d in range(len(shape))))
-    ragged = ragged if ragged in var else var[-1]
-    for d in var:
-        if d != ragged:
-            other = [i for i in range(len(shape)) if i != d]
-            shape[d] = int(kk.any(dim=other).sum()) if other else int(kk.sum())
-    counts = kk.sum(dim=ragged)
-    nz = counts[counts > 0]
-    if nz.numel() and not bool((nz == nz.reshape(-1)[0]).all()):
-        raise Irregular(f"dim {ragged} keeps different counts per slice: {sorted(set(nz.reshape(-1).tolist()))}")
-    shape[ragged] = int(nz.reshape(-1)[0]) if nz.numel() else 0
-    if math.prod(shape[d] for d in var) != int(kk.sum()):
-        raise Irregular("kept channels do not form a regular block")
-    return shape
-
-
-def _kept_sequence(lab: torch.Tensor, shape, keep: torch.Tensor, ragged: int) -> torch.Tensor:
-    """Labels of the kept elements over the channel dims, flattened in the pruned tensor's own
-    order: whole slices on the other channel dims, each slice's kept entries in order on the ragged one."""
-    lab = lab.reshape((1,) * (len(shape) - lab.dim()) + tuple(lab.shape))
-    var = L.varying_dims(lab)
-    g = lab.reshape([lab.shape[d] for d in var])
-    r = var.index(ragged)
-    g = g.movedim(r, -1)
-    k = keep[g.clamp(min=0)] | (g < 0)
-    for d in range(g.dim() - 1):  # whole slices
-        other = [i for i in range(g.dim()) if i != d]
-        sl = k.any(dim=other).nonzero().flatten()
-        g, k = g.index_select(d, sl), k.index_select(d, sl)
-    count = int(k.sum()) // max(1, math.prod(g.shape[:-1]))
-    g = g[k].reshape(tuple(g.shape[:-1]) + (count,))
-    return g.movedim(-1, r).reshape(-1)
+from .labels import Irregular, kept_sequence, pruned_sizes
 
 
 class _Rewriter:
@@ -365,7 +311,7 @@ class _Rewriter:
         var_out = L.varying_dims(lab_out)
         if len(var_out) != 1:
             raise Irregular("channels reordered by pruning are reshaped into several channel dims")
-        seq = _kept_sequence(lab_in, shape_in, self.keep, ragged)
+        seq = kept_sequence(lab_in, shape_in, self.keep, ragged)
         out = lab_out.reshape(-1)
         canon = out[self.keep[out.clamp(min=0)] | (out < 0)]
         if torch.equal(seq, canon):
