@@ -23,7 +23,8 @@ import torch_pruning as tp
 from timm.models.vision_transformer import Attention
 
 import snp_fx
-from snp_fx.report import count_macs, time_interleaved
+from snp_fx.cost import count_macs
+from snp_fx.report import time_interleaved
 from torch.profiler import ProfilerActivity, profile
 
 from common import report

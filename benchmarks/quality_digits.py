@@ -23,7 +23,8 @@ import snp_fx
 from snp_fx.compensate import collect_stats, compensate, find_consumers
 from snp_fx.importance import Scores, compute_scores
 from snp_fx.planning import keep_mask, make_plan, plan_for_target
-from snp_fx.report import attention_scores, count_macs, estimate_macs
+from snp_fx.cost import count_macs, estimate_macs
+from snp_fx.report import attention_scores
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from common import report  # noqa: E402
@@ -82,7 +83,7 @@ def main():
     reverse = Scores(-snp.classes, {k: -v for k, v in snp.heads.items()})
     consumers, _ = find_consumers(a, [g.name for g in a.prunable() if g.kind in ("v", "ffn")])
     stats = collect_stats(a, consumers, cal, progress=False)
-    dense_macs = estimate_macs(a, torch.ones(a.space.next_id, dtype=torch.bool))
+    dense_macs = estimate_macs(a, torch.ones(a.channels.num_units, dtype=torch.bool))
     rows = []
 
     def record(sweep, budget, label, pruned, macs):

@@ -37,7 +37,7 @@ import snp_fx
 from snp_fx.compensate import collect_stats, compensate, find_consumers
 from snp_fx.importance import Scores, compute_scores
 from snp_fx.planning import keep_mask, make_plan, plan_for_target
-from snp_fx.report import count_macs, estimate_macs
+from snp_fx.cost import count_macs, estimate_macs
 from snp_fx.trace import normalize_inputs, trace
 from snp_fx.verify import masked_reference
 
@@ -272,7 +272,7 @@ def main():
               f"err {m['score_rel_err']:.3f} kl {m['attn_kl']:.4f} macs {rel_macs:.3f} "
               f"({rows[-1]['seconds']:.1f}s)", flush=True)
 
-    dense_macs = estimate_macs(a, torch.ones(a.space.next_id, dtype=torch.bool))
+    dense_macs = estimate_macs(a, torch.ones(a.channels.num_units, dtype=torch.bool))
     base = [("snp (g=2)", snp_plain), ("l2", l2), ("gm", gm)] + \
         [(f"random s{s}", r) for s, r in rnd.items()] + [("reverse", reverse)]
     criterion_sweeps(a, measure, ratios, base, snp4, exact, base[:2] + base[3:4])
@@ -340,7 +340,7 @@ def v_score_analysis(a, snp, l2, gm, stats, consumers):
         gram, _, n = stats[c.node]
         w = params[c.weight].detach().double()
         cost = gram.diagonal() / n * w.pow(2).sum(0)  # input channel order = the group's flattened classes
-        in_cls = a.class_of[a.param_ids[c.weight][1]]
+        in_cls = a.channels.class_of[a.channels.param_ids[c.weight][1]]
         for name, sc in (("snp", snp), ("l2", l2), ("gm", gm)):
             out[name].append(float(spearmanr(sc.classes[in_cls].numpy(), cost.numpy()).statistic))
     return {k: round(sum(v) / len(v), 3) for k, v in out.items() if v}

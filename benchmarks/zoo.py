@@ -71,12 +71,12 @@ def run(build, seconds):
             attention_like = any(n.op != "placeholder" and any(
                 k in str(n.target) for k in ("softmax", "scaled_dot_product")) for n in a.gm.graph.nodes)
             # a contraction the analysis refused says more than the first unknown op
-            refused = sorted({why for _, why in a.space.frozen
+            refused = sorted({why for _, why in a.channels.space.frozen
                               if any(w in why for w in ("contraction", "product of", "einsum"))})
             why = "; ".join((refused or list(a.unknown_ops.values()))[:2])[:160]
             return {"outcome": "missed" if attention_like else "no attention", "why": why}
         ratios = {"qk": 0.5, "v": 0.25, "ffn": 0.3}
-        scores = torch.rand(a.space.next_id, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+        scores = torch.rand(a.channels.num_units, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
         for _ in range(len(a.groups)):  # as snp_fx.prune does: set aside groups the rewrite cannot realise
             plan = make_plan(a, ratios, scores)
             keep = keep_mask(a, plan)

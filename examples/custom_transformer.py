@@ -23,7 +23,8 @@ from torch.fx.passes.infra.pass_base import PassResult
 from torch.fx.passes.infra.pass_manager import PassManager
 
 import snp_fx
-from snp_fx.report import count_macs, count_params, time_interleaved
+from snp_fx.cost import count_macs, count_params
+from snp_fx.report import time_interleaved
 from snp_fx.verify import relative_error
 
 

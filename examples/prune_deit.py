@@ -17,7 +17,8 @@ import timm
 import torch
 
 import snp_fx
-from snp_fx.report import count_macs, count_params, prune_report, time_interleaved
+from snp_fx.cost import count_macs, count_params
+from snp_fx.report import prune_report, time_interleaved
 
 
 def main(argv=None):

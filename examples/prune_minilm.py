@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 
 import snp_fx
-from snp_fx.report import count_macs, count_params
+from snp_fx.cost import count_macs, count_params
 
 DEFAULT_SETTINGS = ("qk=0.5", "v=0.25", "ffn=0.3", "qk=0.5,v=0.25,ffn=0.3")
 

@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 
 import snp_fx
-from snp_fx.report import count_macs, count_params
+from snp_fx.cost import count_macs, count_params
 
 
 def digits(seed=0):

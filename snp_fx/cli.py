@@ -188,7 +188,8 @@ def _budget(args) -> dict:
 def cmd_prune(args) -> int:
     from . import api
     from .io import save
-    from .report import count_macs, count_params, prune_report, time_interleaved
+    from .cost import count_macs, count_params
+    from .report import prune_report, time_interleaved
     budget = _budget(args)
     _status(f"loading {args.model}")
     model, size = load_model(args.model, args.pretrained, args.checkpoint)

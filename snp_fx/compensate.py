@@ -16,6 +16,7 @@ streamed over the batches of the dense graph: no activations are stored.
 from __future__ import annotations
 
 import dataclasses
+import operator
 import warnings
 
 import torch
@@ -45,28 +46,19 @@ def find_consumers(analysis, groups) -> tuple[list[Consumer], dict[str, str]]:
     for n in analysis.gm.graph.nodes:
         if n.op not in ("call_module", "call_function", "call_method"):
             continue
-        key = ops.op_key(n, modules)
-        if key == "linear" and n.op == "call_module":
-            w, b, in_dim = n.target + ".weight", (n.target + ".bias" if modules[n.target].bias is not None
-                                                  else None), 1
-        elif key == "linear" and n.op == "call_function" and len(n.args) > 1:
-            w, b, in_dim = n.args[1], n.args[2] if len(n.args) > 2 else n.kwargs.get("bias"), 1
-        elif key == "addmm" and n.op == "call_function" and len(n.args) > 2:
-            w, b, in_dim = n.args[2], n.args[0], 0
-        else:
+        key, family = ops.family_of(n, modules)
+        found_here = family.consumer(n, key, modules)
+        if found_here is None:
             continue
-        if isinstance(w, fx.Node):
-            w = w.target if w.op == "get_attr" else None
-        if isinstance(b, fx.Node):
-            b = b.target if b.op == "get_attr" else "computed"
-        if w is None or w not in analysis.param_ids:
+        w, b, in_dim, x_pos = found_here
+        if w is None or w not in analysis.channels.param_ids:
             continue
         uses[w] = uses.get(w, 0) + 1
-        cls = set(analysis.class_of[analysis.param_ids[w][in_dim]].tolist())
+        cls = set(analysis.channels.class_of[analysis.channels.param_ids[w][in_dim]].tolist())
         for name in groups:
             g = analysis.groups[name]
             if cls == set(g.classes.reshape(-1).tolist()):
-                found[name].append(Consumer(name, n.name, w, b, in_dim, 1 if key == "addmm" else 0))
+                found[name].append(Consumer(name, n.name, w, b, in_dim, x_pos))
     out, skipped = [], {}
     for name, cs in found.items():
         if len(cs) != 1:
@@ -139,13 +131,6 @@ def output_error(gram, total, n, weight, bias, new_w, new_b, kept) -> float:
     return float(torch.einsum("oi,ij,oj->", d, second, d) + 2 * c @ (d @ mu) + c @ c)
 
 
-def _resolve(gm, name: str):
-    obj = gm
-    for part in name.split("."):
-        obj = getattr(obj, part)
-    return obj
-
-
 def collect_stats(analysis, consumers: list[Consumer], calibration, progress: bool = True) -> dict[str, list]:
     """One streamed pass over ``calibration`` through the dense graph: per consumer node,
     [sum x x^T, sum x, rows] of its input.  Independent of the plan: reusable for many."""
@@ -201,7 +186,7 @@ def compensate(analysis, keep: torch.Tensor, pruned: fx.GraphModule, calibration
         weight = params[c.weight].detach()
         w_full = weight if c.in_dim == 1 else weight.T     # (out, in)
         bias = params[c.bias].detach() if c.bias else None
-        masks = analysis.dim_masks(c.weight, weight.shape, keep)
+        masks = analysis.channels.dim_masks(c.weight, weight.shape, keep)
         kept, rows = masks[c.in_dim], masks[1 - c.in_dim]
         new_w, new_b = solve(gram, total, n, w_full, bias, kept, ridge)
         zero_w = w_full.double()[:, kept]
@@ -214,7 +199,7 @@ def compensate(analysis, keep: torch.Tensor, pruned: fx.GraphModule, calibration
             warnings.warn(f"snp_fx: compensation of {c.group} would raise its calibration error "
                           f"({before:.4g} -> {after:.4g}); kept the plain pruned weights", stacklevel=3)
             continue
-        target = _resolve(pruned, c.weight)
+        target = operator.attrgetter(c.weight)(pruned)
         w_new = new_w[rows] if c.in_dim == 1 else new_w[rows].T
         same_shape = tuple(target.shape) == tuple(weight.shape) and tuple(w_new.shape) != tuple(target.shape)
         if same_shape:  # a masked reference (verify.masked_reference): removed slices stay zero
@@ -227,11 +212,11 @@ def compensate(analysis, keep: torch.Tensor, pruned: fx.GraphModule, calibration
                            f"pruned `{c.weight}` {tuple(target.shape)}")
         target.copy_(w_new.to(target.dtype))
         if bias is not None:
-            bmask = analysis.dim_masks(c.bias, bias.shape, keep)[0]
-            _resolve(pruned, c.bias).copy_((new_b * bmask if same_shape else new_b[bmask]).to(bias.dtype))
+            bmask = analysis.channels.dim_masks(c.bias, bias.shape, keep)[0]
+            operator.attrgetter(c.bias)(pruned).copy_((new_b * bmask if same_shape else new_b[bmask]).to(bias.dtype))
     return records
 
 
 def _ids_of(analysis, g):
     """Every unit id of the group's classes (keep is indexed by unit id)."""
-    return torch.isin(analysis.class_of, g.classes.reshape(-1)).nonzero().flatten()
+    return torch.isin(analysis.channels.class_of, g.classes.reshape(-1)).nonzero().flatten()

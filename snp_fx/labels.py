@@ -227,3 +227,40 @@ def kept_sequence(lab: torch.Tensor, shape, keep: torch.Tensor, ragged: int) -> 
     count = int(k.sum()) // max(1, math.prod(g.shape[:-1]))
     g = g[k].reshape(tuple(g.shape[:-1]) + (count,))
     return g.movedim(-1, r).reshape(-1)
+
+
+# ---------------------------------------------------------------------------
+# Small helpers over (nested) label structures
+# ---------------------------------------------------------------------------
+
+def map_struct(v, fn):
+    """``fn`` over the leaves of nested lists / tuples (a torch.Size is a leaf)."""
+    if isinstance(v, (list, tuple)) and not isinstance(v, torch.Size):
+        return (list if isinstance(v, list) else tuple)(map_struct(x, fn) for x in v)
+    return fn(v)
+
+
+def flat_labels(x) -> list[torch.Tensor]:
+    """Every label tensor in a nested structure."""
+    if isinstance(x, torch.Tensor):
+        return [x]
+    if isinstance(x, (list, tuple)):
+        return [t for y in x for t in flat_labels(y)]
+    return []
+
+
+def unique_ordered(t: torch.Tensor) -> torch.Tensor:
+    """Distinct values in order of first appearance."""
+    return torch.tensor(list(dict.fromkeys(t.tolist())), dtype=torch.long)
+
+
+def unique_ordered_rows(t: torch.Tensor) -> torch.Tensor:
+    """Distinct rows of a 2-d tensor in order of first appearance."""
+    return torch.tensor(list(dict.fromkeys(tuple(r) for r in t.tolist())), dtype=torch.long)
+
+
+def rows(lab: torch.Tensor) -> torch.Tensor:
+    """(heads, width) array of a per-head label tensor, deduplicated over batch positions."""
+    lab = reduce(lab)
+    flat = lab.reshape(-1, lab.shape[-1]) if lab.dim() else lab.reshape(1, 1)
+    return unique_ordered_rows(flat)

@@ -12,6 +12,7 @@ import os
 import torch
 
 from .analysis import Analysis, Group
+from .cost import estimate_macs, estimate_params
 from .errors import SNPError
 
 KINDS = ("qk", "v", "ffn", "residual", "heads")
@@ -187,7 +188,7 @@ def _why_heads_stay(qk: Group, v: Group | None) -> str:
 
 def keep_mask(analysis: Analysis, plan: PruningPlan) -> torch.Tensor:
     """keep[id] for every unit id: False where the plan removes its class."""
-    keep_cls = torch.ones(analysis.space.next_id, dtype=torch.bool)
+    keep_cls = torch.ones(analysis.channels.num_units, dtype=torch.bool)
     for name, entry in plan.groups.items():
         g = analysis.groups.get(name)
         if g is None:
@@ -221,11 +222,11 @@ def keep_mask(analysis: Analysis, plan: PruningPlan) -> torch.Tensor:
             m[idx] = False
             keep_cls[cls[m]] = False
     # dependent classes (heads, head-indexed tables) exist while any support exists
-    for dep, sup in analysis.support.items():
+    for dep, sup in analysis.channels.support.items():
         if sup:
             keep_cls[dep] = bool(keep_cls[torch.tensor(sorted(sup))].any())
     _check_heads(analysis, plan, keep_cls)
-    return keep_cls[analysis.class_of]
+    return keep_cls[analysis.channels.class_of]
 
 
 def _check_heads(analysis, plan, keep_cls):
@@ -315,12 +316,10 @@ def plan_for_target(analysis: Analysis, scores, target_macs=None, target_params=
     threshold is bisected until the measured budget is met within ``tolerance``.
     ``target_*``: an absolute count, or a fraction (< 1) of the dense model.
     """
-    from .report import estimate_macs, estimate_params
-
     check_target(analysis, target_macs, target_params, round_to)
     measure = estimate_macs if target_macs is not None else estimate_params
     target = target_macs if target_macs is not None else target_params
-    dense = measure(analysis, torch.ones(analysis.space.next_id, dtype=torch.bool))
+    dense = measure(analysis, torch.ones(analysis.channels.num_units, dtype=torch.bool))
     if target < 1:
         target = target * dense
     head_scores = getattr(scores, "heads", {})
@@ -433,8 +432,6 @@ def plan_for_target(analysis: Analysis, scores, target_macs=None, target_params=
 
 def check_target(analysis: Analysis, target_macs=None, target_params=None, round_to: int = 1) -> None:
     """Raise a clear error for a budget that cannot be met (before any costly scoring)."""
-    from .report import estimate_macs, estimate_params
-
     if (target_macs is None) == (target_params is None):
         raise SNPError("give exactly one of target_macs and target_params")
     if not isinstance(round_to, int) or round_to < 1:
@@ -444,7 +441,7 @@ def check_target(analysis: Analysis, target_macs=None, target_params=None, round
         raise SNPError(f"target must be a positive number (absolute, or a fraction < 1), got {target!r}")
     measure = estimate_macs if target_macs is not None else estimate_params
     if target < 1:
-        target = target * measure(analysis, torch.ones(analysis.space.next_id, dtype=torch.bool))
+        target = target * measure(analysis, torch.ones(analysis.channels.num_units, dtype=torch.bool))
     keep = {}
     for g in analysis.groups.values():
         if g.prunable:

@@ -1,105 +1,10 @@
-"""Measurements: MACs (torch.utils.flop_counter), parameter counts, widths."""
+"""Reports: widths tables, interleaved timing, the prune report, attention maps.
+
+MACs and parameter counts: snp_fx/cost.py."""
 from __future__ import annotations
 
 import torch
-from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count
 
-
-def _sdpa_cpu_flops(query_shape, key_shape, value_shape, *args, out_shape=None, **kwargs):
-    # torch 2.14 does not count the CPU fused attention kernel; count it like sdpa
-    return sdpa_flop_count(query_shape, key_shape, value_shape)
-
-
-def _custom_mapping():
-    m = {}
-    op = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
-    if op is not None:
-        m[op] = _sdpa_cpu_flops
-    return m
-
-
-@torch.no_grad()
-def count_macs(model: torch.nn.Module, inputs: tuple) -> int:
-    """Multiply-accumulates of one forward pass (FLOPs / 2)."""
-    with FlopCounterMode(display=False, custom_mapping=_custom_mapping()) as counter:
-        model(*inputs)
-    return counter.get_total_flops() // 2
-
-
-def count_params(model: torch.nn.Module) -> int:
-    return sum(p.numel() for p in model.parameters())
-
-
-def estimate_macs(analysis, keep: torch.Tensor) -> int:
-    """MACs of the pruned model predicted from the labels alone (no rewrite, no forward).
-
-    Counts what FlopCounterMode counts: linear, matmul/bmm/einsum, conv and
-    attention products, with every shape pruned as ``keep`` says.
-    """
-    import math
-
-    from . import ops
-    from .labels import Irregular, pruned_sizes
-
-    gm = analysis.gm
-    modules = dict(gm.named_modules())
-    shapes, labels = analysis.shapes, analysis.labels
-    cache: dict[str, list[int]] = {}
-
-    def new(name):
-        if name not in cache:
-            try:
-                cache[name] = pruned_sizes(labels[name], shapes[name], keep)
-            except Irregular:
-                cache[name] = list(shapes[name])  # a fused reshape: its parts are counted downstream
-        return cache[name]
-
-    total = 0
-    for n in gm.graph.nodes:
-        if n.op not in ("call_function", "call_method", "call_module") or not isinstance(shapes.get(n.name), tuple):
-            continue
-        kind = ops.kind_of(ops.op_key(n, modules))
-        x = n.args[0] if n.args and isinstance(n.args[0], torch.fx.Node) else None
-        if kind == "linear" and x is not None:
-            total += math.prod(new(n.name)) * new(x.name)[-1]
-        elif kind == "conv" and n.op == "call_module":
-            mod = modules[n.target]
-            k = math.prod(mod.kernel_size)
-            depthwise = mod.groups == mod.in_channels == mod.out_channels and mod.groups > 1
-            total += math.prod(new(n.name)) * (1 if depthwise else new(x.name)[1] // mod.groups) * k
-        elif kind in ("conv", "conv_transpose", "convolution") and x is not None:
-            # what FlopCounterMode counts: batch * spatial size (of the input if transposed) * weight size
-            w_name = f"{n.target}.weight" if n.op == "call_module" else n.args[1].target
-            w_shape = modules[n.target].weight.shape if n.op == "call_module" else shapes[n.args[1].name]
-            transposed = kind == "conv_transpose" or (kind == "convolution" and n.args[6])
-            out = shapes[x.name] if transposed else shapes[n.name]
-            w_kept = math.prod(int(m.sum()) for m in analysis.dim_masks(w_name, w_shape, keep))
-            total += out[0] * math.prod(out[2:]) * w_kept
-        elif kind == "addmm":
-            total += math.prod(new(n.name)) * new(n.args[1].name)[-1]
-        elif kind == "matmul":
-            total += math.prod(new(n.name)) * new(n.args[0].name)[-1]
-        elif kind == "einsum":
-            eq = n.args[0].replace(" ", "")
-            ins, out = eq.split("->")
-            a, b = ins.split(",")
-            nodes = n.args[1:] if not isinstance(n.args[1], (list, tuple)) else n.args[1]
-            sa = new(nodes[0].name)
-            con = math.prod(sa[a.index(c)] for c in a if c in b and c not in out)
-            total += math.prod(new(n.name)) * con
-        elif kind == "sdpa":
-            q, k, v = (new(a.name) for a in n.args[:3])
-            total += math.prod(q[:-1]) * k[-2] * (q[-1] + v[-1])
-    return total
-
-
-def estimate_params(analysis, keep: torch.Tensor) -> int:
-    """Parameter count of the pruned model, from the labels alone."""
-    import math
-    total = 0
-    for name, p in analysis.gm.named_parameters():
-        total += math.prod(int(m.sum()) for m in analysis.dim_masks(name, p.shape, keep))
-    return total
 
 
 @torch.no_grad()
@@ -297,7 +202,7 @@ def attention_maps(gm, inputs: tuple, nodes) -> dict:
     from . import ops
 
     modules = dict(gm.named_modules())
-    kind = {n.name: ops.kind_of(ops.op_key(n, modules)) for n in gm.graph.nodes
+    kind = {n.name: ops.kind_of(n, modules) for n in gm.graph.nodes
             if n.op in ("call_function", "call_method", "call_module")}
     by_name = {n.name: n for n in gm.graph.nodes}
     wanted = [n for n in nodes if n in by_name]

@@ -89,10 +89,10 @@ def trace(model: torch.nn.Module, leaf_modules=(), example_inputs=None, frontend
 
 
 def _opaque_leaves(gm: fx.GraphModule) -> list[str]:
-    from .ops import module_kind
+    from .ops import UNKNOWN, family_of
     mods = dict(gm.named_modules())
     return [n.target for n in gm.graph.nodes if n.op == "call_module"
-            and module_kind(mods[n.target]).startswith("module:") and any(True for _ in mods[n.target].parameters())]
+            and family_of(n, mods)[1] is UNKNOWN and any(True for _ in mods[n.target].parameters())]
 
 
 def export(model: torch.nn.Module, example_inputs) -> fx.GraphModule:

@@ -10,78 +10,24 @@ Usable from users' own tests: ``snp_fx.verify.mask_equivalence(...)``.
 from __future__ import annotations
 
 import copy
+import operator
 
 import torch
 import torch.fx as fx
 import torch.nn as nn
 from torch.utils._pytree import tree_leaves
 
+from . import ops
 from .analysis import Analysis
 
 
 def _zeroed(analysis, name, t: torch.Tensor, keep) -> torch.Tensor:
     out = t.detach().clone()
-    for d, m in enumerate(analysis.dim_masks(name, t.shape, keep)):
+    for d, m in enumerate(analysis.channels.dim_masks(name, t.shape, keep)):
         if not bool(m.all()):
             idx = (~m).nonzero().flatten().to(out.device)
             out.index_fill_(d, idx, 0)
     return out
-
-
-def masked_layer_norm(x, normalized_shape, weight=None, bias=None, eps=1e-5, *unused, keep=None):
-    """LayerNorm whose statistics run over the kept channels only (removed ones are zero)."""
-    k = keep.to(x.dtype)
-    n = k.sum()
-    mean = (x * k).sum(-1, keepdim=True) / n
-    var = ((x - mean) * k).pow(2).sum(-1, keepdim=True) / n
-    y = (x - mean) * torch.rsqrt(var + eps) * k
-    if weight is not None:
-        y = y * weight
-    if bias is not None:
-        y = y + bias
-    return y
-
-
-def masked_group_norm(x, num_groups, weight=None, bias=None, eps=1e-5, *unused, keep=None):
-    """GroupNorm with one group, channels on dim 1, whose statistics run over the kept channels only."""
-    shape = (1, -1) + (1,) * (x.dim() - 2)
-    k = keep.to(x.dtype).reshape(shape)
-    dims = tuple(range(1, x.dim()))
-    n = k.sum() * x[0, 0].numel()
-    mean = (x * k).sum(dims, keepdim=True) / n
-    var = ((x - mean) * k).pow(2).sum(dims, keepdim=True) / n
-    y = (x - mean) * torch.rsqrt(var + eps) * k
-    if weight is not None:
-        y = y * weight.reshape(shape)
-    if bias is not None:
-        y = y + bias.reshape(shape)
-    return y
-
-
-class _MaskedGroupNormModule(nn.Module):
-    def __init__(self, gn: nn.GroupNorm, keep: torch.Tensor):
-        super().__init__()
-        self.gn = gn
-        self.register_buffer("keep", keep)
-
-    def forward(self, x):
-        return masked_group_norm(x, 1, self.gn.weight, self.gn.bias, self.gn.eps, keep=self.keep)
-
-
-def masked_mean(x, dim, keepdim=False, keep=None):
-    """Mean over the last dim counting kept channels only (removed ones are zero)."""
-    return x.sum(dim, keepdim=keepdim) / keep.to(x.dtype).sum()
-
-
-class _MaskedLayerNormModule(nn.Module):
-    def __init__(self, ln: nn.LayerNorm, keep: torch.Tensor):
-        super().__init__()
-        self.ln = ln
-        self.register_buffer("keep", keep)
-
-    def forward(self, x):
-        return masked_layer_norm(x, self.ln.normalized_shape, self.ln.weight, self.ln.bias, self.ln.eps,
-                                 keep=self.keep)
 
 
 def masked_reference(analysis: Analysis, keep: torch.Tensor, exact_norms: bool = False) -> fx.GraphModule:
@@ -96,9 +42,7 @@ def masked_reference(analysis: Analysis, keep: torch.Tensor, exact_norms: bool =
     attrs = {}
     for node in gm.graph.nodes:
         if node.op == "get_attr":
-            t = gm
-            for part in node.target.split("."):
-                t = getattr(t, part)
+            t = operator.attrgetter(node.target)(gm)
             attrs[node.target] = _zeroed(analysis, node.target, t, keep) if isinstance(t, torch.Tensor) else t
         elif node.op == "call_module":
             mod = copy.deepcopy(gm.get_submodule(node.target))
@@ -115,82 +59,52 @@ def masked_reference(analysis: Analysis, keep: torch.Tensor, exact_norms: bool =
     return fx.GraphModule(attrs, graph)
 
 
-def _mask_norms(analysis, keep, gm, graph, env, attrs):
-    from . import ops
-    modules = dict(gm.named_modules())
-    device = next((p.device for p in gm.parameters()), torch.device("cpu"))
-    n_masks = 0
-    for node in gm.graph.nodes:
-        if node.op not in ("call_function", "call_method", "call_module"):
-            continue
-        key = ops.op_key(node, modules)
-        kind = ops.kind_of(key)
-        if kind not in ("layer_norm", "reduce", "softmax", "group_norm") or key in ops.ZERO_NEUTRAL_REDUCE:
-            continue  # elementwise, contractions and sums over removed (zero) channels are exact already
+class _Masker:
+    """Turns the reference's normalisations over partly removed channels into ones that count
+    kept channels only; each op family does its own (``OpFamily.masked``)."""
+
+    def __init__(self, analysis, keep, graph, env, attrs):
+        self.a, self.keep, self.graph, self.env, self.attrs = analysis, keep, graph, env, attrs
+        self.device = next((p.device for p in analysis.gm.parameters()), torch.device("cpu"))
+        self.n_masks = 0
+
+    def shape_of(self, node):
+        return self.a.shapes[node.name]
+
+    def kept(self, lab: torch.Tensor) -> torch.Tensor:
+        return torch.where(lab >= 0, self.keep[lab.clamp(min=0)], torch.ones_like(lab, dtype=torch.bool))
+
+    def last_dim_mask(self, node):
+        """Keep mask of the input's last dim where it has partly removed channels, else None;
+        ValueError if positions remove different channels."""
         x = node.args[0] if node.args and isinstance(node.args[0], fx.Node) else None
-        lab = analysis.labels.get(x.name) if x is not None else None
-        if kind == "group_norm" and isinstance(lab, torch.Tensor) and lab.dim() > 1 and lab.shape[1] > 1:
-            # the analysis follows one group with channels on dim 1 only
-            kept = torch.where(lab >= 0, keep[lab.clamp(min=0)], torch.ones_like(lab, dtype=torch.bool))
-            mask = kept.movedim(1, -1).reshape(-1, lab.shape[1])[0].to(device)
-            if bool(mask.all()):
-                continue
-            if node.op == "call_module":
-                attrs[node.target] = _MaskedGroupNormModule(attrs[node.target], mask)
-                continue
-            name = f"_snp_keep_{n_masks}"
-            n_masks += 1
-            attrs[name] = mask
-            new = env[node]
-            with graph.inserting_before(new):
-                mask_node = graph.get_attr(name)
-            new.op, new.target = "call_function", masked_group_norm
-            new.kwargs = {**new.kwargs, "keep": mask_node}
-            continue
+        lab = self.a.labels.get(x.name) if x is not None else None
         if not isinstance(lab, torch.Tensor) or lab.dim() == 0 or lab.shape[-1] == 1:
-            continue
-        kept = torch.where(lab >= 0, keep[lab.clamp(min=0)], torch.ones_like(lab, dtype=torch.bool))
-        if bool(kept.all()) or (kind == "reduce" and not _reduces_channels(node, lab, analysis.shapes[x.name])):
-            continue
+            return None
+        kept = self.kept(lab)
+        if bool(kept.all()):
+            return None
         last = kept.reshape(-1, kept.shape[-1])
         if not bool((last == last[:1]).all()):
             raise ValueError(f"`{node.name}` normalises channels removed differently per position")
-        mask = last[0].to(device)
-        new = env[node]
-        if key == "layer_norm" and node.op == "call_module":
-            attrs[node.target] = _MaskedLayerNormModule(attrs[node.target], mask)
-            continue
-        name = f"_snp_keep_{n_masks}"
-        n_masks += 1
-        attrs[name] = mask
-        with graph.inserting_before(new):
-            mask_node = graph.get_attr(name)
-        if key == "layer_norm":
-            new.target, new.op = masked_layer_norm, "call_function"
-            new.kwargs = {**new.kwargs, "keep": mask_node}
-        elif key == "mean" and _last_dim_only(node, analysis.shapes[x.name]):
-            dim = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim")
-            keepdim = node.args[2] if len(node.args) > 2 else node.kwargs.get("keepdim", False)
-            new.op, new.target = "call_function", masked_mean
-            new.args, new.kwargs = (new.args[0], dim, keepdim), {"keep": mask_node}
-        else:
-            raise ValueError(f"`{node.name}` ({key}) normalises over removed channels")
+        return last[0].to(self.device)
+
+    def add_mask(self, node, mask) -> fx.Node:
+        """A get_attr of ``mask`` in the reference graph, before ``node``'s copy."""
+        name = f"_snp_keep_{self.n_masks}"
+        self.n_masks += 1
+        self.attrs[name] = mask
+        with self.graph.inserting_before(self.env[node]):
+            return self.graph.get_attr(name)
 
 
-def _reduces_channels(node, lab, shape) -> bool:
-    dim = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim")
-    if dim is None:
-        return True
-    dims = [dim] if isinstance(dim, int) else list(dim)
-    rank = len(shape)
-    lab = lab.reshape((1,) * (rank - lab.dim()) + tuple(lab.shape))
-    return any(lab.shape[d % rank] > 1 for d in dims)
-
-
-def _last_dim_only(node, shape) -> bool:
-    dim = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim")
-    dims = [dim] if isinstance(dim, int) else list(dim or [])
-    return len(dims) == 1 and dims[0] % len(shape) == len(shape) - 1
+def _mask_norms(analysis, keep, gm, graph, env, attrs):
+    m = _Masker(analysis, keep, graph, env, attrs)
+    modules = dict(gm.named_modules())
+    for node in gm.graph.nodes:
+        if node.op in ("call_function", "call_method", "call_module"):
+            key, family = ops.family_of(node, modules)
+            family.masked(m, node, key)
 
 
 def relative_error(a, b) -> float:

@@ -7,7 +7,7 @@ from snp_fx.verify import mask_equivalence, relative_error
 
 
 def random_scores(analysis, seed):
-    return torch.rand(analysis.space.next_id, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+    return torch.rand(analysis.channels.num_units, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
 
 
 def check_mask_equivalence(analysis, ratios, seed, model=None):

@@ -9,7 +9,8 @@ from PIL import Image
 import snp_fx
 from models import BlockSpec, PlainViT, randomize_norms
 from snp_fx.cli import main
-from snp_fx.report import attention_maps, count_params
+from snp_fx.cost import count_params
+from snp_fx.report import attention_maps
 
 TINY = "test_cli:tiny_vit"  # this module is importable under pytest (tests/ is on sys.path)
 MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)  # timm's default (ImageNet) normalisation

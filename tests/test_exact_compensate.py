@@ -197,7 +197,7 @@ def test_compensation_writes_the_refit_and_never_hurts(vit, calib):
     x = torch.cat(calib)
     fc1_in = _capture(vit.blocks[0].norm2, x, vit)
     hidden = vit.blocks[0].mlp.act(vit.blocks[0].mlp.fc1(fc1_in)).detach()
-    kept = keep_mask(a, p)[a.param_ids["blocks.0.mlp.fc2.weight"][1]]
+    kept = keep_mask(a, p)[a.channels.param_ids["blocks.0.mlp.fc2.weight"][1]]
     for model, key in ((comp, "error_after"), (plain, "error_before")):
         fc2 = model.get_submodule("blocks.0.mlp.fc2")
         with torch.no_grad():

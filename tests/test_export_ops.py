@@ -11,7 +11,7 @@ from torch import nn
 
 import snp_fx
 from snp_fx.planning import keep_mask, make_plan
-from snp_fx.report import count_macs, estimate_macs
+from snp_fx.cost import count_macs, estimate_macs
 from snp_fx.rewrite import rewrite
 
 C, HID = 4, 8

@@ -7,7 +7,7 @@ import snp_fx
 from conftest import timm_analysis, timm_model
 from snp_fx.importance import compute_scores
 from snp_fx.planning import BUNDLED_CONFIGS, keep_mask, make_plan, paper_ratios, plan_for_target
-from snp_fx.report import count_macs, count_params, estimate_macs, estimate_params
+from snp_fx.cost import count_macs, count_params, estimate_macs, estimate_params
 from snp_fx.rewrite import rewrite
 
 PAPER = [("DeiT_t", "deit_tiny_patch16_224", 0.64e9, 153), ("DeiT_s", "deit_small_patch16_224", 2.04e9, 307),
@@ -111,5 +111,5 @@ def test_any_scores_any_budget_within_one_percent(seed, fraction, round_to, head
     a = timm_analysis("deit_tiny_patch16_224")
     plan = plan_for_target(a, compute_scores(a, "random", seed=seed), target_macs=fraction, round_to=round_to,
                            heads=heads)
-    dense = estimate_macs(a, torch.ones(a.space.next_id, dtype=torch.bool))
+    dense = estimate_macs(a, torch.ones(a.channels.num_units, dtype=torch.bool))
     assert abs(estimate_macs(a, keep_mask(a, plan)) - fraction * dense) <= 0.01 * fraction * dense

@@ -8,7 +8,7 @@ from hypothesis import strategies as st
 
 import snp_fx
 from models import BlockSpec, PlainViT, randomize_norms
-from snp_fx.report import count_macs, count_params
+from snp_fx.cost import count_macs, count_params
 from snp_fx.verify import relative_error
 
 

@@ -59,19 +59,19 @@ def params_of(analysis) -> dict[str, torch.Tensor]:
 
 def norm_scores(analysis, params, p: int) -> torch.Tensor:
     """Sum over every parameter slice of a class of |w|^p."""
-    scores = torch.zeros(analysis.space.next_id, dtype=torch.float64)
-    for name, ids_per_dim in analysis.param_ids.items():
+    scores = torch.zeros(analysis.channels.num_units, dtype=torch.float64)
+    for name, ids_per_dim in analysis.channels.param_ids.items():
         t = params.get(name)
         if t is None:
             continue
         t = t.detach().double().cpu().abs().pow(p)
         for d, ids in enumerate(ids_per_dim):
             other = [i for i in range(t.dim()) if i != d]
-            scores.index_add_(0, analysis.class_of[ids], t.sum(other) if other else t)
-    for name, ids in analysis.elem_ids.items():
+            scores.index_add_(0, analysis.channels.class_of[ids], t.sum(other) if other else t)
+    for name, ids in analysis.channels.elem_ids.items():
         t = params.get(name)
         if t is not None:
-            scores.index_add_(0, analysis.class_of[ids.reshape(-1)], t.detach().double().cpu().abs().pow(p).reshape(-1))
+            scores.index_add_(0, analysis.channels.class_of[ids.reshape(-1)], t.detach().double().cpu().abs().pow(p).reshape(-1))
     return scores
 
 
@@ -79,12 +79,12 @@ def producer_rows(analysis, params, classes: torch.Tensor) -> torch.Tensor:
     """(n, F): for each class, the weight rows (all producers, concatenated) that create it."""
     flat = classes.reshape(-1)
     feats = []
-    for name, dim in analysis.producers:
+    for name, dim in analysis.channels.producers:
         t = params.get(name)
-        ids = analysis.param_ids.get(name)
+        ids = analysis.channels.param_ids.get(name)
         if t is None or ids is None:
             continue
-        cls = analysis.class_of[ids[dim]]
+        cls = analysis.channels.class_of[ids[dim]]
         pos = {c: i for i, c in enumerate(cls.tolist())}
         if not all(c in pos for c in flat.tolist()):
             continue
@@ -97,7 +97,7 @@ def producer_rows(analysis, params, classes: torch.Tensor) -> torch.Tensor:
 
 def residual_tss_average(analysis, params, group) -> torch.Tensor:
     """The authors' policy: per layer L2 norm of each channel / layer total, averaged over layers."""
-    n = analysis.space.next_id
+    n = analysis.channels.num_units
     in_group = torch.zeros(n, dtype=torch.bool)
     in_group[group.classes] = True
     total = torch.zeros(n, dtype=torch.float64)
@@ -110,21 +110,21 @@ def residual_tss_average(analysis, params, group) -> torch.Tensor:
             total.add_(l2 / s)
             count.add_((l2 > 0).double())
 
-    for name, ids_per_dim in analysis.param_ids.items():
+    for name, ids_per_dim in analysis.channels.param_ids.items():
         t = params.get(name)
         if t is None:
             continue
         t = t.detach().cpu().pow(2)
         for d, ids in enumerate(ids_per_dim):
-            cls = analysis.class_of[ids]
+            cls = analysis.channels.class_of[ids]
             if not bool(in_group[cls].any()):
                 continue
             other = [i for i in range(t.dim()) if i != d]
             per = t.sum(other, dtype=torch.float64) if other else t.double()
             add_layer(torch.zeros(n, dtype=torch.float64).index_add_(0, cls, per))
-    for name, ids in analysis.elem_ids.items():
+    for name, ids in analysis.channels.elem_ids.items():
         t = params.get(name)
-        cls = analysis.class_of[ids.reshape(-1)]
+        cls = analysis.channels.class_of[ids.reshape(-1)]
         if t is None or not bool(in_group[cls].any()):
             continue
         add_layer(torch.zeros(n, dtype=torch.float64).index_add_(0, cls, t.detach().double().cpu().pow(2).reshape(-1)))
@@ -151,7 +151,7 @@ def compute_scores(analysis, importance: str = "snp", calibration=None, gamma: i
         base.pair_grams = _by_group(analysis, grams)
         return base
     params = params_of(analysis)
-    n = analysis.space.next_id
+    n = analysis.channels.num_units
     if importance == "random":
         g = torch.Generator().manual_seed(seed)
         return Scores(torch.rand(n, generator=g, dtype=torch.float64))

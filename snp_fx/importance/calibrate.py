@@ -145,21 +145,21 @@ def calibrate_qk(analysis, calibration, gamma: int, progress: bool = True, grams
 
     ``grams=True`` also returns, per site, (heads, E, E) sums of Gq * Gk (see
     ``pair_gram_product``) for exact q/k selection; ``score=False`` skips the SNP scores."""
-    from ..analysis import _rows  # the same row order as the groups
+    from ..labels import rows as _rows  # the same row order as the groups
 
     gm = analysis.gm
     placeholders = [n.target for n in gm.graph.nodes if n.op == "placeholder"]
     sites = analysis.sites
     rows, acc, energy, pos_heads, gram = [], [], [], [], []
     for s in sites:
-        r = _rows(analysis.classes(s.q))
+        r = _rows(analysis.channels.classes(s.q))
         rows.append(r)
         acc.append(torch.zeros(r.shape, dtype=torch.float64))
         if grams:
             gram.append(torch.zeros(r.shape + (r.shape[-1],), dtype=torch.float64))
         energy.append(torch.zeros(r.shape[0], dtype=torch.float64))
         # head index of every flattened batch position of the reduced labels
-        lab = analysis.classes(s.q)
+        lab = analysis.channels.classes(s.q)
         flat = lab.reshape(-1, lab.shape[-1])
         index = {tuple(x): h for h, x in enumerate(r.tolist())}
         pos_heads.append(torch.tensor([index[tuple(x)] for x in flat.tolist()], dtype=torch.long))

@@ -1,0 +1,81 @@
+"""The channel graph: classes of coupled units and what holds each class in place.
+
+Built from a finished propagation: every unit id belongs to one class (its union-find
+root); a class is frozen (with the reason), sensitive (normalised over: removing is not
+zeroing), dependent (exists through others: heads, attention scores) or free.  Parameters
+map to classes dim by dim (``param_ids``) or element by element (``elem_ids``), which
+gives the keep mask of every parameter dim (``dim_masks``).
+"""
+from __future__ import annotations
+
+import torch
+
+from ..errors import RewriteError
+
+
+class ChannelGraph:
+    def __init__(self, prop):
+        self.space = prop.space
+        self.param_ids: dict[str, list[torch.Tensor]] = prop.param_ids
+        self.elem_ids: dict[str, torch.Tensor] = prop.elem_ids
+        self.producers = [(name, prop.producer_dim.get(name, 0)) for name, _ in prop.producers]
+        self.class_of = prop.space.components()
+        self.class_size = torch.bincount(self.class_of, minlength=self.class_of.numel())
+        self._class_reasons(prop.summed)
+
+    @property
+    def num_units(self) -> int:
+        """Size of every per-unit (or per-class) tensor: scores, keep masks."""
+        return self.space.next_id
+
+    def classes(self, ids: torch.Tensor) -> torch.Tensor:
+        return torch.where(ids >= 0, self.class_of[ids.clamp(min=0)], ids)
+
+    def _class_reasons(self, summed):
+        self.frozen: dict[int, str] = {int(self.class_of[0]): "tied to a model input"}
+        for ids, why in self.space.frozen:
+            for c in torch.unique(self.class_of[ids]).tolist():
+                self.frozen.setdefault(c, why)
+        self.sensitive: dict[int, str] = {}
+        for ids, why in self.space.sensitive:
+            for c in torch.unique(self.class_of[ids]).tolist():
+                self.sensitive.setdefault(c, why)
+        self.summed: set[int] = set()  # classes added to channels made elsewhere: a residual stream
+        for lab in summed:
+            self.summed.update(torch.unique(self.class_of[lab[lab > 0]]).tolist())
+        self.dependent: set[int] = set()
+        if self.space.support:
+            self.dependent = set(self.class_of[torch.tensor(sorted(self.space.support))].tolist())
+        self.support: dict[int, set[int]] = {}  # dependent class -> the classes it exists through
+        for k, v in self.space.support.items():
+            members = self.class_of[torch.tensor(sorted(v), dtype=torch.long)].tolist() if v else []
+            self.support.setdefault(int(self.class_of[k]), set()).update(members)
+
+    def dim_masks(self, name: str, shape, keep: torch.Tensor) -> list[torch.Tensor]:
+        """Per-dim keep masks of a parameter/buffer; raises RewriteError if not a block."""
+        masks = [torch.ones(s, dtype=torch.bool) for s in shape]
+        for d, ids in enumerate(self.param_ids.get(name, [])):
+            masks[d] &= keep[ids]
+        e = self.elem_ids.get(name)
+        if e is not None:
+            coupled = self.class_size[self.class_of[e]] > 1  # uncoupled elements may go either way
+            k = keep[e]
+            keep_el, drop_el = k & coupled, ~k & coupled
+            for d in range(e.dim()):
+                other = [i for i in range(e.dim()) if i != d]
+                has_keep = keep_el.any(dim=other) if other else keep_el
+                has_drop = drop_el.any(dim=other) if other else drop_el
+                masks[d] &= ~(has_drop & ~has_keep)
+            block = masks[0]
+            for m in masks[1:]:
+                block = block.unsqueeze(-1) & m
+            if bool((keep_el & ~block).any()) or bool((drop_el & block).any()):
+                raise RewriteError(f"the kept part of `{name}` is not a block of whole slices")
+        return masks
+
+    def kept_count(self, name: str, shape, keep: torch.Tensor) -> int:
+        """How many elements of a parameter a keep mask leaves."""
+        n = 1
+        for m in self.dim_masks(name, shape, keep):
+            n *= int(m.sum())
+        return n

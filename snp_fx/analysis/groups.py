@@ -1,0 +1,151 @@
+"""Groups: the coupled classes pruned together under one ratio.
+
+Per attention site a q/k group (heads x pair width) and a v group; the other channel
+producers, linked by shared classes (a networkx graph), form FFN groups and the
+residual stream(s).  A group that cannot be pruned says why.
+"""
+from __future__ import annotations
+
+import dataclasses
+
+import networkx as nx
+import torch
+
+from ..labels import rows, unique_ordered
+
+
+@dataclasses.dataclass
+class Site:
+    """One attention: q/k units pair up through q @ k^T, v units feed attn @ v."""
+    node: str                  # the q@k^T (or sdpa) node
+    kind: str                  # "sdpa" | "matmul"
+    q: torch.Tensor            # unit labels of q (batch dims..., E), reduced
+    k: torch.Tensor
+    v: torch.Tensor | None = None
+    av_node: str | None = None
+    name: str = ""
+    # (args, kwargs) of the site node -> (Q, K), both (..., tokens, E): what calibration reads
+    operands: object = None
+    producers_before: int = 0  # how many channel producers ran before it (for naming)
+
+
+@dataclasses.dataclass
+class Group:
+    """A set of coupled classes pruned together under one ratio."""
+    name: str
+    kind: str                  # "qk" | "v" | "ffn" | "residual"
+    classes: torch.Tensor      # (heads, width) for qk/v, (width,) otherwise
+    prunable: bool = True
+    reason: str = ""
+    site: str | None = None
+
+    @property
+    def heads(self) -> int:
+        return self.classes.shape[0] if self.classes.dim() == 2 else 1
+
+    @property
+    def width(self) -> int:
+        return self.classes.shape[-1]
+
+
+PROJECTION_NAMES = ("qkv", "query", "q", "q_proj", "c_attn", "in_proj")  # a site is named after its module
+
+
+def build_groups(channels, sites: list[Site], producers: list[tuple[str, torch.Tensor]]) -> dict[str, Group]:
+    """Groups of a propagated graph (``producers``: weight name, unit ids it makes)."""
+    producer_cls = [(name, channels.classes(ids)) for name, ids in producers]
+    groups: list[Group] = []
+    used: dict[int, str] = {}
+
+    def owner_module(cls_set, before):
+        """The q projection: the earliest of the producers of these channels nearest the site."""
+        owner = None
+        for name, c in reversed(producer_cls[:before]):
+            if bool(torch.isin(c, cls_set).any()):
+                owner = name
+            elif owner is not None:
+                break  # q, k (, v) projections run together; earlier layers stop the search
+        return owner.rsplit(".", 1)[0] if owner else None
+
+    def check(g: Group, allow_sensitive: bool):
+        for c in torch.unique(g.classes).tolist():
+            if c in channels.frozen:
+                g.prunable, g.reason = False, channels.frozen[c]
+                return
+            if c in channels.dependent:
+                g.prunable, g.reason = False, "its channels exist only through others"
+                return
+            if c in channels.sensitive and not allow_sensitive:
+                g.prunable, g.reason = False, f"normalised over ({channels.sensitive[c]}): removing is not exact"
+                return
+            if c in used:
+                g.prunable, g.reason = False, f"shares channels with {used[c]}"
+                return
+        if g.classes.dim() == 2 and torch.unique(g.classes).numel() != g.classes.numel():
+            g.prunable, g.reason = False, "channels of different heads are coupled"
+
+    seen_names: dict[str, int] = {}
+    for site in sites:
+        qk = rows(channels.classes(site.q))
+        pairs = [unique_ordered(row) for row in qk]  # rotary embeddings pair index i with i + d/2
+        if len({p.numel() for p in pairs}) == 1:
+            qk = torch.stack(pairs)
+        mod = owner_module(torch.unique(qk), site.producers_before) or site.node
+        mod = mod if mod.rsplit(".", 1)[-1] not in PROJECTION_NAMES \
+            else mod.rsplit(".", 1)[0] if "." in mod else mod
+        if mod in seen_names:
+            seen_names[mod] += 1
+            mod = f"{mod}#{seen_names[mod]}"
+        else:
+            seen_names[mod] = 0
+        site.name = mod
+        g = Group(f"{mod}.qk", "qk", qk, site=mod)
+        check(g, allow_sensitive=False)
+        groups.append(g)
+        for c in torch.unique(qk).tolist():
+            used.setdefault(c, g.name)
+        if site.v is None:
+            continue
+        v = rows(channels.classes(site.v))
+        g = Group(f"{mod}.v", "v", v, site=mod)
+        check(g, allow_sensitive=False)  # v is pruned per head on its own (GQA: per kv head)
+        if g.prunable and any(c in channels.summed for c in torch.unique(v).tolist()):
+            # added to channels made elsewhere (EfficientViT's cascaded heads add head i's output
+            # to the input of head i + 1): the residual stream's, pruned with it, not as v
+            g.prunable, g.reason = False, "its channels are added to others: residual stream"
+        groups.append(g)
+        if not g.prunable and g.reason.endswith("residual stream"):
+            continue
+        for c in torch.unique(v).tolist():
+            used.setdefault(c, g.name)
+
+    # producers coupled by shared classes form one group (residual stream, FFN hidden)
+    graph = nx.Graph()
+    graph.add_nodes_from(range(len(producer_cls)))
+    owner: dict[int, int] = {}
+    for i, (_, c) in enumerate(producer_cls):
+        for cl in torch.unique(c).tolist():
+            if cl in owner:
+                graph.add_edge(owner[cl], i)
+            else:
+                owner[cl] = i
+    residual_count = 0
+    pending = []
+    for comp in sorted(nx.connected_components(graph), key=min):
+        members = sorted(comp)
+        cls = unique_ordered(torch.cat([producer_cls[i][1] for i in members]))
+        cls = cls[~torch.isin(cls, torch.tensor(sorted(used) or [-5]))]
+        if cls.numel() == 0:
+            continue
+        is_res = any(c in channels.sensitive or c in channels.summed for c in cls.tolist())
+        name = producer_cls[members[0]][0].rsplit(".", 1)[0]
+        pending.append(Group(name, "residual" if is_res else "ffn", cls))
+        residual_count += is_res
+    r = 0
+    for g in pending:
+        if g.kind == "residual":
+            g.name = "residual" if residual_count == 1 else f"residual.{r}"
+            r += 1
+        check(g, allow_sensitive=g.kind == "residual")
+        groups.append(g)
+    return {g.name: g for g in groups}

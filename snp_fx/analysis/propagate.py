@@ -1,0 +1,255 @@
+"""Propagation: run the traced graph once and, alongside every real tensor, its channel labels.
+
+The interpreter hooks live here; what each op does with labels is its family's
+``propagate`` (snp_fx/ops).  The real op failing is the user's problem (``SNPError``: the
+model does not run on these inputs); a family's rule failing is snp_fx's (``InternalError``).
+"""
+from __future__ import annotations
+
+import torch
+import torch.fx as fx
+
+from .. import labels as L
+from .. import ops
+from ..errors import InternalError, SNPError, SNPFXError
+from ..labels import FROZEN, NONE, flat_labels, map_struct
+from .groups import Site
+
+# get_attr tensors up to this size get one unit id per element
+ELEMENT_ID_LIMIT = 1 << 18
+
+
+def _shape(v):
+    return tuple(v.shape) if isinstance(v, torch.Tensor) else None
+
+
+class Propagator(fx.Interpreter):
+    """Executes the graph on real inputs and, alongside, on channel labels.
+
+    What the families read and write: ``lab(node)`` (labels of an argument), ``space``
+    (the unit space: unions, freezing), ``pids`` (unit ids of a parameter's dims),
+    ``producers`` (weights that make channels), ``sites`` (attention), ``refuse``."""
+
+    def __init__(self, gm: fx.GraphModule):
+        super().__init__(gm, garbage_collect_values=True)
+        self.space = L.UnitSpace()
+        self.modules = dict(gm.named_modules())
+        self.labels: dict[str, object] = {}
+        self.shapes: dict[str, object] = {}
+        self.taint: dict[str, object] = {}
+        self.param_ids: dict[str, list[torch.Tensor]] = {}
+        self.elem_ids: dict[str, torch.Tensor] = {}
+        self.producers: list[tuple[str, torch.Tensor]] = []
+        self.producer_dim: dict[str, int] = {}  # which weight dim makes the channels (0 but embeddings)
+        self.sites: list[Site] = []
+        self.dep_site: dict[int, Site] = {}
+        self.unknown: dict[str, str] = {}
+        self.gathered: dict[str, list[str]] = {}  # elementwise node -> operands the rewrite gathers
+        self.tables: list[tuple[int, int]] = []  # id ranges of small parameters (one unit per element)
+        self.summed: list[torch.Tensor] = []  # channels two computed tensors are added on (a residual stream)
+
+    # ---- helpers the families use -------------------------------------------------
+    def pids(self, name: str, t: torch.Tensor, soft: bool = False) -> list[torch.Tensor]:
+        """Unit ids along every dim of a parameter or buffer (allocated once)."""
+        if name not in self.param_ids:
+            self.param_ids[name] = [self.space.new(s, soft) for s in t.shape]
+        return self.param_ids[name]
+
+    def lab(self, a):
+        if isinstance(a, fx.Node):
+            return self.labels.get(a.name)
+        if isinstance(a, (list, tuple)):
+            return [self.lab(x) for x in a]
+        return None
+
+    def tainted(self, a) -> list[torch.Tensor]:
+        """Channel ids that python ints in ``a`` were read from (x.shape[-1] and the like)."""
+        out = []
+        if isinstance(a, fx.Node):
+            t = self.taint.get(a.name)
+            if isinstance(t, torch.Tensor):
+                out.append(t)
+            elif isinstance(t, (list, tuple)):
+                out += [x for x in t if isinstance(x, torch.Tensor)]
+        elif isinstance(a, (list, tuple)):
+            for x in a:
+                out += self.tainted(x)
+        elif isinstance(a, dict):
+            for x in a.values():
+                out += self.tainted(x)
+        return out
+
+    def freeze_all(self, node, reason):
+        for a in list(node.args) + list(node.kwargs.values()):
+            for lab in flat_labels(self.lab(a)):
+                self.space.freeze(lab, reason)
+            for t in self.tainted(a):
+                self.space.freeze(t, reason)
+
+    def frozen_output(self, result, reason, soft=False):
+        """Labels for the result of an op we do not follow: one fresh, frozen unit
+        (``soft`` for tensor factories: a constant, gathered where it meets channels)."""
+        def one(r):
+            if not isinstance(r, torch.Tensor):
+                return None
+            u = self.space.new(1, soft)
+            self.space.freeze(u, reason)
+            return u.reshape((1,) * r.dim()) if r.dim() else u.reshape(())
+        return map_struct(result, one)
+
+    def refuse(self, n, reason, result):
+        """What an op the analysis cannot follow gives: its channels and its output frozen."""
+        self.freeze_all(n, reason)
+        return self.frozen_output(result, reason)
+
+    def full(self, value, result):
+        return map_struct(result, lambda r: L.constant(value, r.dim()) if isinstance(r, torch.Tensor) else None)
+
+    def dim_taint(self, node_arg):
+        """Per dim of a tensor: the channel ids its size is read from (None: no channels)."""
+        lab = self.lab(node_arg)
+        if not isinstance(lab, torch.Tensor):
+            return None
+        out = []
+        for d in range(lab.dim()):
+            if lab.shape[d] > 1:
+                out.append(lab.movedim(d, 0).reshape(lab.shape[d], -1)[:, 0].clone())
+            else:
+                out.append(None)
+        return out
+
+    def elementwise(self, pairs, out_shape):
+        """Labels of an elementwise op over (labels, real shape) operands; couples what aligns.
+
+        An operand broadcast (real size 1) along a dim where another's channels
+        vary, and constant along all of them, is shared by those channels: it
+        does not couple them (a mask over heads, a scalar gain).
+        """
+        rank = len(out_shape)
+        fulls, bcast = [], []
+        for lab, shape in pairs:
+            f = lab.reshape((1,) * (rank - lab.dim()) + tuple(lab.shape))
+            shape = (1,) * (rank - len(shape)) + tuple(shape)
+            bcast.append({d for d in range(rank) if shape[d] == 1 and out_shape[d] > 1})
+            fulls.append(L.reduce(f))
+        # work at the size where some labels vary, not the real size (attention scores are big)
+        work = torch.broadcast_shapes(*[f.shape for f in fulls])
+        out = L.expand(fulls[0], work)
+        out_b = bcast[0]
+        for f, b in zip(fulls[1:], bcast[1:]):
+            other = L.expand(f, work)
+            var_out = set(L.varying_dims(L.reduce(out)))
+            var_f = set(L.varying_dims(f))
+            other_shared = bool(b & var_out) and not (var_f & var_out)
+            out_shared = bool(out_b & var_f) and not (var_out & var_f)
+            if other_shared or out_shared:  # a broadcast operand neither couples nor names channels
+                out = other if out_shared else out
+                out_b = b if out_shared else out_b
+                continue
+            self.space.union(out, other)
+            out = torch.where(out >= 0, out, other)
+            out_b = out_b & b
+        return L.reduce(out)
+
+    def on_labels(self, n, key, fn, result):
+        """Labels of the result of ``fn`` (the op run on label tensors); frozen if it cannot run."""
+        try:
+            out = fn()
+        except Exception as e:  # noqa: BLE001 - any failure means we do not understand it
+            return self.refuse(n, f"{n.name}: `{key}` could not be followed on labels ({e})", result)
+        return map_struct(out, lambda t: L.reduce(t) if isinstance(t, torch.Tensor) else None)
+
+    # ---- interpreter hooks ---------------------------------------------------
+    def run_node(self, n):
+        args, kwargs = self.fetch_args_kwargs_from_env(n)
+        try:
+            result = super().run_node(n)
+        except SNPFXError:
+            raise
+        except Exception as e:
+            raise SNPError(f"the model does not run on the example inputs: node `{n.name}` failed with "
+                           f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}\n"
+                           "Pass inputs of the shape, dtype and device the model expects.") from e
+        if n.op == "output":
+            for lab in flat_labels(self.lab(n.args[0])):
+                self.space.freeze(lab, "it feeds the model output")
+            return result
+        self.shapes[n.name] = map_struct(result, _shape)
+        try:
+            lab = self.rule(n, args, kwargs, result)
+        except SNPFXError:
+            raise
+        except Exception as e:
+            fam = type(ops.family_of(n, self.modules)[1]).__name__ if n.op.startswith("call_") else n.op
+            raise InternalError(f"snp_fx bug: the `{fam}` rule failed at node `{n.name}` ({n.format_node()[:160]}): "
+                                f"{type(e).__name__}: {e}; please report this model", node=n.name, rule=fam) from e
+        self.labels[n.name] = map_struct(
+            lab, lambda t: L.reduce(self.space.canon(t)) if isinstance(t, torch.Tensor) else t)
+        return result
+
+    def rule(self, n, args, kwargs, result):
+        if n.op == "placeholder":
+            return self.full(FROZEN, result)
+        if n.op == "get_attr":
+            return self.attribute(n, result)
+        key, family = ops.family_of(n, self.modules)
+        in_labs = flat_labels(self.lab(list(n.args) + list(n.kwargs.values())))
+        if not in_labs and not family.makes_channels:
+            return self.python_value(n, key, family, result)
+        if key == "getattr":  # x.shape, x.dtype, ...
+            if n.args[1] == "shape":
+                self.taint[n.name] = self.dim_taint(n.args[0])
+            return None
+        # tainted channel counts used as values (not as sizes) pin those channels
+        if not family.sizes_ok:
+            for t in self.tainted(list(n.args) + list(n.kwargs.values())):
+                self.space.freeze(t, f"{n.name}: a channel count is used as a value by `{key}`")
+        if family is ops.UNKNOWN and n.op == "call_function" and ops.moves_data_only(n.target, args, kwargs):
+            family = ops.WRAPPED
+        if family is ops.UNKNOWN:
+            reason = f"{n.name}: op `{key}` is not in the op table"
+            self.unknown[n.name] = reason
+            return self.refuse(n, reason, result)
+        return family.propagate(self, n, key, args, kwargs, result)
+
+    def attribute(self, n, result):
+        """Labels of a get_attr: small float tensors get one unit per element (the couplings
+        decide which dim gets sliced), larger ones one unit per index along their widest dim."""
+        if not (isinstance(result, torch.Tensor) and result.is_floating_point() and result.dim() > 0):
+            return self.full(NONE, result)
+        soft = not isinstance(result, torch.nn.Parameter)  # a buffer or constant
+        if result.numel() <= ELEMENT_ID_LIMIT:
+            if n.target not in self.elem_ids:
+                self.elem_ids[n.target] = self.space.new(result.numel(), soft).reshape(result.shape)
+                if not soft:
+                    self.tables.append((int(self.elem_ids[n.target].min()), self.space.next_id))
+            return self.elem_ids[n.target]
+        ids = self.pids(n.target, result, soft)
+        d = max([d for d in range(result.dim()) if result.shape[d] > 1] or [result.dim() - 1])
+        shape = [1] * result.dim()
+        shape[d] = result.shape[d]
+        return ids[d].reshape(shape)
+
+    def python_value(self, n, key, family, result):
+        """An op on no channels: shape arithmetic (tracked for channel taint), a tensor factory."""
+        if family.kind == "factory" and isinstance(result, torch.Tensor):
+            return self.frozen_output(result, f"{n.name}: `{key}` makes a tensor of literal size", soft=True)
+        if isinstance(result, torch.Tensor):
+            return self.full(NONE, result)
+        t = self.tainted(list(n.args) + list(n.kwargs.values()))
+        if t:
+            self.taint[n.name] = torch.cat([x.reshape(-1) for x in t])
+        if key == "getitem" and isinstance(n.args[0], fx.Node) and isinstance(self.taint.get(n.args[0].name), list):
+            idx = n.args[1]
+            tl = self.taint[n.args[0].name]
+            self.taint[n.name] = tl[idx] if isinstance(idx, int) and -len(tl) <= idx < len(tl) else None
+        return None
+
+
+def propagate(gm: fx.GraphModule, inputs: tuple):
+    """Analyse ``gm`` on ``inputs``: the ``Analysis`` (labels, channel graph, groups)."""
+    from .result import Analysis
+    prop = Propagator(gm)
+    with torch.no_grad():
+        prop.run(*inputs)
+    return Analysis(gm, prop, inputs)

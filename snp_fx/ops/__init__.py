@@ -1,0 +1,36 @@
+"""The op table: every op snp_fx understands, one family per file, every phase in one place.
+
+    registry.py     OpFamily (the per-phase hooks), lookup, register_op, arguments by name
+    elementwise.py  activations, casts, arithmetic with broadcasting, factories, shape queries
+    movement.py     reshape / permute / cat / split / getitem / slice ..., probed python helpers, pad
+    reduction.py    sum / mean / ... over a dim, softmax
+    linear.py       Linear, addmm (Conv1D), Embedding
+    conv.py         convolutions (dense, depthwise, grouped, transposed), pooling
+    norms.py        LayerNorm, GroupNorm, BatchNorm
+    attention.py    matmul / bmm / einsum / scaled_dot_product_attention
+
+Adding an op is one family (or one ``register`` line) in one of these files, or a new file here
+(every module of this package is imported, so its ``register`` calls run), plus one row in
+tests/test_ops.py.  Users add their own with ``snp_fx.register_op``.
+"""
+import importlib
+import pkgutil
+
+from .registry import (UNKNOWN, Args, OpFamily, family_of, family_of_key, kind_of, module_family, op_key,
+                       register, register_op, signature)
+from .elementwise import Binary, Factory, Ignore, Like, Shape, Unary  # noqa: E402 - registers on import
+from .movement import WRAPPED, Flatten, Index, Move, Pad, Reshape, Wrapped, moves_data_only  # noqa: E402
+from .reduction import Reduce, Softmax  # noqa: E402
+from .linear import Addmm, Embedding, Linear  # noqa: E402
+from .conv import Conv, Convolution, ConvTranspose, Pool  # noqa: E402
+from .norms import BatchNorm, GroupNorm, LayerNorm  # noqa: E402
+from .attention import SDPA, Einsum, Matmul  # noqa: E402
+
+for _m in pkgutil.iter_modules(__path__):  # families in files of their own (rms_norm.py, ...)
+    importlib.import_module(f"{__name__}.{_m.name}")
+
+__all__ = ["OpFamily", "register_op", "register", "family_of", "family_of_key", "kind_of", "module_family",
+           "op_key", "signature", "Args", "UNKNOWN", "WRAPPED", "moves_data_only",
+           "Unary", "Like", "Binary", "Ignore", "Factory", "Shape", "Move", "Reshape", "Flatten", "Index",
+           "Wrapped", "Pad", "Reduce", "Softmax", "Linear", "Addmm", "Embedding", "Conv", "ConvTranspose",
+           "Convolution", "Pool", "LayerNorm", "GroupNorm", "BatchNorm", "Matmul", "Einsum", "SDPA"]

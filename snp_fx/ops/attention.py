@@ -1,0 +1,232 @@
+"""Attention contractions: matmul / bmm / einsum / scaled_dot_product_attention.
+
+A contraction of two channel operands pairs their contracted channels: q @ k^T makes an
+attention site (q/k pairs, one dependent unit per score row: a head exists while any of its
+channels does); the scores contracted with a third operand name the site's values.  A small
+parameter contracted with q (a relative-position table shared by the heads) couples its
+columns with q's channels in every head.
+"""
+from __future__ import annotations
+
+import math
+import re
+
+import torch
+
+from .. import labels as L
+from ..analysis.groups import Site
+from ..labels import FROZEN, NONE
+from .registry import Args, OpFamily, register
+
+
+def contract(p, n, la, lb, out_rank):
+    """Labels of A @ B for reduced labels A (..., I, K), B (..., K, J)."""
+    r = max(la.dim(), lb.dim(), 2)
+    la = la.reshape((1,) * (r - la.dim()) + tuple(la.shape))
+    lb = lb.reshape((1,) * (r - lb.dim()) + tuple(lb.shape))
+    a_vk, b_vk = la.shape[-1] > 1, lb.shape[-2] > 1
+    table = table_side(p, la, lb) if a_vk and b_vk else None
+    if table is not None:
+        return contract_table(p, la, lb, table == "a", out_rank)
+    if a_vk and b_vk:
+        if la.shape[-2] > 1 or lb.shape[-1] > 1:
+            p.freeze_all(n, f"{n.name}: contraction of channels that also vary along free dims")
+            return L.constant(FROZEN, out_rank)
+        q, k = la[..., 0, :], lb[..., :, 0]
+        qb, kb = torch.broadcast_tensors(q, k)
+        p.space.union(qb, kb)
+        site = Site(node=n.name, kind="matmul", q=q, k=k, producers_before=len(p.producers))
+        p.sites.append(site)
+        flat_q = qb.reshape(-1, qb.shape[-1])
+        flat_k = kb.reshape(-1, kb.shape[-1])
+        dep = p.space.dependent([torch.cat([a, b]) for a, b in zip(flat_q, flat_k)])
+        for d in dep.tolist():
+            p.dep_site[d] = site
+        out = dep.reshape(qb.shape[:-1] + (1, 1))
+        return L.reduce(out.reshape((1,) * (out_rank - out.dim()) + tuple(out.shape)))
+    if a_vk or b_vk:
+        p.space.freeze(la if a_vk else lb,
+                          f"{n.name}: channels contracted against an operand without channels")
+        ca = L.constant(NONE, r) if a_vk else la[..., :, :1]
+        cb = L.constant(NONE, r) if b_vk else lb[..., :1, :]
+    else:
+        ca, cb = la[..., :, :1], lb[..., :1, :]
+    ca, cb = torch.broadcast_tensors(ca, cb)
+    dep_a = p.space.is_dependent(ca)
+    dep_b = p.space.is_dependent(cb)
+    if bool(dep_a.any()):
+        m = dep_a & (cb > 0)
+        p.space.add_support(ca[m], cb[m])
+        _note_v(p, n, ca[dep_a], cb, lb[..., 0, :])  # attn @ v: v is (..., tokens, E)
+    if bool(dep_b.any()):
+        m = dep_b & (ca > 0)
+        p.space.add_support(cb[m], ca[m])
+        _note_v(p, n, cb[dep_b], ca, la[..., :, 0])  # v @ attn^T: v is (..., E, tokens)
+    both = (ca >= 0) & (cb >= 0) & ~dep_a & ~dep_b
+    if bool(both.any()):
+        p.space.freeze(ca[both], f"{n.name}: product of two channel tensors")
+        p.space.freeze(cb[both], f"{n.name}: product of two channel tensors")
+    out = torch.where(dep_a | (ca < 0), cb, ca)
+    return L.reduce(out.reshape((1,) * (out_rank - out.dim()) + tuple(out.shape)))
+
+
+def _note_v(p, n, dep, other, v):
+    """The values of the site whose scores ``dep`` are: the channels ``v`` of the other operand."""
+    roots = p.space.roots()
+    site_of = {int(roots[k]): s for k, s in p.dep_site.items()}
+    for d in torch.unique(dep).tolist():
+        site = site_of.get(int(roots[d]))
+        if site is not None and site.v is None and bool((other > 0).any()):
+            site.v = v
+            site.av_node = n.name
+
+
+def is_table(p, lab: torch.Tensor) -> bool:
+    """Labels that are all elements of one small parameter, still uncoupled (a relative-position table)."""
+    if not any(bool(((lab >= lo) & (lab < hi)).all()) for lo, hi in p.tables):
+        return False
+    roots = p.space.roots()
+    return bool((torch.bincount(roots, minlength=roots.numel())[lab] == 1).all())  # coupled to nothing yet
+
+
+def table_side(p, la, lb):
+    """"a" or "b" if that operand is a parameter table the q/k pairing cannot take: it varies
+    along its own free dim (one row per relative position) or the heads share it."""
+    for side, tab, act, free in (("b", lb, la, -1), ("a", la, lb, -2)):
+        if is_table(p, tab) and (tab.shape[free] > 1 or any(
+                act.shape[d] > 1 and tab.shape[d] == 1 for d in range(act.dim() - 2))):
+            return side
+    return None
+
+
+def contract_table(p, la, lb, a_table, out_rank):
+    """A @ B where one side is a parameter table shared by the heads (q @ rel_pos^T).
+
+    The contracted dim is one dense dim of both, so each of its positions is one
+    channel everywhere: a table column is coupled with that q channel of every head
+    (the heads keep the same q/k channels).  Each output row exists while its
+    activation row has channels, like attention scores.
+    """
+    act = lb.transpose(-1, -2) if a_table else la          # (..., rows, K)
+    tab = la if a_table else lb.transpose(-1, -2)          # (..., cols, K)
+    p.space.union(act.unsqueeze(-2), tab.unsqueeze(-3))  # every (row, col) pair shares the K channel
+    rows = act.reshape(-1, act.shape[-1])
+    dep = p.space.dependent(list(rows)).reshape(act.shape[:-1] + (1,))
+    out = dep.transpose(-1, -2) if a_table else dep
+    return L.reduce(out.reshape((1,) * (out_rank - out.dim()) + tuple(out.shape)))
+
+
+class Matmul(OpFamily):
+    """matmul / bmm / mm: q @ k^T makes a site, attn @ v names its values."""
+    kind = "matmul"
+
+    def propagate(self, p, n, key, args, kwargs, result):
+        a, b = args[0], args[1]
+        if a.dim() < 2 or b.dim() < 2:
+            return p.refuse(n, f"{n.name}: matmul with a vector", result)
+        out = contract(p, n, p.lab(n.args[0]), p.lab(n.args[1]), result.dim())
+        _set_operands(p, n, lambda args, kwargs: (args[0], args[1].transpose(-1, -2)))
+        return out
+
+    def macs(self, c, n, key):
+        return math.prod(c.new(n.name)) * c.new(n.args[0].name)[-1]
+
+
+class Einsum(OpFamily):
+    kind = "einsum"
+
+    def propagate(self, p, n, key, args, kwargs, result):
+        """Two-operand einsum as a broadcast matmul: shared letters are batch dims, one
+        contracted letter; free letters of one operand beyond the last are batch dims
+        the other operand broadcasts over."""
+        eq = args[0].replace(" ", "")
+        ops_ = args[1:] if not isinstance(args[1], (list, tuple)) else args[1]
+        nodes = n.args[1:] if not isinstance(n.args[1], (list, tuple)) else n.args[1]
+        m = re.fullmatch(r"([a-z]+),([a-z]+)->([a-z]*)", eq)
+        sa, sb, so = m.groups() if m else ("", "", "")
+        con = [c for c in sa if c in sb and c not in so]
+        fa = [c for c in sa if c not in sb]
+        fb = [c for c in sb if c not in sa]
+        if not m or len(ops_) != 2 or len(con) != 1 or not fa or not fb or sorted(so) != sorted(
+                [c for c in sa if c in sb and c in so] + fa + fb) or len(set(sa)) != len(sa) or len(set(sb)) != len(sb):
+            return p.refuse(n, f"{n.name}: einsum '{eq}' form not supported", result)
+        batch = [c for c in so if c in sa and c in sb] + fa[:-1] + fb[:-1]
+        order_a = batch + fa[-1:] + con  # A as (batch..., I, K)
+        order_b = batch + fb[-1:] + con  # B as (batch..., J, K)
+
+        def arrange(t, letters, order):  # permute to ``order``, size-1 dims for letters it lacks
+            t = t.permute([letters.index(c) for c in order if c in letters])
+            shape = iter(t.shape)
+            return t.reshape([next(shape) if c in letters else 1 for c in order])
+        la = arrange(L.expand(p.lab(nodes[0]), ops_[0].shape), sa, order_a)
+        lb = arrange(L.expand(p.lab(nodes[1]), ops_[1].shape), sb, order_b)
+        out = contract(p, n, L.reduce(la), L.reduce(lb.transpose(-1, -2)), len(so))
+        _set_operands(p, n, lambda args, kwargs: tuple(
+            arrange(t, s, o) for t, s, o in zip(args[1:] if not isinstance(args[1], (list, tuple)) else args[1],
+                                                (sa, sb), (order_a, order_b))))
+        order = batch + fa[-1:] + fb[-1:]
+        return L.reduce(out.permute([order.index(c) for c in so]))
+
+    def macs(self, c, n, key):
+        a, b = n.args[0].replace(" ", "").split("->")[0].split(",")
+        out = n.args[0].replace(" ", "").split("->")[1]
+        nodes = n.args[1:] if not isinstance(n.args[1], (list, tuple)) else n.args[1]
+        sa = c.new(nodes[0].name)
+        return math.prod(c.new(n.name)) * math.prod(sa[a.index(x)] for x in a if x in b and x not in out)
+
+
+class SDPA(OpFamily):
+    """scaled_dot_product_attention: q/k pairs, v, grouped-query heads, masks; the pruned call keeps
+    the original scale."""
+    kind = "sdpa"
+
+    def propagate(self, p, n, key, args, kwargs, result):
+        a = Args(n, args, kwargs)
+        q, k, v = a.value("query"), a.value("key"), a.value("value")
+        lq, lk, lv = (p.lab(a[x]) for x in ("query", "key", "value"))
+        lk = L.expand(lk, k.shape)
+        lv = L.expand(lv, v.shape)
+        if q.dim() >= 3 and k.shape[-3] != q.shape[-3]:
+            rep = q.shape[-3] // k.shape[-3]
+            lk = lk.repeat_interleave(rep, dim=-3)
+            lv = lv.repeat_interleave(rep, dim=-3)
+        scores = contract(p, n, lq, L.reduce(lk.transpose(-2, -1)), q.dim())
+
+        def sdpa_operands(args, kwargs):
+            got = Args(n, args, kwargs)
+            qq, kk = got.value("query"), got.value("key")
+            if qq.dim() >= 3 and kk.shape[-3] != qq.shape[-3]:
+                kk = kk.repeat_interleave(qq.shape[-3] // kk.shape[-3], dim=-3)
+            return qq, kk
+        _set_operands(p, n, sdpa_operands)
+        site = p.sites[-1] if p.sites and p.sites[-1].node == n.name else None
+        if site is not None:
+            site.kind = "sdpa"
+        mask_lab = p.lab(a["attn_mask"])
+        if isinstance(mask_lab, torch.Tensor) and bool((mask_lab >= 0).any()):
+            s_shape = tuple(q.shape[:-1]) + (k.shape[-2],)
+            scores = p.elementwise([(scores, s_shape), (mask_lab, a.value("attn_mask").shape)], s_shape)
+        return contract(p, n, scores, L.reduce(lv), result.dim())
+
+    def rewrite(self, r, node, new, key):
+        a = Args(node)
+        q = a["query"]
+        old_e, new_e = r.a.shapes[q.name][-1], r.sizes_of(q)[-1]
+        if new_e != old_e and a["scale"] is None:  # an explicit scale stays as it is
+            a.set(new, "scale", old_e ** -0.5)
+
+    def macs(self, c, n, key):
+        a = Args(n)
+        q, k, v = (c.new(a[x].name) for x in ("query", "key", "value"))
+        return math.prod(q[:-1]) * k[-2] * (q[-1] + v[-1])
+
+
+def _set_operands(p, n, fn):
+    """What calibration reads at a site: ``fn(args, kwargs) -> (Q, K)``, both (..., tokens, E)."""
+    if p.sites and p.sites[-1].node == n.name and p.sites[-1].operands is None:
+        p.sites[-1].operands = fn
+
+
+register(Matmul(), names=["matmul", "bmm", "mm"])
+register(Einsum(), names=["einsum"])
+register(SDPA(), names=["scaled_dot_product_attention"])

@@ -1,0 +1,615 @@
+"""Data movement: reshape / view / permute / cat / split / getitem / slice ... — executed on the
+label tensors themselves, so the tricky ones (``qkv.reshape(B, N, 3, H, D).permute(2, 0, 3, 1, 4)
+.unbind(0)``) are followed exactly; python functions that only move data (probed); padding.
+
+The rewrite recomputes every literal size tied to a pruned dim from the labels (reshape sizes,
+split sections, slice bounds, indices), splits a fused qkv whose slots keep different widths,
+and gathers channels back into order where pruning reordered them (NesT).
+"""
+from __future__ import annotations
+
+import functools
+import math
+import operator
+
+import torch
+import torch.fx as fx
+
+from .. import labels as L
+from ..labels import NONE, Irregular, kept_sequence
+from .registry import OpFamily, op_key, register
+
+
+class Move(OpFamily):
+    """Pure data movement, run on the labels."""
+    kind = "move"
+
+    def propagate(self, p, n, key, args, kwargs, result):
+        data_args = list(args)
+        labs = [p.lab(a) for a in n.args]
+        if key in ("cat", "concat", "concatenate", "stack"):
+            seq = args[0]
+            seq_labs = labs[0]
+            data_args[0] = [L.expand(lb, t.shape) for lb, t in zip(seq_labs, seq)]
+        elif key == "getitem" and isinstance(args[0], (list, tuple)):
+            return labs[0][args[1]]
+        elif isinstance(args[0], torch.Tensor):
+            lab0 = labs[0]
+            if not indexing_ok(n, key, args, kwargs, lab0):
+                return p.refuse(n, f"{n.name}: `{key}` gathers along a channel dim", result)
+            data_args[0] = L.expand(lab0, args[0].shape)
+        else:
+            return p.full(NONE, result)
+        if key in ("view", "_unsafe_view") and not isinstance(data_args[1], torch.dtype):
+            fn = lambda: data_args[0].reshape(*data_args[1:], **kwargs)  # noqa: E731 - labels need not be contiguous
+        elif n.op == "call_method":
+            fn = lambda: getattr(data_args[0], n.target)(*data_args[1:], **kwargs)  # noqa: E731
+        elif n.op == "call_module":
+            fn = lambda: p.modules[n.target](data_args[0])  # noqa: E731
+        else:
+            fn = lambda: n.target(*data_args, **kwargs)  # noqa: E731
+        return p.on_labels(n, key, fn, result)
+
+
+class Reshape(Move):
+    """reshape / view / expand / unflatten: literal sizes on pruned dims are recomputed."""
+    sizes_ok = True
+
+    def rewrite(self, r, node, new, key):
+        if key != "flatten":
+            fix_sizes(r, node, new, key)
+        if key in ("reshape", "view", "_unsafe_view", "flatten") and node not in r.fused:
+            restore_order(r, node, new)
+
+
+class Flatten(Reshape):
+    sizes_ok = False  # its arguments are dims, not sizes
+
+
+class Index(Move):
+    """getitem / select / slice / narrow / split / chunk / index_select / index: positions on a
+    pruned dim are renumbered in the kept channels; a gather along one is refused."""
+
+    def rewrite(self, r, node, new, key):
+        src = r.a.labels.get(getattr(node.args[0], "name", None)) if node.args else None
+        if key in ("split", "split_with_sizes", "chunk") and isinstance(r.a.labels.get(node.name), (list, tuple)):
+            fix_split(r, node, new, key)
+        elif key in ("index_select", "gather"):
+            x = node.args[0]
+            lab, shape = r.a.labels[x.name], r.a.shapes[x.name]
+            d = node.args[1] % len(shape)
+            if d in L.varying_dims(lab) and count_kept(r, lab, shape, d, 0, shape[d]) != shape[d]:
+                if key != "index_select" or not remap_index(r, node, lab, d):
+                    raise Irregular(f"`{key}` along a pruned dim")
+        elif key == "narrow":
+            fix_narrow(r, node, new)
+        elif key in ("slice", "select") and isinstance(src, torch.Tensor):
+            fix_slice_select(r, node, new, key)
+        elif key == "index":
+            x = node.args[0]
+            lab, shape = r.a.labels[x.name], r.a.shapes[x.name]
+            for d, ix in enumerate(node.args[1]):
+                if ix is not None and d in L.varying_dims(lab) and \
+                        count_kept(r, lab, shape, d, 0, shape[d]) != shape[d]:
+                    raise Irregular("advanced indexing along a pruned dim")
+        elif key == "getitem" and isinstance(src, torch.Tensor):
+            fix_getitem(r, node, new)
+
+
+class Wrapped(Move):
+    """A python function that only moves data (found by probing, see ``moves_data_only``)."""
+    kind = "wrapped"
+
+    def propagate(self, p, n, key, args, kwargs, result):
+        data_args = [L.expand(p.lab(a), x.shape) if isinstance(x, torch.Tensor) else x
+                     for a, x in zip(n.args, args)]
+        return p.on_labels(n, key, lambda: n.target(*data_args, **kwargs), result)
+
+
+class Pad(OpFamily):
+    """Padding, only along dims without channels."""
+    kind = "pad"
+
+    def propagate(self, p, n, key, args, kwargs, result):
+        lab = p.lab(n.args[0])
+        pad = args[1]
+        for i in range(0, len(pad), 2):
+            d = lab.dim() - 1 - i // 2
+            if (pad[i] or pad[i + 1]) and d in L.varying_dims(lab):
+                return p.refuse(n, f"{n.name}: padding a channel dim", result)
+        return lab
+
+
+def indexing_ok(n, key, args, kwargs, lab) -> bool:
+    """False if the op gathers or reorders along a channel dim (roll, flip, repeat, a reversed slice)."""
+    var = set(L.varying_dims(lab))
+    if key == "getitem":
+        idx = args[1] if isinstance(args[1], tuple) else (args[1],)
+        d = 0
+        for it in idx:
+            if it is Ellipsis:
+                d = lab.dim() - sum(1 for j in idx[idx.index(Ellipsis) + 1:] if j is not None)
+                continue
+            if it is None:
+                continue
+            if isinstance(it, slice) and d in var and it.step is not None and it.step < 1:
+                return False
+            d += 1
+        return True
+    if key in ("roll", "flip", "repeat", "tile", "repeat_interleave"):
+        if key == "flip":  # flip(x, dims) or x.flip(*dims)
+            dims = kwargs.get("dims", list(args[1:]) if len(args) > 2 else args[1] if len(args) > 1 else None)
+        else:  # roll(x, shifts, dims)
+            dims = kwargs.get("dims", args[2] if key == "roll" and len(args) > 2 else None)
+        if key in ("repeat", "tile", "repeat_interleave"):
+            return not var or key == "repeat" and all(
+                r == 1 for i, r in enumerate(args[1:]) if (i + lab.dim() - len(args[1:])) in var)
+        if dims is None:
+            return not var
+        dims = [dims] if isinstance(dims, int) else dims
+        return not any(d % lab.dim() in var for d in dims)
+    return True
+
+
+def moves_data_only(fn, args, kwargs) -> bool:
+    """A wrapped python function (timm's window_reverse, ...) that only moves data.
+
+    Probed by running it on tensors of random distinct values: every output
+    value must be an input value, and the same must hold again for another coding.
+    """
+    if isinstance(fn, (torch._ops.OpOverload, torch._ops.OpOverloadPacket)) or \
+            getattr(fn, "__module__", "") in ("torch", "torch.functional", "torch.nn.functional") or \
+            not callable(fn) or not hasattr(fn, "__code__"):
+        return False
+    from torch.utils._pytree import tree_flatten
+    tensors = [i for i, a in enumerate(args) if isinstance(a, torch.Tensor)]
+    if not tensors or kwargs and any(isinstance(v, torch.Tensor) for v in kwargs.values()):
+        return False
+    total = sum(args[i].numel() for i in tensors)
+    others = []
+    g = torch.Generator().manual_seed(0)
+    for coding in (torch.rand(total, generator=g, dtype=torch.float64) + 1 for _ in range(2)):  # sums never collide
+        probe, start = list(args), 0
+        for i in tensors:  # every tensor argument gets its own distinct values
+            probe[i] = coding[start:start + args[i].numel()].reshape(args[i].shape).clone()  # may be written to
+            start += args[i].numel()
+        try:
+            out = fn(*probe, **kwargs)
+        except Exception:  # noqa: BLE001
+            return False
+        leaves, _ = tree_flatten(out)
+        outs = [t for t in leaves if isinstance(t, torch.Tensor)]
+        if not outs or not all(bool(torch.isin(t, coding).all()) for t in outs):
+            return False
+        others.append([x for x in leaves if not isinstance(x, torch.Tensor)])
+    return others[0] == others[1]  # what is not a tensor (sizes) must not depend on the values
+
+
+WRAPPED = Wrapped()
+register(Move(), names=[
+    "permute", "transpose", "t", "squeeze", "unsqueeze", "contiguous", "expand_as", "view_as", "reshape_as",
+    "cat", "concat", "concatenate", "stack", "roll", "flip", "repeat", "repeat_interleave", "movedim",
+    "swapaxes", "swapdims", "clone", "alias", "tile", "move"], modules=[torch.nn.Flatten, torch.nn.Unflatten])
+register(Reshape(), names=["reshape", "view", "_unsafe_view", "expand", "unflatten"])
+register(Flatten(), names=["flatten"])
+register(Index(), names=["getitem", "select", "narrow", "split", "split_with_sizes", "chunk", "unbind", "slice",
+                         "index_select", "gather", "index"])
+register(Pad(), names=["pad", "constant_pad_nd"])
+
+
+# ---------------------------------------------------------------------------
+# Rewrite helpers (``r``: the rewriter, snp_fx/rewrite.py)
+# ---------------------------------------------------------------------------
+
+def fix_sizes(r, node, new, key):
+    lab = r.a.labels[node.name]
+    shape = r.a.shapes[node.name]
+    if not isinstance(lab, torch.Tensor) or not L.varying_dims(lab):
+        return
+    try:
+        sizes = r.new_sizes(lab, shape)
+    except Irregular:
+        if key in ("reshape", "view", "unflatten") and split_fused(r, node, new, key):
+            return
+        raise
+    if key == "unflatten":
+        dim = node.args[1] % (len(shape) - len(node.args[2]) + 1)  # a dim of the input
+        orig, mapped = list(node.args[2]), list(new.args[2])
+        out_dims = range(dim, dim + len(orig))
+        new_list = [size_arg(r, new, m, o, sizes[d], shape[d], lab.shape[d] > 1)
+                    for m, o, d in zip(mapped, orig, out_dims)]
+        new.args = (new.args[0], node.args[1], tuple(new_list))
+        return
+    orig, setter = _size_list(node)
+    if len(orig) == 1 and isinstance(orig[0], fx.Node) and len(shape) != 1:
+        # reshape(y, x.shape): right as it is when x keeps the sizes y gets
+        base = _shape_source(orig[0])
+        if base is not None and isinstance(r.a.labels.get(base.name), torch.Tensor) \
+                and r.sizes_of(base) == sizes:
+            return
+        raise Irregular(f"{key} to the shape of another tensor that is pruned differently")
+    if len(orig) != len(shape):
+        raise Irregular(f"{key} with {len(orig)} sizes for a {len(shape)}-d result")
+    mapped, _ = _size_list(new)
+    new_list = [size_arg(r, new, m, o, sizes[d], shape[d], lab.shape[d] > 1)
+                for d, (m, o) in enumerate(zip(mapped, orig))]
+    setter(new, new_list)
+
+
+def remap_index(r, node, lab, d) -> bool:
+    """index_select along a pruned dim with a stored index (the gather ``restore_order``
+    left in a model pruned before): keep the kept outputs, renumbered in the pruned input."""
+    idx_node = node.args[2] if len(node.args) > 2 else node.kwargs.get("index")
+    if not (isinstance(idx_node, fx.Node) and idx_node.op == "get_attr") or len(L.varying_dims(lab)) != 1:
+        return False
+    index = operator.attrgetter(idx_node.target)(r.gm)
+    ids = lab.reshape(-1)
+    kept_in = r.keep[ids.clamp(min=0)] | (ids < 0)
+    rank = torch.cumsum(kept_in.long(), 0) - 1  # position of each kept input in the pruned input
+    kept_out = kept_in[index]
+    r.attrs[idx_node.target] = rank[index[kept_out]].to(index.dtype)
+    return True
+
+
+def restore_order(r, node, new):
+    """Flattening channel dims whose pruned order is not the original one (NesT's heads
+    inside the head dim) gathers the result back into the order every consumer's
+    weights are sliced in."""
+    x = node.args[0]
+    lab_in, lab_out = r.a.labels.get(getattr(x, "name", None)), r.a.labels.get(node.name)
+    if not (isinstance(lab_in, torch.Tensor) and isinstance(lab_out, torch.Tensor)) or \
+            len(L.varying_dims(lab_in)) < 2:
+        return
+    shape_in = r.a.shapes[x.name]
+    ragged = r.ragged_of(x)
+    if ragged == len(shape_in) - lab_in.dim() + L.varying_dims(lab_in)[-1]:
+        return  # the head dim innermost: kept channels stay in their original order
+    var_out = L.varying_dims(lab_out)
+    if len(var_out) != 1:
+        raise Irregular("channels reordered by pruning are reshaped into several channel dims")
+    seq = kept_sequence(lab_in, shape_in, r.keep, ragged)
+    out = lab_out.reshape(-1)
+    canon = out[r.keep[out.clamp(min=0)] | (out < 0)]
+    if torch.equal(seq, canon):
+        return
+    if seq.numel() != canon.numel() or torch.unique(seq).numel() != seq.numel() or \
+            not torch.equal(torch.sort(seq).values, torch.sort(canon).values):
+        raise Irregular("channels reordered by pruning cannot be put back in order")
+    order = torch.argsort(seq)
+    name, i = f"snp_order_{node.name}", 0
+    while name in r.attrs or hasattr(r.gm, name):  # a model pruned before has its own
+        name, i = f"snp_order_{node.name}_{i}", i + 1
+    r.attrs[name] = order[torch.searchsorted(seq[order], canon)]
+    index = r.graph.get_attr(name)
+    r.env[node] = r.graph.call_function(torch.index_select, (new, var_out[0] - lab_out.dim(), index))
+
+
+def size_arg(r, new, arg, orig, new_size, old_size, varying):
+    """The size for one output dim: ``arg`` in the new graph, ``orig`` in the analysed one."""
+    if isinstance(orig, fx.Node):
+        if r.a.taint.get(orig.name) is not None:
+            # read from a channel dim: at run time it gives that dim's pruned
+            # width, which need not be this dim's; the literal is exact
+            return new_size
+    if not varying or new_size == old_size:
+        return arg
+    if isinstance(arg, int):
+        return -1 if arg == -1 else new_size
+    if isinstance(arg, fx.Node):
+        with r.graph.inserting_before(new):  # scale a dynamic size (e.g. batch * heads)
+            m = r.graph.call_function(operator.mul, (arg, new_size))
+            return r.graph.call_function(operator.floordiv, (m, old_size))
+    raise Irregular(f"size argument {arg!r} on a pruned dim")
+
+
+def split_fused(r, node, new, key) -> bool:
+    """Fused qkv whose slots keep different widths: split before the reshape / unflatten.
+
+    Follows the slot dim through permute / transpose / (un)squeeze / contiguous up to
+    where the slots are taken apart (unbind, or one select / [i] per slot) and rebuilds
+    that chain once per slot.
+    """
+    lab = r.a.labels[node.name]
+    shape = list(r.a.shapes[node.name])
+    var = L.varying_dims(lab)
+    slot = var[0]
+    src = node.args[0]
+    src_lab = r.a.labels[src.name]
+    if len(L.varying_dims(src_lab)) != 1 or len(var) < 2:
+        return False
+    src_dim = L.varying_dims(src_lab)[0] - src_lab.dim()  # the channel dim, from the end
+    chain, cur, pos, rank = [], node, slot, len(shape)
+    while True:
+        users = list(cur.users)
+        takes = [_slot_index(r, u, pos, rank) for u in users]
+        if users and all(t is not None for t in takes):
+            break  # one select / [i] per slot
+        if len(users) != 1:
+            return False
+        (user,) = users
+        ukey = op_key(user, r.modules)
+        if ukey == "unbind" and (user.args[1] if len(user.args) > 1 else user.kwargs.get("dim", 0)) % rank == pos:
+            takes = []
+            for g in user.users:
+                if op_key(g, r.modules) != "getitem":
+                    raise Irregular("unbind of a fused qkv used other than by indexing")
+                takes.append(g.args[1])
+            users = list(user.users)
+            r.skip.add(user)
+            break
+        moved = _track_dim(ukey, user, pos, rank)
+        if moved is None and ukey in ("reshape", "view"):  # a reshape that leaves the slot dim alone
+            before, after = r.a.shapes[cur.name], r.a.shapes[user.name]
+            moved = (pos, len(after)) if tuple(before[:pos + 1]) == tuple(after[:pos + 1]) else None
+        if moved is None:
+            return False
+        pos, rank = moved
+        chain.append(user)
+        cur = user
+    n_slots = shape[slot]
+    part_sizes, part_shapes = [], []
+    for i in range(n_slots):
+        sub = lab.narrow(slot, i, 1)
+        sz = r.new_sizes(sub, shape[:slot] + [1] + shape[slot + 1:], dims=var[1:])
+        part_shapes.append(sz)
+        part_sizes.append(math.prod(sz[d] for d in var[1:]))
+    r.graph.erase_node(new)
+    x = r.env[src]
+    split = r.graph.call_function(torch.split, (x, part_sizes, src_dim))
+    if key == "unflatten":
+        dim = node.args[1] % len(r.a.shapes[src.name])  # a dim of the input
+        n_out = len(node.args[2])
+    else:
+        orig_sizes, _ = _size_list(node)
+        mapped = [fx.node.map_arg(a, lambda n: r.env[n]) for a in orig_sizes]
+    outs = []
+    for i in range(n_slots):
+        part = r.graph.call_function(operator.getitem, (split, i))
+        if key == "unflatten":
+            cur_new = r.graph.call_method("unflatten", (part, dim, tuple(
+                part_shapes[i][d] for d in range(dim, dim + n_out))))
+        else:
+            sizes = [part_shapes[i][d] if d in var else mapped[d] for d in range(len(shape))]
+            cur_new = r.graph.call_method("reshape", (part, *sizes))
+        for c in chain:
+            rest = fx.node.map_arg((c.args[1:], dict(c.kwargs)), functools.partial(early, r))
+            cur_new = r.graph.create_node(c.op, c.target, (cur_new, *rest[0]), rest[1])
+            if op_key(c, r.modules) in ("reshape", "view"):
+                slot_sizes(r, c, cur_new, pos, i)
+        outs.append(r.graph.call_method("squeeze", (cur_new, pos)))
+    r.env[node] = split
+    r.fused.add(node)
+    r.skip.update(chain)
+    for user, i in zip(users, takes):
+        r.env[user] = outs[i]
+        r.skip.add(user)
+    return True
+
+
+def early(r, n: fx.Node) -> fx.Node:
+    """``n`` in the new graph, copied ahead of its turn if it is size arithmetic
+    (``B * heads``) that a rebuilt chain needs before the graph reaches it."""
+    if n in r.env:
+        return r.env[n]
+    if n.op not in ("call_function", "call_method") or r.a.shapes.get(n.name) is not None:
+        raise Irregular(f"fused qkv chain needs `{n.name}` before it is computed")
+    r.env[n] = r.graph.node_copy(n, functools.partial(early, r))
+    r.skip.add(n)
+    return r.env[n]
+
+
+def slot_sizes(r, node, new, pos, i):
+    """Sizes of a reshape in a fused-qkv chain, rebuilt for slot ``i`` alone."""
+    lab = r.a.labels[node.name].narrow(pos, i, 1) if r.a.labels[node.name].shape[pos] > 1 \
+        else r.a.labels[node.name]
+    shape = list(r.a.shapes[node.name])
+    shape[pos] = 1
+    sizes = r.new_sizes(lab, shape)
+    orig, setter = _size_list(node)
+    if len(orig) != len(shape):
+        raise Irregular(f"reshape with {len(orig)} sizes for a {len(shape)}-d result")
+    mapped = [fx.node.map_arg(a, functools.partial(early, r)) for a in orig]
+    old = r.a.shapes[node.name]
+    setter(new, [1 if d == pos else size_arg(r, new, m, o, sizes[d], old[d], lab.shape[d] > 1)
+                 for d, (m, o) in enumerate(zip(mapped, orig))])
+
+
+def _slot_index(r, user, pos, rank):
+    """i if ``user`` takes slot i of dim ``pos`` (select(pos, i) or x[i] at pos 0), else None."""
+    ukey = op_key(user, r.modules)
+    if ukey == "select" and user.args[1] % rank == pos and isinstance(user.args[2], int):
+        return user.args[2]
+    if ukey == "getitem" and pos == 0 and isinstance(user.args[1], int):
+        return user.args[1]
+    return None
+
+
+def fix_split(r, node, new, key):
+    outs = r.a.labels[node.name]
+    out_shapes = r.a.shapes[node.name]
+    x = node.args[0]
+    dim = (node.args[2] if len(node.args) > 2 else node.kwargs.get("dim", 0)) % len(r.a.shapes[x.name])
+    if dim not in L.varying_dims(r.a.labels[x.name]):
+        return
+    sizes = [r.new_sizes(lab, shp, dims=[d for d in range(len(shp)) if lab.shape[d] > 1] or [dim])[dim]
+             for lab, shp in zip(outs, out_shapes)]
+    if key == "chunk":
+        if len(set(sizes)) != 1:  # q, k, v chunks of different widths: split by sizes instead
+            new.op, new.target = "call_function", torch.split
+            new.args, new.kwargs = (new.args[0], sizes, dim), {}
+        return
+    if isinstance(node.target, torch._ops.OpOverload):  # aten.split takes one int: use split_with_sizes
+        new.target = torch.ops.aten.split_with_sizes.default
+        new.args = (new.args[0], sizes, dim)
+        new.kwargs = {}
+        return
+    _set_arg(new, 1, "split_size_or_sections" if node.op == "call_function" else "split_size", sizes)
+
+
+def count_kept(r, lab, shape, dim, start, stop) -> int:
+    sub = lab.narrow(dim, start, stop - start)
+    shp = list(shape)
+    shp[dim] = stop - start
+    dims = [d for d in range(len(shp)) if lab.shape[d] > 1]
+    return r.new_sizes(sub, shp, dims=dims)[dim] if stop > start else 0
+
+
+def strided_slice(r, lab, shape, dim, start, stop, step) -> slice:
+    """The slice of the pruned dim that selects what ``start:stop:step`` kept (x[..., 1::2] of
+    interleaved rotary pairs): the same arithmetic progression in every row, or Irregular."""
+    lab = lab.reshape((1,) * (len(shape) - lab.dim()) + tuple(lab.shape))
+    var = [d for d in range(len(shape)) if lab.shape[d] > 1]
+    kept = torch.where(lab >= 0, r.keep[lab.clamp(min=0)], torch.ones_like(lab, dtype=torch.bool))
+    kept = L.expand(kept, tuple(shape[d] if d in var else 1 for d in range(len(shape)))).movedim(dim, -1)
+    rows = kept.reshape(-1, shape[dim])
+    if dim != var[-1]:  # an outer dim keeps whole slices: a position exists if any of it is kept
+        rows = rows.any(0, keepdim=True)
+    picks = set()
+    for row in rows:
+        if bool(row.any()):
+            new_pos = torch.cumsum(row.long(), 0) - 1
+            picks.add(tuple(int(new_pos[i]) for i in range(start, stop, step) if row[i]))
+    if len(picks) != 1:
+        raise Irregular("a strided slice keeps different positions per slice")
+    (p,) = picks
+    st = p[1] - p[0] if len(p) > 1 else 1
+    if not p or list(p) != list(range(p[0], p[-1] + 1, st)):
+        raise Irregular("a strided slice of a pruned dim is not regular after pruning")
+    return slice(p[0], p[-1] + 1, st)
+
+
+def fix_narrow(r, node, new):
+    x = node.args[0]
+    lab, shape = r.a.labels[x.name], r.a.shapes[x.name]
+    dim, start, length = node.args[1] % len(shape), node.args[2], node.args[3]
+    if dim not in L.varying_dims(lab):
+        return
+    s = count_kept(r, lab, shape, dim, 0, start)
+    n = count_kept(r, lab, shape, dim, start, start + length)
+    new.args = (new.args[0], node.args[1], s, n)
+
+
+def fix_slice_select(r, node, new, key):
+    """ATen slice(x, dim, start, end, step) and select(x, dim, index) on a pruned dim."""
+    x = node.args[0]
+    lab, shape = r.a.labels[x.name], r.a.shapes[x.name]
+    dim = (node.args[1] if len(node.args) > 1 else 0) % len(shape)
+    if dim not in L.varying_dims(lab):
+        return
+    if key == "select":
+        i = node.args[2] % shape[dim]
+        if count_kept(r, lab, shape, dim, i, i + 1) == 0:
+            raise Irregular("selects a removed channel")
+        new.args = (new.args[0], node.args[1], count_kept(r, lab, shape, dim, 0, i))
+        return
+    args = list(node.args) + [None] * (5 - len(node.args))
+    start, end, step = args[2], args[3], args[4]
+    if any(isinstance(v, fx.Node) for v in (start, end, step)):
+        raise Irregular("a dynamic slice of a pruned dim")
+    if step not in (None, 1):
+        sl = strided_slice(r, lab, shape, dim, *slice(start, end, step).indices(shape[dim]))
+        new.args = (new.args[0], node.args[1], sl.start, sl.stop, sl.step)
+        return
+    start, end, _ = slice(start, end).indices(shape[dim])
+    s0 = count_kept(r, lab, shape, dim, 0, start)
+    new.args = (new.args[0], node.args[1], s0, s0 + count_kept(r, lab, shape, dim, start, end))
+
+
+def fix_getitem(r, node, new):
+    x = node.args[0]
+    lab, shape = r.a.labels[x.name], r.a.shapes[x.name]
+    var = L.varying_dims(lab)
+    idx = node.args[1] if isinstance(node.args[1], tuple) else (node.args[1],)
+    if not var:
+        return
+    out, d = [], 0
+    n_real = sum(1 for it in idx if it is not None and it is not Ellipsis)
+    for it in idx:
+        if it is Ellipsis:
+            out.append(it)
+            d = len(shape) - (n_real - sum(1 for j in out if j is not None and j is not Ellipsis))
+            continue
+        if it is None:
+            out.append(it)
+            continue
+        is_tensor = isinstance(it, fx.Node) and isinstance(r.a.shapes.get(it.name), tuple)
+        if d in var and (isinstance(it, fx.Node) and not is_tensor or isinstance(it, slice) and any(
+                isinstance(b, fx.Node) for b in (it.start, it.stop, it.step))):
+            raise Irregular("dynamic index into a pruned dim")
+        if d in var and is_tensor:
+            if count_kept(r, lab, shape, d, 0, shape[d]) != shape[d]:
+                raise Irregular("gathers with an index tensor along a pruned dim")
+            out.append(it)
+        elif d in var and isinstance(it, slice) and it.step not in (None, 1):
+            out.append(strided_slice(r, lab, shape, d, *it.indices(shape[d])))
+        elif d in var and isinstance(it, slice):
+            start, stop, _ = it.indices(shape[d])
+            s = count_kept(r, lab, shape, d, 0, start)
+            out.append(slice(s, s + count_kept(r, lab, shape, d, start, stop)))
+        elif d in var and isinstance(it, int):
+            i = it % shape[d]
+            if count_kept(r, lab, shape, d, i, i + 1) == 0:
+                raise Irregular("indexes a removed channel")
+            out.append(count_kept(r, lab, shape, d, 0, i))
+        else:
+            out.append(it)
+        d += 1
+    new_idx = fx.node.map_arg(tuple(out), lambda n: r.env[n])
+    new.args = (new.args[0], new_idx if isinstance(node.args[1], tuple) else new_idx[0])
+
+
+def _set_arg(node, pos, name, value):
+    if len(node.args) > pos:
+        args = list(node.args)
+        args[pos] = value
+        node.args = tuple(args)
+    else:
+        node.kwargs = {**node.kwargs, name: value}
+
+
+def _size_list(node):
+    """(sizes, setter) for reshape/view/expand called with varargs, a list, or size=."""
+    if "size" in node.kwargs or "shape" in node.kwargs:
+        k = "size" if "size" in node.kwargs else "shape"
+
+        def set_kw(n, v):
+            kw = dict(n.kwargs)
+            kw[k] = tuple(v)
+            n.kwargs = kw
+        return list(node.kwargs[k]), set_kw
+    if len(node.args) == 2 and isinstance(node.args[1], (list, tuple)):
+        return list(node.args[1]), lambda n, v: setattr(n, "args", (n.args[0], type(node.args[1])(v)))
+    return list(node.args[1:]), lambda n, v: setattr(n, "args", (n.args[0], *v))
+
+
+def _shape_source(node: fx.Node):
+    """x for a node computing x.shape or x.size(), else None."""
+    if node.op == "call_function" and node.target is getattr and node.args[1] == "shape":
+        return node.args[0]
+    if node.op == "call_method" and node.target == "size" and len(node.args) == 1 and not node.kwargs:
+        return node.args[0]
+    return None
+
+
+def _track_dim(key, node, pos, rank):
+    """Where dim ``pos`` of a rank-``rank`` tensor goes through a layout op: (pos, rank) or None."""
+    if key == "permute":
+        return perm_args(node).index(pos), rank
+    if key == "transpose":
+        a, b = [x % rank for x in node.args[1:3]]
+        return (b if pos == a else a if pos == b else pos), rank
+    if key == "unsqueeze":
+        d = node.args[1] % (rank + 1)
+        return (pos + 1 if d <= pos else pos), rank + 1
+    if key == "squeeze" and len(node.args) > 1 and isinstance(node.args[1], int):
+        d = node.args[1] % rank
+        return (None if d == pos else (pos - 1 if d < pos else pos), rank - 1) if d != pos else None
+    if key in ("contiguous", "clone"):
+        return pos, rank
+    return None
+
+
+def perm_args(node):
+    if len(node.args) == 2 and isinstance(node.args[1], (list, tuple)):
+        return list(node.args[1])
+    return list(node.args[1:]) or list(node.kwargs.get("dims", ()))

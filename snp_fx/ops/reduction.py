@@ -1,0 +1,102 @@
+"""Reductions over a dim (sum is linear; mean / var / max are not) and softmax."""
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+
+from .. import labels as L
+from ..labels import NONE, map_struct
+from .registry import OpFamily, register
+
+# reductions a zero channel does not change: removing a channel equals zeroing it
+ZERO_NEUTRAL = {"sum", "norm", "linalg_vector_norm"}
+
+
+def masked_mean(x, dim, keepdim=False, keep=None):
+    """Mean over the last dim counting kept channels only (removed ones are zero)."""
+    return x.sum(dim, keepdim=keepdim) / keep.to(x.dtype).sum()
+
+
+def _dims(node):
+    dim = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim")
+    return None if dim is None else [dim] if isinstance(dim, int) else list(dim)
+
+
+class Reduce(OpFamily):
+    kind = "reduce"
+
+    def propagate(self, p, n, key, args, kwargs, result):
+        lab = p.lab(n.args[0])
+        x = args[0]
+        first = 2 if key in ("norm", "linalg_vector_norm") else 1  # norm(x, p, dim, keepdim)
+        dim = kwargs.get("dim", args[first] if len(args) > first and not isinstance(args[first], bool) else None)
+        keepdim = kwargs.get("keepdim", args[first + 1] if len(args) > first + 1 and isinstance(args[first + 1], bool)
+                             else False)
+        dims = list(range(x.dim())) if dim is None else ([dim] if isinstance(dim, int) else list(dim))
+        dims = [d % x.dim() for d in dims]
+        var = L.varying_dims(lab)
+        if [d for d in dims if d in var]:
+            if any(d not in dims for d in var):
+                return p.refuse(n, f"{n.name}: `{key}` over some channel dims but not others", result)
+            if key not in ZERO_NEUTRAL:
+                p.space.mark_sensitive(lab, f"{n.name}: `{key}` over channels")
+            out = L.constant(NONE, lab.dim())
+        else:
+            out = lab
+        if not keepdim:
+            for d in sorted(dims, reverse=True):
+                out = out.squeeze(d) if out.dim() > d else out
+        return map_struct(result, lambda r: L.reduce(out.reshape((1,) * (r.dim() - out.dim()) + tuple(out.shape)))
+                          if isinstance(r, torch.Tensor) and r.dim() >= out.dim() else None)
+
+    def masked(self, m, node, key):
+        if key in ZERO_NEUTRAL or not self._reduces_channels(m, node):
+            return  # sums over removed (zero) channels are exact already
+        mask = m.last_dim_mask(node)
+        if mask is None:
+            return
+        rank = len(m.shape_of(node.args[0]))
+        dims = _dims(node) or []
+        if key != "mean" or len(dims) != 1 or dims[0] % rank != rank - 1:
+            raise ValueError(f"`{node.name}` ({key}) normalises over removed channels")
+        keepdim = node.args[2] if len(node.args) > 2 else node.kwargs.get("keepdim", False)
+        new = m.env[node]
+        new.op, new.target = "call_function", masked_mean
+        new.args, new.kwargs = (new.args[0], dims[0], keepdim), {"keep": m.add_mask(node, mask)}
+
+    @staticmethod
+    def _reduces_channels(m, node) -> bool:
+        dims = _dims(node)
+        if dims is None:
+            return True
+        x = node.args[0]
+        lab, shape = m.a.labels.get(x.name), m.shape_of(x)
+        if not isinstance(lab, torch.Tensor):
+            return False
+        rank = len(shape)
+        lab = lab.reshape((1,) * (rank - lab.dim()) + tuple(lab.shape))
+        return any(lab.shape[d % rank] > 1 for d in dims)
+
+
+class Softmax(OpFamily):
+    """Normalisation over ``dim``: not the same as zeroing if that is a channel dim."""
+    kind = "softmax"
+
+    def propagate(self, p, n, key, args, kwargs, result):
+        lab = p.lab(n.args[0])
+        if n.op == "call_module":
+            dim = p.modules[n.target].dim
+        else:
+            dim = kwargs.get("dim", args[1] if len(args) > 1 else None)
+        if dim is None or (dim % lab.dim()) in L.varying_dims(lab):
+            p.space.mark_sensitive(lab, f"{n.name}: softmax over channels")
+        return lab
+
+    def masked(self, m, node, key):
+        if m.last_dim_mask(node) is not None:
+            raise ValueError(f"`{node.name}` ({key}) normalises over removed channels")
+
+
+register(Reduce(), names=["sum", "mean", "amax", "amin", "max", "min", "var", "std", "norm", "logsumexp", "prod",
+                          "all", "any", "linalg_vector_norm"])
+register(Softmax(), names=["softmax", "log_softmax", "_softmax", "_log_softmax"], modules=[nn.Softmax])

@@ -1,0 +1,281 @@
+"""The op registry's specification: one row per op family (fx and ATen spellings).
+
+Each row is a tiny model running that family's ops on channels.  Every row is analysed with
+each front-end it lists and must (1) contain a node of that family, (2) give back the original
+outputs for an empty plan, (3) equal the masked original on random plans, and (4) have
+something prunable.  ``test_every_family_has_a_row`` makes a new family without a row fail.
+Adding an op is one file (snp_fx/ops/) plus one row here.
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from models import PlainViT, randomize_norms
+from oracles import check_mask_equivalence
+
+import snp_fx
+from snp_fx import ops
+from snp_fx.ops import registry
+from snp_fx.ops.rms_norm import RMSNorm
+from snp_fx.planning import PruningPlan, keep_mask
+from snp_fx.rewrite import rewrite
+from snp_fx.verify import relative_error
+
+C, H = 8, 12  # model width, inner width
+
+
+@torch.fx.wrap
+def swap_halves(t):
+    """A python helper fx keeps whole; it only moves data (the probe finds out)."""
+    return torch.cat([t[:, t.shape[1] // 2:], t[:, :t.shape[1] // 2]], dim=1)
+
+
+class Sandwich(nn.Module):
+    """x + down(mid(up(x))) on tokens (B, N, C): the inner width H is an FFN group."""
+
+    def __init__(self, mid, up=H):
+        super().__init__()
+        self.up, self.down, self.mid = nn.Linear(C, up), nn.Linear(H, C), mid
+        self.register_buffer("offset", torch.randn(H))       # a constant operand: gathered, not coupled
+        self.gain = nn.Parameter(torch.rand(H) + 0.5)         # a parameter operand: coupled
+
+    def forward(self, x):
+        return x + self.down(self.mid(self, self.up(x)))
+
+
+class Channels(nn.Module):
+    """Channels-first images (B, C, S, S): conv up -> mid -> conv down."""
+
+    def __init__(self, mid_module=None, mid=None, up=None):
+        super().__init__()
+        self.up = up or nn.Conv2d(C, H, 1)
+        self.m = mid_module if mid_module is not None else nn.Identity()
+        self.mid = mid or (lambda s, y: s.m(y))
+        self.down = nn.Conv2d(H, C, 1)
+
+    def forward(self, x):
+        return self.down(F.relu(self.mid(self, self.up(x))))
+
+
+class Tokens(nn.Module):
+    """Token ids -> Embedding -> a residual FFN -> norm -> head."""
+
+    def __init__(self, norm):
+        super().__init__()
+        self.emb = nn.Embedding(20, C)
+        self.ffn = Sandwich(lambda s, y: F.gelu(y))
+        self.norm, self.head = norm, nn.Linear(C, 3)
+
+    def forward(self, ids):
+        return self.head(self.norm(self.ffn(self.emb(ids))).mean(1))
+
+
+class Conv1D(nn.Module):
+    """GPT-2's Conv1D: addmm(bias, x, W) with W stored (in, out)."""
+
+    def __init__(self, n_in, n_out):
+        super().__init__()
+        self.weight, self.bias = nn.Parameter(torch.randn(n_in, n_out) * 0.3), nn.Parameter(torch.randn(n_out))
+
+    def forward(self, x):
+        B, N, _ = x.shape
+        return torch.addmm(self.bias, x.reshape(B * N, -1), self.weight).view(B, N, -1)
+
+
+class AddmmFFN(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc, self.proj = Conv1D(C, H), Conv1D(H, C)
+
+    def forward(self, x):
+        return x + self.proj(F.gelu(self.fc(x)))
+
+
+def _glu(s, y):
+    a, b = y.chunk(2, dim=-1)
+    return a * torch.sigmoid(b)
+
+
+def _indexing(s, y):
+    head, tail = y.split([4, H - 4], dim=-1)
+    y = torch.cat([head, tail.narrow(-1, 0, H - 4)], dim=-1)[:, 1:]
+    return torch.cat([y[:, :1], y], dim=1).index_select(1, torch.tensor([1, 0, 2, 3, 4]))
+
+
+def _reshape(s, y):
+    B, N, _ = y.size()
+    return y.reshape(B * N, H).view(B, N, -1).unsqueeze(2).flatten(2).unflatten(-1, (1, H)).reshape(B, N, -1)
+
+
+def _movement(s, y):
+    return y.unsqueeze(1).transpose(1, 2).squeeze(2).flip(1).roll(1, 1).contiguous()
+
+
+def _elementwise(s, y):
+    return (F.gelu(y) * s.gain + s.offset - y.sigmoid()) / 2 + torch.zeros_like(y)
+
+
+def _factory(s, y):
+    return y + torch.arange(y.shape[1], dtype=y.dtype)[:, None] * torch.ones(1)
+
+
+def _reduce(s, y):
+    return y - y.mean(1, keepdim=True) + y.softmax(dim=1) + y.amax(1, keepdim=True)
+
+
+def _pad(s, y):
+    return F.pad(y, (0, 0, 1, 1))[:, 1:-1]
+
+
+def _asserted(s, y):
+    torch._assert(y.dim() == 3, "tokens expected")
+    return F.relu(y)
+
+
+def _depthwise(s, y):
+    return F.conv2d(y, s.dw, None, padding=1, groups=H)
+
+
+def _dw(m):
+    m.dw = nn.Parameter(torch.randn(H, 1, 3, 3) * 0.3)
+    return m
+
+
+def _functional_linear(s, y):
+    return F.linear(y, s.w)
+
+
+def _with(**params):
+    """A Sandwich-making factory with extra parameters on it."""
+    def make(mid):
+        m = Sandwich(mid)
+        for k, v in params.items():
+            setattr(m, k, nn.Parameter(v))
+        return m
+    return make
+
+
+def _tokens():
+    return torch.randn(2, 5, C)
+
+
+def _image():
+    return torch.randn(2, C, 6, 6)
+
+
+def _ids():
+    return torch.randint(0, 20, (2, 7))
+
+
+def _vit(form):
+    return randomize_norms(PlainViT(dim=16, form=form))
+
+
+def _core_aten(make):
+    """The core ATen graph torch.export decomposes to (aten.convolution, native batch norm)."""
+    def build():
+        ep = torch.export.export(make().eval(), (_image(),)).run_decompositions()
+        gm = ep.module()
+        gm._forward_pre_hooks.clear()
+        return gm
+    return build
+
+
+class _Transposed(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.up, self.t, self.down = nn.Conv2d(C, H, 1), nn.ConvTranspose2d(H, H, 4, 2, 1), nn.Conv2d(H, C, 1)
+
+    def forward(self, x):
+        return self.down(F.relu(self.t(F.relu(self.up(x)))))
+
+
+# (id, model factory, input factory, {frontend: family the graph must contain}, ratios)
+FFN = {"ffn": 0.4}
+ROWS = [
+    ("unary", lambda: Sandwich(lambda s, y: F.gelu(y).relu_()), _tokens, {"fx": ops.Unary, "export": ops.Unary}, FFN),
+    ("elementwise", lambda: Sandwich(_elementwise), _tokens, {"fx": ops.Binary, "export": ops.Binary}, FFN),
+    ("like", lambda: Sandwich(_elementwise), _tokens, {"fx": ops.Like, "export": ops.Like}, FFN),
+    ("factory", lambda: Sandwich(_factory), _tokens, {"fx": ops.Factory, "export": ops.Factory}, FFN),
+    ("shape", lambda: Sandwich(_reshape), _tokens, {"fx": ops.Shape}, FFN),
+    ("assert", lambda: Sandwich(_asserted), _tokens, {"fx": ops.Ignore}, FFN),
+    ("move", lambda: Sandwich(_movement), _tokens, {"fx": ops.Move, "export": ops.Move}, FFN),
+    ("reshape", lambda: Sandwich(_reshape), _tokens, {"fx": ops.Reshape, "export": ops.Reshape}, FFN),
+    ("flatten", lambda: Sandwich(_reshape), _tokens, {"fx": ops.Flatten}, FFN),
+    ("index", lambda: Sandwich(_indexing), _tokens, {"fx": ops.Index, "export": ops.Index}, FFN),
+    ("chunk", lambda: Sandwich(_glu, up=2 * H), _tokens, {"fx": ops.Index, "export": ops.Index}, FFN),
+    ("wrapped", lambda: Sandwich(lambda s, y: swap_halves(y)), _tokens, {"fx": "swap_halves"}, FFN),
+    ("pad", lambda: Sandwich(_pad), _tokens, {"fx": ops.Pad, "export": ops.Pad}, FFN),
+    ("reduce_softmax", lambda: Sandwich(_reduce), _tokens, {"fx": ops.Softmax, "export": ops.Reduce}, FFN),
+    ("linear", lambda: _with(w=torch.randn(H, H) * 0.3)(_functional_linear), _tokens,
+     {"fx": ops.Linear, "export": ops.Linear}, FFN),
+    ("addmm", AddmmFFN, _tokens, {"fx": ops.Addmm, "export": ops.Addmm}, FFN),
+    ("embedding", lambda: Tokens(nn.LayerNorm(C)), _ids, {"fx": ops.Embedding, "export": ops.Embedding},
+     {"ffn": 0.4, "residual": 0.25}),
+    ("conv", lambda: _dw(Channels(mid=_depthwise)), _image, {"fx": ops.Conv, "export": ops.Conv}, FFN),
+    ("conv_transpose", _Transposed, _image, {"fx": ops.ConvTranspose, "export": ops.ConvTranspose}, FFN),
+    ("convolution", _core_aten(_Transposed), _image, {"fx": ops.Convolution}, FFN),
+    ("pool", lambda: Channels(nn.AvgPool2d(3, 1, 1)), _image, {"fx": ops.Pool, "export": ops.Pool}, FFN),
+    ("batch_norm", lambda: Channels(nn.BatchNorm2d(H)), _image, {"fx": ops.BatchNorm, "export": ops.BatchNorm},
+     FFN),
+    ("batch_norm_core", _core_aten(lambda: Channels(nn.BatchNorm2d(H))), _image, {"fx": ops.BatchNorm}, FFN),
+    ("group_norm", lambda: Channels(nn.GroupNorm(1, H)), _image, {"fx": ops.GroupNorm, "export": ops.GroupNorm},
+     {"residual": 0.4}),
+    ("layer_norm", lambda: _vit("matmul"), lambda: torch.randn(2, 3, 32, 32),
+     {"fx": ops.LayerNorm, "export": ops.LayerNorm}, {"qk": 0.5, "v": 0.25, "ffn": 0.3, "residual": 0.25}),
+    ("matmul", lambda: _vit("matmul"), lambda: torch.randn(2, 3, 32, 32), {"fx": ops.Matmul, "export": ops.Matmul},
+     {"qk": 0.5, "v": 0.25, "heads": 0.5}),
+    ("bmm", lambda: _vit("bmm"), lambda: torch.randn(2, 3, 32, 32), {"fx": ops.Matmul, "export": ops.Matmul},
+     {"qk": 0.5, "v": 0.25}),
+    ("einsum", lambda: _vit("einsum"), lambda: torch.randn(2, 3, 32, 32), {"fx": ops.Einsum, "export": ops.Einsum},
+     {"qk": 0.5, "v": 0.25}),
+    ("rms_norm", lambda: Tokens(nn.RMSNorm(C)), _ids, {"fx": RMSNorm, "export": RMSNorm}, {"ffn": 0.4, "residual": 0.25}),
+    ("rms_norm_functional", lambda: _with(w=torch.rand(H) + 0.5)(lambda s, y: F.rms_norm(y, (H,), s.w, 1e-6)),
+     _tokens, {"fx": RMSNorm, "export": RMSNorm}, {"residual": 0.4}),
+    ("sdpa", lambda: _vit("sdpa"), lambda: torch.randn(2, 3, 32, 32), {"fx": ops.SDPA, "export": ops.SDPA},
+     {"qk": 0.5, "v": 0.25, "heads": 0.5}),
+]
+
+
+def _cases():
+    for rid, make, inputs, fronts, ratios in ROWS:
+        for frontend, family in fronts.items():
+            yield pytest.param(make, inputs, frontend, family, ratios, id=f"{rid}-{frontend}")
+
+
+def _families(gm):
+    modules = dict(gm.named_modules())
+    return {type(ops.family_of(n, modules)[1]) for n in gm.graph.nodes
+            if n.op in ("call_function", "call_method", "call_module")}
+
+
+@pytest.mark.parametrize("make, inputs, frontend, family, ratios", list(_cases()))
+def test_row(make, inputs, frontend, family, ratios):
+    torch.manual_seed(0)
+    model = make()
+    model = model if isinstance(model, torch.fx.GraphModule) else model.eval()
+    x = inputs()
+    a = snp_fx.analyze(model, x, frontend=frontend)
+    if isinstance(family, str):  # a wrapped python function: one node, followed on labels
+        assert any(getattr(n.target, "__name__", "") == family for n in a.gm.graph.nodes)
+    else:
+        assert family in _families(a.gm), f"no {family.__name__} node in the {frontend} graph"
+    assert not a.unknown_ops, a.unknown_ops
+    assert any(g.kind in ratios for g in a.prunable()), str(a)
+    # identity: an empty plan gives the original outputs
+    with torch.no_grad():
+        same = rewrite(a, keep_mask(a, PruningPlan({})))
+        assert relative_error(same(*a.inputs), a.gm(*a.inputs)) < 1e-6
+    for seed in (0, 1):
+        check_mask_equivalence(a, ratios, seed)
+
+
+def test_every_family_has_a_row():
+    covered = {f for _, _, _, fronts, _ in ROWS for f in fronts.values() if not isinstance(f, str)}
+    covered |= {ops.Wrapped, ops.Like}
+    families = {type(f) for f in registry._BY_NAME.values()} | {type(f) for _, f in registry._BY_MODULE}
+    families |= {type(f) for f in registry._BY_TARGET.values()}
+    missing = {f.__name__ for f in families} - {f.__name__ for f in covered}
+    assert not missing, f"op families without a conformance row in tests/test_ops.py: {sorted(missing)}"
