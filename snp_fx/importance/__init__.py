@@ -84,7 +84,7 @@ def _checked_pick(picked, group, head: int, n_keep: int) -> list[int]:
     return out
 
 
-def _name(x) -> str:
+def name_of(x) -> str:
     """How an importance / selection is recorded in the plan (callables by their name)."""
     return x if isinstance(x, str) else "custom:" + getattr(x, "__qualname__", type(x).__qualname__)
 
