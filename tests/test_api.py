@@ -125,6 +125,20 @@ def test_callable_selection_is_used(vit, x, analysis):
     assert pruned.meta["snp_plan"]
 
 
+def same_in_every_head(analysis, group, head, n_keep):
+    """The README's example: the same q/k positions in every head."""
+    return producer_l2(analysis, group).sum(0).topk(n_keep).indices.tolist()
+
+
+def test_readme_selection_example(vit, x, analysis):
+    p = snp_fx.plan(analysis, ratios={"qk": 0.5, "ffn": 0.3}, importance=producer_l2, selection=same_in_every_head)
+    for name, entry in p.groups.items():
+        if entry["kind"] == "qk":
+            assert all(k == entry["keep"][0] for k in entry["keep"]) and len(entry["keep"][0]) == 4
+    pruned = snp_fx.apply(analysis, p)
+    assert pruned(x).shape == vit(x).shape
+
+
 def test_bad_importance_and_selection(vit, x, analysis):
     for bad in ("magic", 42, None):
         with pytest.raises(snp_fx.SNPError, match="unknown importance") as e:

@@ -81,6 +81,10 @@ def _checked_pick(picked, group, head: int, n_keep: int) -> list[int]:
     if len(out) != n_keep or len(set(out)) != n_keep or (out and not 0 <= out[0] <= out[-1] < group.width):
         raise SNPError(f"{where} returned {out}; it must return {n_keep} distinct positions in "
                        f"0..{group.width - 1}")
+    row = group.classes[head] if group.classes.dim() == 2 else group.classes
+    if int(torch.isin(row, row[out]).sum()) != n_keep:
+        raise SNPError(f"{where} returned {out}, which splits a class: positions sharing a class id in "
+                       "group.classes (coupled channels) are kept or removed together")
     return out
 
 
