@@ -41,7 +41,7 @@ def main():
     rows = []
     for ratio in (0.3, 0.5, 0.7):
         for label, imp, kw in criteria:
-            plan = snp_fx.plan(model, None, {"qk": ratio}, importance=imp, analysis=a, calibration=calib,
+            plan = snp_fx.plan(model, None, ratios={"qk": ratio}, importance=imp, analysis=a, calibration=calib,
                                progress=False, **kw)
             pruned = snp_fx.apply(model, plan, None, analysis=a)
             rows.append({"qk_removed": ratio, "criterion": label,

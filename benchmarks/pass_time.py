@@ -25,7 +25,7 @@ def main():
         t0 = time.perf_counter()
         a = snp_fx.analyze(model, x)
         t1 = time.perf_counter()
-        plan = snp_fx.plan(model, x, ratios, analysis=a, progress=False)
+        plan = snp_fx.plan(model, x, ratios=ratios, analysis=a, progress=False)
         t2 = time.perf_counter()
         snp_fx.apply(model, plan, x, analysis=a)
         t3 = time.perf_counter()

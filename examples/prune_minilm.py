@@ -142,7 +142,7 @@ def main(argv=None):
     print(f"analyze: {time.perf_counter() - t:.1f} s, {len(analysis.sites)} attention sites")
     t = time.perf_counter()
     # score once (one calibration pass); every setting below is planned from the same scores
-    scores = snp_fx.plan(model, example, {}, analysis=analysis, calibration=calib).scores
+    scores = snp_fx.plan(model, example, ratios={}, analysis=analysis, calibration=calib).scores
     print(f"calibrate + score: {time.perf_counter() - t:.1f} s\n")
 
     dense_emb = embed(model, evals)
@@ -157,7 +157,7 @@ def main(argv=None):
         ratios = parse_ratios(text)
         for importance in ("snp", "random"):
             kw = {"scores": scores} if importance == "snp" else {"importance": "random", "seed": args.seed}
-            plan = snp_fx.plan(model, example, ratios, analysis=analysis, **kw)
+            plan = snp_fx.plan(model, example, ratios=ratios, analysis=analysis, **kw)
             pruned = snp_fx.apply(model, plan, example, analysis=analysis)  # checked against the masked original
             c = compare(dense_emb, embed(pruned, evals))
             p1, m1 = count_params(pruned), count_macs(pruned, pos)

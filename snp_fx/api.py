@@ -9,10 +9,11 @@ import torch.fx as fx
 
 from . import verify as _verify
 from .analysis import Analysis, propagate
+from .calibration import default_calibration
 from .compensate import DEFAULT_RIDGE
 from .compensate import compensate as _compensate
-from .errors import RewriteError, SNPError
-from .importance import DEFAULT_GAMMA, compute_scores
+from .errors import RewriteError, SNPError, SNPFXError
+from .importance import DEFAULT_GAMMA, check_importance, check_selection, compute_scores, name_of
 from .planning import (PruningPlan, check_ratios, check_target, keep_mask, make_plan, paper_ratios,
                    plan_for_target)
 from .rewrite import rewrite
@@ -37,40 +38,53 @@ def _preset(preset, **given):
         return given
     if preset not in PRESETS:
         raise SNPError(f"unknown preset '{preset}'; available: {list(PRESETS)}")
-    return {k: (PRESETS[preset].get(k, v) if v == defaults[k] else v) for k, v in given.items()}
+    return {k: (PRESETS[preset].get(k, v) if not callable(v) and v == defaults[k] else v) for k, v in given.items()}
 
 
-def analyze(model: torch.nn.Module, example_inputs, leaf_modules=(), frontend: str = "auto") -> Analysis:
+def analyze(model: torch.nn.Module, example_inputs, *, leaf_modules=(), frontend: str = "auto") -> Analysis:
     """Trace ``model`` and find its attention sites and coupled channel groups.
 
     ``model`` is copied first, so nothing that happens here (even an error
     halfway) can change it.  ``example_inputs``: a tensor, a tuple of
-    positional tensors, or a dict of keyword inputs.  ``frontend``: "auto"
+    positional tensors, or a dict of keyword inputs.  ``leaf_modules``: module
+    classes or qualified names kept whole (not traced into).  ``frontend``: "auto"
     (torch.fx, else torch.export), "fx" or "export".
+
+    The result can be passed to ``plan`` and ``apply`` in place of the model and
+    its inputs.  Bad input raises ``SNPError`` (a ``ValueError``); a failure of
+    snp_fx itself raises ``InternalError``.
     """
     if not isinstance(model, torch.nn.Module):
         raise SNPError(f"expected a torch.nn.Module or fx.GraphModule, got {type(model).__name__}")
+    source = _source_meta(model, example_inputs)
     work = _copy(model).eval()
     gm = trace(work, leaf_modules, example_inputs, frontend)
     try:
-        a = _analyze(gm, example_inputs, leaf_modules)
-    except SNPError as first:
+        a = _analyze(gm, example_inputs, leaf_modules, source)
+    except SNPError as first:  # bad input (or an fx graph that does not run); InternalError propagates
         if frontend != "auto" or gm.meta.get("snp_frontend") == "export" or leaf_modules:
             raise
         try:  # the fx graph does not run (e.g. it baked in a default argument): the exported one may
-            return _analyze(export(_copy(model).eval(), example_inputs), example_inputs, leaf_modules)
+            return _analyze(export(_copy(model).eval(), example_inputs), example_inputs, leaf_modules, source)
         except SNPError:
             raise first from None
     if frontend == "auto" and a.unknown_ops and not leaf_modules and a.gm.meta["snp_frontend"] == "fx":
         # ops the table does not know (often python helpers fx keeps whole): torch.export
         # traces through them to ATen; keep whichever graph the analysis understands better
         try:
-            b = _analyze(export(_copy(model).eval(), example_inputs), example_inputs, leaf_modules)
+            b = _analyze(export(_copy(model).eval(), example_inputs), example_inputs, leaf_modules, source)
         except SNPError:
             return a
         if len(b.unknown_ops) < len(a.unknown_ops):
             return b
     return a
+
+
+def _source_meta(model: torch.nn.Module, example_inputs) -> dict:
+    """What ``apply`` records about the original model (see snp_fx/io.py), kept with the analysis."""
+    return {"snp_source_training": model.training,
+            "snp_source_shapes": {k: list(v.shape) for k, v in model.state_dict().items()},
+            "snp_example_inputs": dict(example_inputs) if isinstance(example_inputs, dict) else example_inputs}
 
 
 def _copy(model: torch.nn.Module) -> torch.nn.Module:
@@ -93,40 +107,65 @@ def _copy(model: torch.nn.Module) -> torch.nn.Module:
     return copy.deepcopy(model, memo)
 
 
-def _analyze(gm, example_inputs, leaf_modules) -> Analysis:
+def _analyze(gm, example_inputs, leaf_modules, source: dict | None = None) -> Analysis:
     gm.meta.setdefault("snp_frontend", "fx")  # recorded (with the leaves) so snp_fx.load can re-trace the same graph
     gm.meta["snp_leaf_modules"] = tuple(leaf_modules)
+    gm.meta.update(source or {})
     inputs = normalize_inputs(gm, example_inputs)
     try:
         return propagate(gm, inputs)
-    except SNPError:
+    except SNPFXError:  # snp_fx's own verdict: bad input (SNPError) or a bug of ours (InternalError)
         raise
-    except Exception as e:
+    except Exception as e:  # anything else: the model's own code failed on these inputs
         raise SNPError(f"the model does not run on the example inputs: {type(e).__name__}: {e}\n"
                        "Pass inputs of the shape, dtype and device the model expects.") from e
 
 
-def plan(model, example_inputs, ratios=None, importance: str = "snp", analysis: Analysis | None = None,
-         leaf_modules=(), seed: int = 0, calibration=None, gamma: int = DEFAULT_GAMMA, progress: bool = True,
-         target_macs=None, target_params=None, round_to: int = 1, heads: bool = False,
-         scores=None, selection: str = "score", preset: str | None = None) -> PruningPlan:
+def _analysis_of(model_or_analysis, example_inputs, analysis, leaf_modules, what: str) -> Analysis:
+    """The Analysis to work on: the one given (first argument or ``analysis=``), else a new one."""
+    if isinstance(model_or_analysis, Analysis):
+        return model_or_analysis
+    if analysis is not None:
+        if not isinstance(analysis, Analysis):
+            raise SNPError(f"analysis must be an Analysis from snp_fx.analyze, got {type(analysis).__name__}")
+        return analysis
+    if example_inputs is None:
+        raise SNPError(f"{what}(model, ...) needs example_inputs; or pass an Analysis: "
+                       f"{what}(snp_fx.analyze(model, example_inputs), ...)")
+    return analyze(model_or_analysis, example_inputs, leaf_modules=leaf_modules)
+
+
+def plan(model_or_analysis, example_inputs=None, *, ratios=None, importance="snp",
+         analysis: Analysis | None = None, leaf_modules=(), seed: int = 0, calibration=None,
+         gamma: int = DEFAULT_GAMMA, progress: bool | None = None, target_macs=None, target_params=None,
+         round_to: int = 1, heads: bool = False, scores=None, selection="score",
+         preset: str | None = None) -> PruningPlan:
     """Which channels to keep in every group, as a JSON-serialisable PruningPlan.
+
+    ``plan(model, example_inputs, ratios=...)`` analyzes the model first;
+    ``plan(analysis, ratios=...)`` reuses an ``Analysis`` from ``analyze`` (so does the
+    ``analysis=`` keyword).  Every option is keyword-only.
 
     Budget, one of: ``ratios`` (dict of kind or group name -> fraction removed, or the path of an
     authors' config file, or a bundled one by name: "DeiT_t", "DeiT_s", "DeiT_s_small", "DeiT_b");
     ``target_macs`` / ``target_params``
     (absolute, or a fraction < 1 of the dense model; ``heads=True`` lets whole heads go too).
     ``round_to``: kept widths (per head, FFN, residual) are multiples of it.
-    ``importance``: "snp" (default), "l1", "l2", "gm", "random", "reverse" (see snp_fx.importance).
+    ``importance``: "snp" (default), "l1", "l2", "gm", "random", "reverse" (see snp_fx.importance),
+    or a callable ``(analysis, group) -> Tensor`` shaped like ``group.classes`` (higher = keep).
     ``calibration``: batches for the q/k scores (default: the example inputs).
     ``scores``: precomputed ``snp_fx.importance.Scores`` (skips scoring).
-    ``selection``: "score" (the top scores) or "exact" (q/k pairs chosen per head to minimise the
-    exact change of the pre-softmax scores over the calibration set; the scores still set the counts).
+    ``selection``: "score" (the top scores), "exact" (q/k pairs chosen per head to minimise the
+    exact change of the pre-softmax scores over the calibration set; the scores still set the counts)
+    or a callable ``(analysis, group, head, n_keep) -> list[int]`` choosing the kept q/k positions.
     ``preset``: a name from ``PRESETS`` ("best", "paper") filling the options left at their defaults.
+    ``progress``: tqdm bars (None: when stderr is a terminal).
     """
+    check_importance(importance)
+    check_selection(selection)
     opts = _preset(preset, importance=importance, selection=selection)
     importance, selection = opts["importance"], opts["selection"]
-    a = analysis or analyze(model, example_inputs, leaf_modules)
+    a = _analysis_of(model_or_analysis, example_inputs, analysis, leaf_modules, "plan")
     targeted = target_macs is not None or target_params is not None
     if targeted and ratios:
         raise SNPError("give either ratios or a target (target_macs / target_params), not both")
@@ -143,7 +182,7 @@ def plan(model, example_inputs, ratios=None, importance: str = "snp", analysis: 
         p = plan_for_target(a, sc, target_macs, target_params, round_to=round_to, heads=heads)
     else:
         p = make_plan(a, ratios, sc, round_to=round_to)
-    p.meta.update(importance=importance, gamma=gamma, selection=selection)
+    p.meta.update(importance=name_of(importance), gamma=gamma, selection=name_of(selection))
     for site, why in p.meta.get("heads_kept", {}).items():
         warnings.warn(f"snp_fx: heads of {site} kept: {why}", stacklevel=2)
     p.scores = sc
@@ -158,10 +197,14 @@ def _prunes_residual(analysis: Analysis, p: PruningPlan) -> bool:
     return False
 
 
-def apply(model, plan: PruningPlan, example_inputs, verify: bool = True, analysis: Analysis | None = None,
-          leaf_modules=(), compensate: bool = False, calibration=None, ridge: float = DEFAULT_RIDGE,
-          progress: bool = True) -> fx.GraphModule:
-    """Rewrite ``model`` into a smaller GraphModule following ``plan``.
+def apply(model_or_analysis, plan: PruningPlan, example_inputs=None, *, verify: bool = True,
+          analysis: Analysis | None = None, leaf_modules=(), compensate: bool = False, calibration=None,
+          ridge: float = DEFAULT_RIDGE, progress: bool | None = None) -> fx.GraphModule:
+    """Rewrite the model into a smaller GraphModule following ``plan``.
+
+    ``apply(model, plan, example_inputs)`` analyzes the model first; ``apply(analysis, plan)``
+    reuses an ``Analysis`` from ``analyze`` (so does the ``analysis=`` keyword).  Every option
+    is keyword-only.
 
     With ``verify`` (default) the result is checked on the example inputs
     against the original with the removed weights zeroed (and, when the
@@ -172,10 +215,11 @@ def apply(model, plan: PruningPlan, example_inputs, verify: bool = True, analysi
     (output projection, fc2) by ridge least squares over ``calibration`` (default: the
     example inputs) so it reproduces the dense layer output from the kept channels
     (snp_fx.compensate); what was done is in ``pruned.meta["snp_compensation"]``.
+    ``progress``: a tqdm bar for that pass (None: when stderr is a terminal).
     """
     if not isinstance(plan, PruningPlan):
         raise SNPError(f"plan must be a PruningPlan, got {type(plan).__name__}")
-    a = analysis or analyze(model, example_inputs, leaf_modules)
+    a = _analysis_of(model_or_analysis, example_inputs, analysis, leaf_modules, "apply")
     keep = keep_mask(a, plan)
     pruned = rewrite(a, keep)
     pruned.eval()
@@ -183,13 +227,22 @@ def apply(model, plan: PruningPlan, example_inputs, verify: bool = True, analysi
         _check(a, keep, pruned, plan)  # before compensation, which changes the kept weights
     if compensate:
         if calibration is None:
-            calibration = [a.inputs if len(a.inputs) > 1 else a.inputs[0]]
+            calibration = default_calibration(a)
         pruned.meta["snp_compensation"] = _compensate(a, keep, pruned, calibration, ridge, progress=progress)
-    pruned.train(model.training)
+    # the original model's training flag and parameter shapes: from the model when given, else as
+    # analyze recorded them (a.gm is the analysed copy, in eval mode)
+    source = model_or_analysis if isinstance(model_or_analysis, torch.nn.Module) else a.gm
+    recorded = source is a.gm
+    training = a.gm.meta.get("snp_source_training", a.gm.training) if recorded else source.training
+    pruned.train(training)
     pruned.meta["snp_plan"] = plan.to_json()
     # what snp_fx.save needs to rebuild this graph from the original model (see snp_fx/io.py)
+    if example_inputs is None:
+        example_inputs = a.gm.meta.get("snp_example_inputs", a.inputs)
     pruned.meta["snp_example_inputs"] = dict(example_inputs) if isinstance(example_inputs, dict) else example_inputs
-    pruned.meta["snp_source_shapes"] = {k: list(v.shape) for k, v in model.state_dict().items()}
+    shapes = a.gm.meta.get("snp_source_shapes") if recorded else None
+    pruned.meta["snp_source_shapes"] = shapes if shapes is not None else \
+        {k: list(v.shape) for k, v in source.state_dict().items()}
     return pruned
 
 
@@ -213,10 +266,10 @@ def _check(a: Analysis, keep, pruned, p: PruningPlan):
                            f"(relative error {err:.2e}); please report this model")
 
 
-def prune(model, example_inputs, ratios=None, importance: str = "snp", verify: bool = True,
+def prune(model, example_inputs, *, ratios=None, importance="snp", verify: bool = True,
           leaf_modules=(), seed: int = 0, calibration=None, gamma: int = DEFAULT_GAMMA,
-          progress: bool = True, target_macs=None, target_params=None, round_to: int = 1,
-          heads: bool = False, selection: str = "score", compensate: bool = False,
+          progress: bool | None = None, target_macs=None, target_params=None, round_to: int = 1,
+          heads: bool = False, selection="score", compensate: bool = False,
           preset: str | None = None) -> fx.GraphModule:
     """Analyze, plan and rewrite in one call (arguments as in ``plan`` and ``apply``).
 
@@ -227,10 +280,12 @@ def prune(model, example_inputs, ratios=None, importance: str = "snp", verify: b
     """
     opts = _preset(preset, importance=importance, selection=selection, compensate=compensate)
     importance, selection, compensate = opts["importance"], opts["selection"], opts["compensate"]
-    a = analyze(model, example_inputs, leaf_modules)
+    check_importance(importance)
+    check_selection(selection)
+    a = analyze(model, example_inputs, leaf_modules=leaf_modules)
     sc = None  # scored once (one calibration pass), re-planned if a group has to be set aside
     for _ in range(len(a.groups) + 1):
-        p = plan(model, example_inputs, ratios, importance, analysis=a, seed=seed, calibration=calibration,
+        p = plan(a, ratios=ratios, importance=importance, seed=seed, calibration=calibration,
                  gamma=gamma, progress=progress, target_macs=target_macs, target_params=target_params,
                  round_to=round_to, heads=heads, scores=sc, selection=selection)
         sc = p.scores

@@ -202,7 +202,7 @@ def cmd_prune(args) -> int:
     _status("analyzing")
     analysis = api.analyze(model, x)
     _status(f"scoring ({args.importance}) and planning")
-    plan = api.plan(model, x, importance=args.importance, analysis=analysis, seed=args.seed,
+    plan = api.plan(analysis, importance=args.importance, seed=args.seed,
                     calibration=calib, gamma=args.gamma, round_to=args.round_to, heads=args.heads, **budget)
     _status("rewriting and verifying")
     pruned = api.apply(model, plan, x, analysis=analysis)

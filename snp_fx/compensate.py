@@ -131,37 +131,22 @@ def output_error(gram, total, n, weight, bias, new_w, new_b, kept) -> float:
     return float(torch.einsum("oi,ij,oj->", d, second, d) + 2 * c @ (d @ mu) + c @ c)
 
 
-def collect_stats(analysis, consumers: list[Consumer], calibration, progress: bool = True) -> dict[str, list]:
+def collect_stats(analysis, consumers: list[Consumer], calibration, progress: bool | None = None) -> dict[str, list]:
     """One streamed pass over ``calibration`` through the dense graph: per consumer node,
-    [sum x x^T, sum x, rows] of its input.  Independent of the plan: reusable for many."""
-    from .importance.calibrate import graph_runs
+    [sum x x^T, sum x, rows] of its input.  Independent of the plan: reusable for many.
+    ``progress``: a tqdm bar (None: when stderr is a terminal)."""
+    from .calibration import stream
 
-    gm = analysis.gm
-    reader = _InputStats(gm, consumers)
-    placeholders = [n.target for n in gm.graph.nodes if n.op == "placeholder"]
-    try:
-        from tqdm.auto import tqdm
-        it = tqdm(calibration, desc="snp_fx compensation", disable=not progress, leave=False)
-    except ImportError:  # pragma: no cover
-        it = calibration
-    with torch.inference_mode():
-        for b, batch in enumerate(it):
-            runs = graph_runs(analysis, batch, placeholders)
-            try:
-                for inputs in runs:
-                    reader.run(*inputs)
-            except Exception as e:
-                raise SNPError(f"calibration batch {b} does not run through the model: "
-                               f"{type(e).__name__}: {e}") from e
-    if not reader.stats:
-        raise SNPError("the calibration iterable is empty; give at least one batch (a generator already "
-                       "used for the scores is empty: pass a list or a DataLoader)")
+    reader = _InputStats(analysis.gm, consumers)
+    stream(analysis, calibration, lambda inputs: reader.run(*inputs), desc="snp_fx compensation",
+           progress=progress, empty_hint=" (a generator already used for the scores is empty: pass a list "
+                                         "or a DataLoader)")
     return reader.stats
 
 
 @torch.no_grad()
 def compensate(analysis, keep: torch.Tensor, pruned: fx.GraphModule, calibration, ridge: float = DEFAULT_RIDGE,
-               kinds=("v", "ffn"), progress: bool = True, stats: dict | None = None) -> list[dict]:
+               kinds=("v", "ffn"), progress: bool | None = None, stats: dict | None = None) -> list[dict]:
     """Refit the consumers of every pruned v / FFN group of ``pruned`` in place.
 
     ``keep``: the unit keep mask the rewrite used; ``calibration``: batches as for

@@ -184,7 +184,7 @@ def load(directory, model) -> fx.GraphModule:
                             load_file(path("inputs.safetensors")), device)
     leaves = _resolve_leaves(model, manifest["leaf_modules"])
     try:
-        a = api.analyze(model, inputs, leaves, frontend=manifest["frontend"])
+        a = api.analyze(model, inputs, leaf_modules=leaves, frontend=manifest["frontend"])
         gm = api.apply(model, plan, inputs, verify=False, analysis=a)
     except SNPError as e:
         raise SavedModelError(f"the saved plan does not apply to this model: {e}") from e

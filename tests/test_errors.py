@@ -34,13 +34,13 @@ def state(m):
 def test_bad_ratios(model, ratios, match):
     before = state(model)
     with pytest.raises(snp_fx.SNPError, match=match):
-        snp_fx.prune(model, X, ratios)
+        snp_fx.prune(model, X, ratios=ratios)
     assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
 
 
 def test_ratios_must_be_a_dict(model):
     with pytest.raises(snp_fx.SNPError, match="ratios must be a dict"):
-        snp_fx.prune(model, X, [0.5])
+        snp_fx.prune(model, X, ratios=[0.5])
 
 
 def test_inputs_that_do_not_run(model):
@@ -76,7 +76,7 @@ def test_untraceable_model_says_what_to_do():
 
 
 def test_bad_plans(model):
-    plan = snp_fx.plan(model, X, {"qk": 0.5})
+    plan = snp_fx.plan(model, X, ratios={"qk": 0.5})
     bad = copy.deepcopy(plan)
     bad.groups["blocks.0.attn.qk"]["keep"][0] = [0, 1, 2]  # 3 kept in head 0, 4 in the others
     with pytest.raises(snp_fx.SNPError, match="same count"):
@@ -101,16 +101,16 @@ def test_bad_plans(model):
 def test_input_never_modified_and_train_mode_kept(model):
     model.train()
     before = state(model)
-    pruned = snp_fx.prune(model, X, {"qk": 0.5, "residual": 0.25, "ffn": 0.5})
+    pruned = snp_fx.prune(model, X, ratios={"qk": 0.5, "residual": 0.25, "ffn": 0.5})
     assert model.training and pruned.training
     assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
     gm = torch.fx.symbolic_trace(model.eval())
     code = gm.code
-    snp_fx.prune(gm, X, {"qk": 0.5, "residual": 0.25})
+    snp_fx.prune(gm, X, ratios={"qk": 0.5, "residual": 0.25})
     assert gm.code == code
 
 
 def test_float64_model(model):
     m = model.double()
-    pruned = snp_fx.prune(m, X.double(), {"qk": 0.5, "v": 0.5, "ffn": 0.5})
+    pruned = snp_fx.prune(m, X.double(), ratios={"qk": 0.5, "v": 0.5, "ffn": 0.5})
     assert next(pruned.parameters()).dtype == torch.float64

@@ -99,7 +99,7 @@ def test_exact_error_equals_measured_score_change(vit, calib):
     """On the model: r^T M r of the chosen pairs = the measured change of block 0's scores."""
     a = snp_fx.analyze(vit, calib[0])
     s = compute_scores(a, "snp", calib, progress=False, selection="exact")
-    p = snp_fx.plan(vit, None, {"blocks.0.attn.qk": 0.5}, analysis=a, scores=s)
+    p = snp_fx.plan(vit, None, ratios={"blocks.0.attn.qk": 0.5}, analysis=a, scores=s)
     pruned = snp_fx.apply(vit, p, None, analysis=a)
     g = a.groups["blocks.0.attn.qk"]
     predicted = 0.0
@@ -117,7 +117,7 @@ def test_exact_selection_lowers_calibration_error_for_ratios_and_targets(vit, ca
     exact = compute_scores(a, "snp", calib, progress=False, selection="exact")
     for imp in ("snp", "l2"):
         base = compute_scores(a, imp, calib, progress=False)
-        for plan_of in (lambda sc: snp_fx.plan(vit, None, {"qk": 0.5}, analysis=a, scores=sc),
+        for plan_of in (lambda sc: snp_fx.plan(vit, None, ratios={"qk": 0.5}, analysis=a, scores=sc),
                         lambda sc: snp_fx.plan(vit, None, target_macs=0.6, analysis=a, scores=sc)):
             pe, pb = plan_of(exact), plan_of(base)
             for g in a.prunable("qk"):
@@ -135,9 +135,9 @@ def test_exact_selection_lowers_calibration_error_for_ratios_and_targets(vit, ca
     keep = pt.groups[g.name]["keep"][0]
     assert keep == exact_keep(exact.pair_grams[g.name][0], g.classes[0], len(keep))
     # any importance can be combined with exact selection (same counts: same picks)
-    pl = snp_fx.plan(vit, None, {"qk": 0.5}, analysis=a, calibration=calib, importance="l2", selection="exact",
+    pl = snp_fx.plan(vit, None, ratios={"qk": 0.5}, analysis=a, calibration=calib, importance="l2", selection="exact",
                      progress=False)
-    assert pl.groups == snp_fx.plan(vit, None, {"qk": 0.5}, analysis=a, scores=exact).groups
+    assert pl.groups == snp_fx.plan(vit, None, ratios={"qk": 0.5}, analysis=a, scores=exact).groups
 
 
 # ---- compensation -------------------------------------------------------------------------------
@@ -184,7 +184,7 @@ def _capture(module, x, model):
 
 def test_compensation_writes_the_refit_and_never_hurts(vit, calib):
     a = snp_fx.analyze(vit, calib[0])
-    p = snp_fx.plan(vit, None, {"blocks.0.mlp.fc1": 0.5, "blocks.0.attn.v": 0.5, "qk": 0.25}, analysis=a,
+    p = snp_fx.plan(vit, None, ratios={"blocks.0.mlp.fc1": 0.5, "blocks.0.attn.v": 0.5, "qk": 0.25}, analysis=a,
                     calibration=calib, progress=False)
     plain = snp_fx.apply(vit, p, None, analysis=a)
     comp = snp_fx.apply(vit, p, None, analysis=a, compensate=True, calibration=calib, progress=False)
@@ -211,7 +211,7 @@ def test_compensation_writes_the_refit_and_never_hurts(vit, calib):
 
 def test_compensation_that_would_hurt_is_not_applied(vit, calib):
     a = snp_fx.analyze(vit, calib[0])
-    p = snp_fx.plan(vit, None, {"blocks.1.mlp.fc1": 0.5}, analysis=a, importance="l2")
+    p = snp_fx.plan(vit, None, ratios={"blocks.1.mlp.fc1": 0.5}, analysis=a, importance="l2")
     plain = snp_fx.apply(vit, p, None, analysis=a)
     with pytest.warns(UserWarning, match="would raise its calibration error"):
         comp = snp_fx.apply(vit, p, None, analysis=a, compensate=True, calibration=calib, ridge=1e8,
@@ -243,7 +243,7 @@ def test_groups_without_a_single_consumer_are_reported():
     assert not consumers and "2 linears" in skipped["fc1"]
     with warnings.catch_warnings(record=True) as w:
         warnings.simplefilter("always")
-        pruned = snp_fx.prune(m, x, {"fc1": 0.5}, importance="l2", compensate=True, progress=False)
+        pruned = snp_fx.prune(m, x, ratios={"fc1": 0.5}, importance="l2", compensate=True, progress=False)
     assert any("not compensating fc1" in str(x.message) for x in w)
     assert pruned.meta["snp_compensation"] == [{"group": "fc1", "applied": False,
                                                  "reason": "2 linears consume its channels"}]
@@ -252,17 +252,17 @@ def test_groups_without_a_single_consumer_are_reported():
 # ---- API ------------------------------------------------------------------------------------------
 
 def test_preset_and_bad_options(vit, calib):
-    pruned = snp_fx.prune(vit, calib[0], {"qk": 0.5, "v": 0.5, "ffn": 0.5}, calibration=calib, preset="best",
+    pruned = snp_fx.prune(vit, calib[0], ratios={"qk": 0.5, "v": 0.5, "ffn": 0.5}, calibration=calib, preset="best",
                           progress=False)
     plan = snp_fx.PruningPlan.from_json(pruned.meta["snp_plan"])
     assert plan.meta["selection"] == "exact" and plan.meta["importance"] == "l2"
     assert len(pruned.meta["snp_compensation"]) == 4
     with pytest.raises(snp_fx.SNPError, match="unknown preset"):
-        snp_fx.prune(vit, calib[0], {"qk": 0.5}, preset="fastest", progress=False)
+        snp_fx.prune(vit, calib[0], ratios={"qk": 0.5}, preset="fastest", progress=False)
     with pytest.raises(snp_fx.SNPError, match="unknown selection"):
-        snp_fx.plan(vit, calib[0], {"qk": 0.5}, selection="optimal", progress=False)
+        snp_fx.plan(vit, calib[0], ratios={"qk": 0.5}, selection="optimal", progress=False)
     with pytest.raises(snp_fx.SNPError, match="generator"):
-        snp_fx.prune(vit, calib[0], {"v": 0.5}, calibration=(x for x in calib), compensate=True, progress=False)
+        snp_fx.prune(vit, calib[0], ratios={"v": 0.5}, calibration=(x for x in calib), compensate=True, progress=False)
 
 
 def test_compensating_a_masked_reference_equals_the_pruned_model(vit, calib):
@@ -270,7 +270,7 @@ def test_compensating_a_masked_reference_equals_the_pruned_model(vit, calib):
     from snp_fx.compensate import compensate
     from snp_fx.verify import masked_reference
     a = snp_fx.analyze(vit, calib[0])
-    p = snp_fx.plan(vit, None, {"v": 0.5, "ffn": 0.5}, analysis=a, importance="l2")
+    p = snp_fx.plan(vit, None, ratios={"v": 0.5, "ffn": 0.5}, analysis=a, importance="l2")
     keep = keep_mask(a, p)
     pruned = snp_fx.apply(vit, p, None, analysis=a, compensate=True, calibration=calib, progress=False)
     ref = masked_reference(a, keep)

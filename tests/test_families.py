@@ -89,7 +89,7 @@ def test_head_shared_rel_pos_table_couples_heads():
 def test_heads_asked_for_but_shared_are_kept_with_a_warning():
     a = analysis("samvit_base_patch16")
     with pytest.warns(UserWarning, match="heads of blocks.0.attn kept: the heads share their q/k channels"):
-        p = snp_fx.plan(None, a.inputs, {"heads": 0.5, "v": 0.25}, importance="random", analysis=a)
+        p = snp_fx.plan(None, a.inputs, ratios={"heads": 0.5, "v": 0.25}, importance="random", analysis=a)
     assert set(p.meta["heads_kept"]) == {"blocks.0.attn", "blocks.1.attn"}
     assert all(len(h) == 12 for h in p.groups["blocks.0.attn.v"]["keep"])  # v still pruned, in every head
 

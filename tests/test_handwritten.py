@@ -48,7 +48,7 @@ def test_scale_is_kept_for_sdpa():
     torch.manual_seed(0)
     model = PlainViT(form="sdpa").eval()
     x = torch.randn(1, 3, 32, 32)
-    pruned = snp_fx.prune(model, x, {"qk": 0.5})
+    pruned = snp_fx.prune(model, x, ratios={"qk": 0.5})
     assert "scale = 0.35355" in pruned.code  # 1/sqrt(8): the original width, not the pruned 4
 
 
@@ -100,13 +100,13 @@ def test_unrewritable_group_is_left_alone_and_reported():
     model = GroupedHidden().eval()
     x = torch.randn(3, 8)
     with pytest.warns(UserWarning, match=r"left \['fc1'\] unpruned"):
-        pruned = snp_fx.prune(model, x, {"ffn": 0.5}, importance="random", seed=3)
+        pruned = snp_fx.prune(model, x, ratios={"ffn": 0.5}, importance="random", seed=3)
     assert pruned.fc1.out_features == 64        # refused: the view needs equal counts per group
     assert pruned.other.out_features == 16      # the other FFN was still pruned
     with torch.no_grad():
         assert pruned(x).shape == (3, 3)
     with pytest.raises(snp_fx.RewriteError, match="cannot rewrite node"):  # named explicitly: an error
-        snp_fx.prune(model, x, {"fc1": 0.5}, importance="random", seed=3)
+        snp_fx.prune(model, x, ratios={"fc1": 0.5}, importance="random", seed=3)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
@@ -114,7 +114,7 @@ def test_model_on_cuda():
     torch.manual_seed(0)
     model = PlainViT(form="sdpa").eval().cuda()
     x = torch.randn(2, 3, 32, 32, device="cuda")
-    pruned = snp_fx.prune(model, x, {"qk": 0.5, "v": 0.5, "ffn": 0.5, "heads": 0.25})  # verified inside
+    pruned = snp_fx.prune(model, x, ratios={"qk": 0.5, "v": 0.5, "ffn": 0.5, "heads": 0.25})  # verified inside
     assert next(pruned.parameters()).is_cuda
 
 
@@ -141,8 +141,8 @@ def test_head_last_pruned_twice_renumbers_the_stored_gather():
     torch.manual_seed(0)
     model = PlainViT(form="head_last").eval()
     x = torch.randn(2, 3, 32, 32)
-    once = snp_fx.prune(model, x, {"v": 0.5}, importance="random", progress=False)
-    twice = snp_fx.prune(once, x, {"v": 0.5, "heads": 0.5, "residual": 0.25}, importance="random", seed=1,
+    once = snp_fx.prune(model, x, ratios={"v": 0.5}, importance="random", progress=False)
+    twice = snp_fx.prune(once, x, ratios={"v": 0.5, "heads": 0.5, "residual": 0.25}, importance="random", seed=1,
                          progress=False)
     assert twice.get_submodule("blocks.0.attn.v").out_features < once.get_submodule("blocks.0.attn.v").out_features
     kept = [int(b.numel()) for n, b in twice.named_buffers() if n.startswith("snp_order_")]
@@ -160,7 +160,7 @@ def test_model_holding_an_autograd_cache_is_copied_not_refused():
     with pytest.raises(RuntimeError, match="graph leaves"):
         __import__("copy").deepcopy(model)
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    pruned = snp_fx.prune(model, x, {"qk": 0.5, "ffn": 0.5}, progress=False)
+    pruned = snp_fx.prune(model, x, ratios={"qk": 0.5, "ffn": 0.5}, progress=False)
     assert sum(p.numel() for p in pruned.parameters()) < sum(p.numel() for p in model.parameters())
     assert model.cache["scaled_pos"].grad_fn is not None
     assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())

@@ -52,7 +52,7 @@ def test_mask_equivalence(name, seed):
 @pytest.mark.parametrize("name", ["vit", "deit", "llama"])
 def test_residual_pruning_keyword_inputs(name):
     model, inputs, a = analysis(name)
-    pruned = snp_fx.prune(model, inputs, {"residual": 0.25, "v": 0.25, "ffn": 0.25}, progress=False)
+    pruned = snp_fx.prune(model, inputs, ratios={"residual": 0.25, "v": 0.25, "ffn": 0.25}, progress=False)
     with torch.no_grad():
         out, ref = pruned(**inputs), model(**inputs)
     assert out.logits.shape == ref.logits.shape  # same output structure, called with the same keywords
@@ -61,7 +61,7 @@ def test_residual_pruning_keyword_inputs(name):
 
 def test_identity_keeps_outputs():
     model, inputs, a = analysis("bert")
-    pruned = snp_fx.prune(model, inputs, {}, progress=False)
+    pruned = snp_fx.prune(model, inputs, ratios={}, progress=False)
     with torch.no_grad():
         assert relative_error(pruned(**inputs).last_hidden_state, model(**inputs).last_hidden_state) < 1e-6
 
@@ -71,7 +71,7 @@ def test_rotary_pairs_and_kv_heads_go_together(name):
     """q/k channels i and i + d/2 (rotate_half partners) are kept or removed together, per kv head,
     and whole kv heads take their query heads with them."""
     model, inputs, a = analysis(name)
-    pruned = snp_fx.prune(model, inputs, {"qk": 0.5, "heads": 0.5}, importance="random", progress=False)
+    pruned = snp_fx.prune(model, inputs, ratios={"qk": 0.5, "heads": 0.5}, importance="random", progress=False)
     d, n_rep = 16, 2
     for layer in range(2):
         w0 = dict(model.named_parameters())[f"model.layers.{layer}.self_attn.q_proj.weight"]

@@ -95,11 +95,11 @@ def test_calibration_qk_score_matches_naive_on_the_model(vit):
 def test_every_criterion_prunes(vit):
     x = torch.randn(2, 3, 32, 32)
     for imp in ("snp", "l1", "l2", "gm", "random", "reverse"):
-        pruned = snp_fx.prune(vit, x, {"qk": 0.5, "v": 0.5, "ffn": 0.5, "residual": 0.25, "heads": 0.25},
+        pruned = snp_fx.prune(vit, x, ratios={"qk": 0.5, "v": 0.5, "ffn": 0.5, "residual": 0.25, "heads": 0.25},
                               importance=imp, progress=False)
         assert sum(p.numel() for p in pruned.parameters()) < sum(p.numel() for p in vit.parameters())
-    snp_plan = snp_fx.plan(vit, x, {"qk": 0.5}, progress=False)
-    rev_plan = snp_fx.plan(vit, x, {"qk": 0.5}, importance="reverse", progress=False)
+    snp_plan = snp_fx.plan(vit, x, ratios={"qk": 0.5}, progress=False)
+    rev_plan = snp_fx.plan(vit, x, ratios={"qk": 0.5}, importance="reverse", progress=False)
     keep = snp_plan.groups["blocks.0.attn.qk"]["keep"][0]
     drop = rev_plan.groups["blocks.0.attn.qk"]["keep"][0]
     assert not set(keep) & set(drop)  # reverse keeps exactly what snp removes

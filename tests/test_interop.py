@@ -30,7 +30,7 @@ def n_params(m):
 def deit():
     model = timm_model("deit_tiny_patch16_224")
     x = torch.randn(4, 3, 224, 224, generator=torch.Generator().manual_seed(0))
-    pruned = snp_fx.prune(model, x[:1], RATIOS, importance="l2", progress=False)
+    pruned = snp_fx.prune(model, x[:1], ratios=RATIOS, importance="l2", progress=False)
     return model, x, pruned
 
 
@@ -64,7 +64,7 @@ def test_onnx_handwritten_in_onnxruntime(dynamo, tmp_path):
     torch.manual_seed(0)
     model = randomize_norms(PlainViT(form="matmul").eval())
     x = torch.randn(2, 3, 32, 32)
-    pruned = snp_fx.prune(model, x, {"qk": 0.5, "v": 0.25, "ffn": 0.5, "residual": 0.25}, progress=False)
+    pruned = snp_fx.prune(model, x, ratios={"qk": 0.5, "v": 0.25, "ffn": 0.5, "residual": 0.25}, progress=False)
     out, weights = run_onnx(pruned, x, tmp_path / "vit.onnx", dynamo=dynamo)
     with torch.no_grad():
         assert relative_error(out, pruned(x)) < 1e-4
@@ -131,7 +131,7 @@ def test_pass_manager_with_rewriting_passes_around_snp():
             m.running_var.uniform_(0.5, 2.0)
     model = randomize_norms(model).eval()
     x = torch.randn(2, 3, 32, 32)
-    plan = snp_fx.plan(model, x, {"qk": 0.5, "v": 0.25, "ffn": 0.5, "residual": 0.25}, progress=False)
+    plan = snp_fx.plan(model, x, ratios={"qk": 0.5, "v": 0.25, "ffn": 0.5, "residual": 0.25}, progress=False)
 
     def gelu_to_function(gm):
         changed = False

@@ -53,7 +53,7 @@ def rehash(directory, name):
 def deit(tmp_path_factory):
     model = timm_model("deit_tiny_patch16_224")
     x = torch.randn(1, 3, 224, 224, generator=torch.Generator().manual_seed(3))
-    pruned = snp_fx.prune(model, x, RATIOS, importance="l2", progress=False)
+    pruned = snp_fx.prune(model, x, ratios=RATIOS, importance="l2", progress=False)
     d = tmp_path_factory.mktemp("deit")
     snp_fx.save(pruned, d)
     return model, x, pruned, d
@@ -71,7 +71,7 @@ def bert_factory(seed=0, **cfg):
 @pytest.fixture(scope="module")
 def bert(tmp_path_factory):
     inputs = {"input_ids": IDS, "attention_mask": MASK}
-    pruned = snp_fx.prune(bert_factory()(), inputs, {**RATIOS, "heads": 0.25}, progress=False)
+    pruned = snp_fx.prune(bert_factory()(), inputs, ratios={**RATIOS, "heads": 0.25}, progress=False)
     d = tmp_path_factory.mktemp("bert")
     snp_fx.save(pruned, d)
     return inputs, pruned, d
@@ -149,7 +149,7 @@ class TinyLM(nn.Module):
 def test_shared_tensors_stored_once(tmp_path):
     torch.manual_seed(0)
     ids = torch.randint(0, 50, (2, 9))
-    pruned = snp_fx.prune(TinyLM().eval(), ids, RATIOS, progress=False)
+    pruned = snp_fx.prune(TinyLM().eval(), ids, ratios=RATIOS, progress=False)
     assert torch.equal(pruned.head.weight, pruned.embed.weight)  # both sliced the same way
     pruned.head.weight = pruned.embed.weight  # tie them again in the pruned model
     snp_fx.save(pruned, tmp_path)
@@ -164,7 +164,7 @@ def test_leaf_modules_by_class_and_name(tmp_path):
     torch.manual_seed(0)
     model = randomize_norms(PlainViT().eval())
     x = torch.randn(2, 3, 32, 32)
-    pruned = snp_fx.prune(model, x, {"qk": 0.5, "v": 0.25}, leaf_modules=[Mlp, "blocks.1.attn"], progress=False)
+    pruned = snp_fx.prune(model, x, ratios={"qk": 0.5, "v": 0.25}, leaf_modules=[Mlp, "blocks.1.attn"], progress=False)
     assert "blocks_0_mlp = " in pruned.code  # Mlp stayed one call
     snp_fx.save(pruned, tmp_path)
     loaded = snp_fx.load(tmp_path, lambda: PlainViT())
@@ -178,7 +178,7 @@ def test_compensated_weights_come_from_the_file(tmp_path):
     torch.manual_seed(0)
     model = randomize_norms(PlainViT().eval())
     x = torch.randn(8, 3, 32, 32)
-    pruned = snp_fx.prune(model, x, {"v": 0.5, "ffn": 0.5}, compensate=True, progress=False)
+    pruned = snp_fx.prune(model, x, ratios={"v": 0.5, "ffn": 0.5}, compensate=True, progress=False)
     plain = snp_fx.apply(model, snp_fx.PruningPlan.from_json(pruned.meta["snp_plan"]), x)
     assert not same_state(plain, pruned)
     snp_fx.save(pruned, tmp_path)
@@ -193,10 +193,10 @@ def test_loaded_model_prunes_again_compiles_and_nests(tmp_path):
         torch.manual_seed(5)
         return randomize_norms(PlainViT(form="sdpa").eval())
     x = torch.randn(2, 3, 32, 32)
-    once = snp_fx.prune(make(), x, {"qk": 0.5, "ffn": 0.5, "residual": 0.25}, progress=False)
+    once = snp_fx.prune(make(), x, ratios={"qk": 0.5, "ffn": 0.5, "residual": 0.25}, progress=False)
     snp_fx.save(once, tmp_path / "once")
     loaded = snp_fx.load(tmp_path / "once", make)
-    twice = snp_fx.prune(loaded, x, {"qk": 0.5, "v": 0.5}, progress=False)  # verified internally
+    twice = snp_fx.prune(loaded, x, ratios={"qk": 0.5, "v": 0.5}, progress=False)  # verified internally
     assert sum(p.numel() for p in twice.parameters()) < sum(p.numel() for p in once.parameters())
     compiled = torch.compile(twice)
     with torch.no_grad():
@@ -228,7 +228,7 @@ def test_saved_dtype_must_match(tmp_path):
         torch.manual_seed(0)
         return PlainViT().eval()
     x = torch.randn(2, 3, 32, 32, dtype=torch.float64)
-    pruned = snp_fx.prune(make().double(), x, {"qk": 0.5, "ffn": 0.5}, progress=False)
+    pruned = snp_fx.prune(make().double(), x, ratios={"qk": 0.5, "ffn": 0.5}, progress=False)
     snp_fx.save(pruned, tmp_path)
     with pytest.raises(SavedModelError, match=r"torch.float64, the model passed to load is torch.float32"):
         snp_fx.load(tmp_path, make)
@@ -265,7 +265,7 @@ def test_edited_plan_indices_are_caught(deit, tmp_path):
 def test_plan_edited_to_other_widths_does_not_fit_the_weights(tmp_path):
     model = PlainViT().eval()
     x = torch.randn(2, 3, 32, 32)
-    snp_fx.save(snp_fx.prune(model, x, {"ffn": 0.5}, progress=False), tmp_path)
+    snp_fx.save(snp_fx.prune(model, x, ratios={"ffn": 0.5}, progress=False), tmp_path)
     plan = json.loads((tmp_path / "plan.json").read_text())
     plan["groups"]["blocks.1.mlp.fc1"]["keep"].pop()  # one neuron fewer than the weights have
     (tmp_path / "plan.json").write_text(json.dumps(plan))
@@ -312,6 +312,6 @@ def test_save_errors(tmp_path):
     model = PlainViT().eval()
     with pytest.raises(SavedModelError, match="made by snp_fx"):
         snp_fx.save(torch.fx.symbolic_trace(model), tmp_path)
-    pruned = snp_fx.prune(model, torch.randn(1, 3, 32, 32), {"qk": 0.5}, progress=False)
+    pruned = snp_fx.prune(model, torch.randn(1, 3, 32, 32), ratios={"qk": 0.5}, progress=False)
     with pytest.raises(SavedModelError, match="cannot be saved without pickle"):
         snp_fx.save(pruned, tmp_path, example_inputs={"x": [torch.randn(1, 3, 32, 32)]})

@@ -83,7 +83,7 @@ def test_target_errors():
     with pytest.raises(snp_fx.SNPError, match="exactly one"):
         plan_for_target(a, s)
     with pytest.raises(snp_fx.SNPError, match="either ratios or a target"):
-        snp_fx.plan(timm_model("deit_tiny_patch16_224"), a.inputs[0], {"qk": 0.5}, target_macs=0.5,
+        snp_fx.plan(timm_model("deit_tiny_patch16_224"), a.inputs[0], ratios={"qk": 0.5}, target_macs=0.5,
                     analysis=a)
 
 

@@ -79,7 +79,7 @@ def test_residual_matches_hand_built_reference(blocks, form, pool, residual, qk,
     torch.manual_seed(seed)
     dense = randomize_norms(PlainViT(dim=24, blocks=blocks, form=form, pool=pool).eval(), seed)
     x = torch.randn(2, 3, 32, 32)
-    plan = snp_fx.plan(dense, x, {"residual": residual, "qk": qk, "v": v, "ffn": ffn},
+    plan = snp_fx.plan(dense, x, ratios={"residual": residual, "qk": qk, "v": v, "ffn": ffn},
                        importance="random", seed=seed)
     pruned = snp_fx.apply(dense, plan, x)
     ref = rebuild(dense, plan, form, pool)
@@ -99,7 +99,7 @@ def test_deit_small_shapes_flops_params():
     model = timm.create_model("deit_small_patch16_224", pretrained=False).eval()
     x = torch.randn(1, 3, 224, 224)
     ratios = {"qk": 0.5, "v": 0.25, "ffn": 0.3, "residual": 0.2}
-    plan = snp_fx.plan(model, x, ratios)
+    plan = snp_fx.plan(model, x, ratios=ratios)
     pruned = snp_fx.apply(model, plan, x)
     r = 384 - round(384 * 0.2)
     assert pruned.pos_embed.shape == (1, 197, r)

@@ -14,7 +14,7 @@ def small():
     torch.manual_seed(0)
     model = randomize_norms(PlainViT(form="sdpa").eval())
     x = torch.randn(2, 3, 32, 32)
-    pruned = snp_fx.prune(model, x, {"qk": 0.5, "v": 0.25, "ffn": 0.5, "residual": 0.25})
+    pruned = snp_fx.prune(model, x, ratios={"qk": 0.5, "v": 0.25, "ffn": 0.5, "residual": 0.25})
     return model, x, pruned
 
 
@@ -47,7 +47,7 @@ def test_torch_export(small):
 
 def test_prune_twice_composes(small):
     model, x, pruned = small
-    again = snp_fx.prune(pruned, x, {"qk": 0.5, "ffn": 0.5})  # verified internally (mask equivalence)
+    again = snp_fx.prune(pruned, x, ratios={"qk": 0.5, "ffn": 0.5})  # verified internally (mask equivalence)
     n1 = sum(p.numel() for p in pruned.parameters())
     n2 = sum(p.numel() for p in again.parameters())
     assert n2 < n1
@@ -58,7 +58,7 @@ def test_prune_twice_composes(small):
 def test_plan_json_round_trip_reapplies_bit_for_bit(tmp_path):
     model = timm_model("deit_tiny_patch16_224")
     x = torch.randn(1, 3, 224, 224)
-    plan = snp_fx.plan(model, x, {"qk": 0.5, "v": 0.25, "ffn": 0.3, "residual": 0.2, "heads": 0.34})
+    plan = snp_fx.plan(model, x, ratios={"qk": 0.5, "v": 0.25, "ffn": 0.3, "residual": 0.2, "heads": 0.34})
     plan.save(tmp_path / "plan.json")
     loaded = snp_fx.PruningPlan.load(tmp_path / "plan.json")
     assert loaded.groups == plan.groups

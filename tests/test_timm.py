@@ -58,7 +58,7 @@ def test_mask_equivalence_random_plans(name, qk, v, ffn, residual, heads, seed):
 def test_residual_pruning_runs_and_shrinks(name):
     a = timm_analysis(name)
     model = timm_model(name)
-    pruned = snp_fx.prune(model, a.inputs[0], {"residual": 0.25, "qk": 0.25, "ffn": 0.25})
+    pruned = snp_fx.prune(model, a.inputs[0], ratios={"residual": 0.25, "qk": 0.25, "ffn": 0.25})
     n0 = sum(p.numel() for p in model.parameters())
     n1 = sum(p.numel() for p in pruned.parameters())
     assert n1 < 0.85 * n0

@@ -15,13 +15,28 @@ float per unit class and, per attention site, one per head.
 ``selection="exact"`` (any importance): scores still decide how many q/k pairs
 each head keeps; which ones is chosen to minimise the exact change of the
 head's pre-softmax scores over the calibration set (exact.py).
+
+Custom criteria (callables, in the spirit of Torch-Pruning's ``Importance`` objects):
+
+* ``importance=fn`` with ``fn(analysis, group) -> Tensor``: called once per prunable
+  group (``snp_fx.Group``: ``.name``, ``.kind`` in {"qk", "v", "ffn", "residual"},
+  ``.classes`` a LongTensor of class ids, (heads, width) for q/k and v, (width,)
+  otherwise); returns scores shaped like ``group.classes``, higher = keep.  They
+  land in ``Scores.classes`` at ``group.classes`` (averaged where a class id repeats).
+  Heads are then ranked by the share of their q/k and v scores.
+* ``selection=fn`` with ``fn(analysis, group, head, n_keep) -> list[int]``: for a q/k
+  group, the ``n_keep`` positions (0 <= i < group.width) kept in row ``head``; the
+  scores still decide ``n_keep`` (as with "exact").  Called once per
+  (group, head, n_keep).
 """
 from __future__ import annotations
 
 import dataclasses
+from typing import Callable
 
 import torch
 
+from ..calibration import default_calibration
 from ..errors import SNPError
 from .calibrate import calibrate_qk
 from .exact import exact_keep
@@ -38,17 +53,84 @@ class Scores:
     heads: dict[str, torch.Tensor] = dataclasses.field(default_factory=dict)  # site -> (H,)
     # q/k group name -> (heads, E, E) sums of Gq * Gk: exact selection (selection="exact")
     pair_grams: dict[str, torch.Tensor] = dataclasses.field(default_factory=dict)
+    # a custom selection bound to its analysis: (group, head, n_keep) -> kept positions
+    selector: Callable | None = dataclasses.field(default=None, repr=False)
     _picked: dict = dataclasses.field(default_factory=dict, repr=False)
 
     def select(self, group, head: int, n_keep: int) -> list[int] | None:
-        """Kept positions of ``group``'s head chosen by exact selection, or None (rank by score)."""
+        """Kept positions of ``group``'s head chosen by exact or custom selection, or None (rank by score)."""
         m = self.pair_grams.get(group.name)
-        if m is None:
+        if m is None and self.selector is None:
             return None
         key = (group.name, head, n_keep)
         if key not in self._picked:  # plan_for_target asks for the same widths many times
-            self._picked[key] = exact_keep(m[head], group.classes[head], n_keep)
+            if self.selector is not None:
+                self._picked[key] = _checked_pick(self.selector(group, head, n_keep), group, head, n_keep)
+            else:
+                self._picked[key] = exact_keep(m[head], group.classes[head], n_keep)
         return self._picked[key]
+
+
+def _checked_pick(picked, group, head: int, n_keep: int) -> list[int]:
+    """A custom selection's answer as sorted positions, or a one-line SNPError saying what is wrong."""
+    where = f"selection for {group.name} head {head}"
+    try:
+        out = sorted(int(i) for i in (picked.tolist() if isinstance(picked, torch.Tensor) else picked))
+    except (TypeError, ValueError):
+        raise SNPError(f"{where} returned {type(picked).__name__}; it must return a list of positions") from None
+    if len(out) != n_keep or len(set(out)) != n_keep or (out and not 0 <= out[0] <= out[-1] < group.width):
+        raise SNPError(f"{where} returned {out}; it must return {n_keep} distinct positions in "
+                       f"0..{group.width - 1}")
+    row = group.classes[head] if group.classes.dim() == 2 else group.classes
+    if int(torch.isin(row, row[out]).sum()) != n_keep:
+        raise SNPError(f"{where} returned {out}, which splits a class: positions sharing a class id in "
+                       "group.classes (coupled channels) are kept or removed together")
+    return out
+
+
+def name_of(x) -> str:
+    """How an importance / selection is recorded in the plan (callables by their name)."""
+    return x if isinstance(x, str) else "custom:" + getattr(x, "__qualname__", type(x).__qualname__)
+
+
+def check_importance(importance) -> None:
+    """A known name or a callable ``(analysis, group) -> Tensor``, else a one-line SNPError."""
+    if not (callable(importance) or (isinstance(importance, str) and importance in IMPORTANCES)):
+        raise SNPError(f"unknown importance {importance!r}; give one of {list(IMPORTANCES)} or a callable "
+                       "(analysis, group) -> Tensor shaped like group.classes")
+
+
+def check_selection(selection) -> None:
+    """A known name or a callable ``(analysis, group, head, n_keep) -> list[int]``, else a one-line SNPError."""
+    if not (callable(selection) or (isinstance(selection, str) and selection in SELECTIONS)):
+        raise SNPError(f"unknown selection {selection!r}; give one of {list(SELECTIONS)} or a callable "
+                       "(analysis, group, head, n_keep) -> list of kept positions")
+
+
+def custom_scores(analysis, importance: Callable) -> torch.Tensor:
+    """Class scores from a callable importance: ``importance(analysis, group)`` per prunable group."""
+    scores = torch.zeros(analysis.space.next_id, dtype=torch.float64)
+    for g in analysis.groups.values():
+        if not g.prunable:
+            continue
+        t = importance(analysis, g)
+        if not isinstance(t, torch.Tensor):
+            try:
+                t = torch.as_tensor(t)
+            except (TypeError, ValueError, RuntimeError):
+                raise SNPError(f"importance for {g.name} returned {type(t).__name__}; it must return a "
+                               f"tensor shaped like group.classes {tuple(g.classes.shape)}") from None
+        if tuple(t.shape) != tuple(g.classes.shape):
+            raise SNPError(f"importance for {g.name} returned shape {tuple(t.shape)}; it must be shaped like "
+                           f"group.classes {tuple(g.classes.shape)}")
+        t = t.detach().to("cpu", torch.float64)
+        if not bool(torch.isfinite(t).all()):
+            raise SNPError(f"importance for {g.name} returned NaN/inf scores")
+        ids = g.classes.reshape(-1)
+        total = torch.zeros_like(scores).index_add_(0, ids, t.reshape(-1))
+        count = torch.zeros_like(scores).index_add_(0, ids, torch.ones_like(t.reshape(-1)))
+        scores[ids] = total[ids] / count[ids]  # the mean where a class id repeats (coupled channels)
+    return scores
 
 
 def params_of(analysis) -> dict[str, torch.Tensor]:
@@ -131,25 +213,32 @@ def residual_tss_average(analysis, params, group) -> torch.Tensor:
     return total / count.clamp_min(1)
 
 
-def compute_scores(analysis, importance: str = "snp", calibration=None, gamma: int = DEFAULT_GAMMA,
-                   seed: int = 0, progress: bool = True, selection: str = "score") -> Scores:
-    """Scores for every class.  ``calibration`` (for ``snp``/``reverse``): an iterable of batches —
-    a tensor (the model's single input), a tuple/list of tensors (positional inputs), a pair
-    ``(inputs, labels)`` from a DataLoader (labels are ignored) or a dict of keyword inputs.
-    Without it the example inputs are the calibration set.
-    ``selection``: "score" (keep the top scores) or "exact" (see the module doc)."""
-    if importance not in IMPORTANCES:
-        raise SNPError(f"unknown importance '{importance}'; available: {list(IMPORTANCES)}")
-    if selection not in SELECTIONS:
-        raise SNPError(f"unknown selection '{selection}'; available: {list(SELECTIONS)}")
+def compute_scores(analysis, importance="snp", calibration=None, gamma: int = DEFAULT_GAMMA,
+                   seed: int = 0, progress: bool | None = None, selection="score") -> Scores:
+    """Scores for every class.  ``importance``: a name from ``IMPORTANCES`` or a callable
+    ``(analysis, group) -> Tensor`` (see the module doc).  ``calibration`` (for ``snp``/``reverse``
+    and exact selection): an iterable of batches — a tensor (the model's single input), a
+    tuple/list of tensors (positional inputs), a pair ``(inputs, labels)`` from a DataLoader
+    (labels are ignored) or a dict of keyword inputs.  Without it the example inputs are the
+    calibration set.  ``selection``: "score" (keep the top scores), "exact" or a callable
+    ``(analysis, group, head, n_keep) -> list[int]`` (see the module doc).
+    ``progress``: a tqdm bar over the calibration batches (None: when stderr is a terminal)."""
+    check_importance(importance)
+    check_selection(selection)
+    if callable(selection):
+        base = compute_scores(analysis, importance, calibration, gamma, seed, progress)
+        base.selector = lambda group, head, n_keep: selection(analysis, group, head, n_keep)
+        return base
     if calibration is None:
-        calibration = [analysis.inputs if len(analysis.inputs) > 1 else analysis.inputs[0]]
+        calibration = default_calibration(analysis)
     exact = selection == "exact" and any(g.prunable and g.kind == "qk" for g in analysis.groups.values())
-    if exact and importance not in ("snp", "reverse"):  # one pass for the Gram products alone
+    if exact and (callable(importance) or importance not in ("snp", "reverse")):  # one pass for the Gram products
         base = compute_scores(analysis, importance, calibration, gamma, seed, progress)
         _, _, _, grams = calibrate_qk(analysis, calibration, gamma, progress, grams=True, score=False)
         base.pair_grams = _by_group(analysis, grams)
         return base
+    if callable(importance):
+        return Scores(custom_scores(analysis, importance))
     params = params_of(analysis)
     n = analysis.channels.num_units
     if importance == "random":

@@ -1,4 +1,4 @@
-"""One streamed pass over calibration batches through the traced graph.
+"""The q/k statistics of one streamed pass over calibration batches (snp_fx.calibration.stream).
 
 At every attention site the q and k operands are read as the graph computes
 them, turned into per-(head, input) slices and scored at once; only running
@@ -9,37 +9,10 @@ from __future__ import annotations
 import torch
 import torch.fx as fx
 
+from ..calibration import as_inputs as _as_inputs  # noqa: F401  (moved to snp_fx.calibration)
+from ..calibration import graph_runs, stream  # noqa: F401
 from ..errors import SNPError
 from .snp import qk_pair_scores
-
-
-def graph_runs(analysis, batch, placeholders: list[str]) -> list[tuple]:
-    """The graph inputs of one calibration batch, as one or more runs.
-
-    An exported graph is specialised to the example inputs' shapes: a batch larger by a
-    whole multiple (the other dims equal) runs in chunks of the example batch size; any
-    other shape is refused, saying what to give instead."""
-    from ..trace import normalize_inputs
-    args, kwargs = _as_inputs(batch, len(placeholders), placeholders)
-    inputs = normalize_inputs(analysis.gm, kwargs if kwargs else args)
-    if analysis.gm.meta.get("snp_frontend") != "export":
-        return [inputs]
-    pairs = [(i, x, r) for i, (x, r) in enumerate(zip(inputs, analysis.inputs))
-             if isinstance(x, torch.Tensor) and isinstance(r, torch.Tensor) and x.shape != r.shape]
-    if not pairs:
-        return [inputs]
-    factors = {x.shape[0] // r.shape[0] if x.dim() == r.dim() >= 1 and x.shape[1:] == r.shape[1:]
-               and x.shape[0] % r.shape[0] == 0 else None for _, x, r in pairs}
-    if len(factors) != 1 or None in factors:
-        got = {placeholders[i] if i < len(placeholders) else i: tuple(x.shape) for i, x, _ in pairs}
-        want = {placeholders[i] if i < len(placeholders) else i: tuple(r.shape) for i, _, r in pairs}
-        raise SNPError(f"calibration batch shapes {got} do not fit the exported graph, which torch.export "
-                       f"specialised to the example inputs' shapes {want}: give batches of those shapes "
-                       "(a whole multiple of the example batch size is split), or example inputs shaped "
-                       "like the calibration batches")
-    n = factors.pop()
-    split = {i: x.chunk(n, 0) for i, x, _ in pairs}
-    return [tuple(split[i][c] if i in split else x for i, x in enumerate(inputs)) for c in range(n)]
 
 
 class _NonFinite(Exception):
@@ -49,24 +22,6 @@ class _NonFinite(Exception):
 def _leaves(x):
     from torch.utils._pytree import tree_leaves
     return [t for t in tree_leaves(x) if isinstance(t, torch.Tensor) and t.is_floating_point()]
-
-
-def _as_inputs(batch, n_inputs: int, names: list[str]):
-    """How a calibration batch is read (see ``compute_scores``)."""
-    if isinstance(batch, torch.Tensor):
-        return (batch,), {}
-    if isinstance(batch, dict):
-        return (), dict(batch)
-    if isinstance(batch, (list, tuple)):
-        items = list(batch)
-        # (inputs, labels) from a DataLoader: the labels are not inputs of the model
-        if len(items) == n_inputs + 1 and n_inputs == 1:
-            items = items[:1]
-        if len(items) == 1 and isinstance(items[0], (list, tuple)):
-            items = list(items[0])
-        return tuple(items), {}
-    raise SNPError(f"calibration batch of type {type(batch).__name__}: give tensors, tuples of tensors "
-                   "or dicts of keyword inputs")
 
 
 class _SiteReader(fx.Interpreter):
@@ -139,7 +94,7 @@ def pair_gram_product(q: torch.Tensor, k: torch.Tensor, wq=None, wk=None) -> tor
     return gq * gk
 
 
-def calibrate_qk(analysis, calibration, gamma: int, progress: bool = True, grams: bool = False,
+def calibrate_qk(analysis, calibration, gamma: int, progress: bool | None = None, grams: bool = False,
                  score: bool = True):
     """Per site: summed pair scores (heads, E) and score energy (heads,).
 
@@ -148,7 +103,6 @@ def calibrate_qk(analysis, calibration, gamma: int, progress: bool = True, grams
     from ..labels import rows as _rows  # the same row order as the groups
 
     gm = analysis.gm
-    placeholders = [n.target for n in gm.graph.nodes if n.op == "placeholder"]
     sites = analysis.sites
     rows, acc, energy, pos_heads, gram = [], [], [], [], []
     for s in sites:
@@ -175,34 +129,18 @@ def calibrate_qk(analysis, calibration, gamma: int, progress: bool = True, grams
         return h[:period].repeat(p // period)
 
     reader = _SiteReader(gm, sites, heads_of, gamma, acc, energy, gram if grams else None, score)
-    try:
-        from tqdm.auto import tqdm
-        it = tqdm(calibration, desc="snp_fx calibration", disable=not progress, leave=False)
-    except ImportError:  # pragma: no cover
-        it = calibration
-    n_batches = 0
-    device = next((p.device for p in gm.parameters()), torch.device("cpu"))
-    with torch.inference_mode():
-        for b, batch in enumerate(it):
-            for inputs in graph_runs(analysis, batch, placeholders):
-                inputs = tuple(x.to(device) if isinstance(x, torch.Tensor) else x for x in inputs)
-                try:
-                    try:
-                        out = reader.run(*inputs)
-                        finite = all(bool(torch.isfinite(t).all()) for t in _leaves(out))
-                    except _NonFinite:
-                        finite = False
-                    if not finite:
-                        reader.check_every_node = True  # run again to say where it started
-                        reader.run(*inputs)
-                except SNPError:
-                    raise
-                except Exception as e:
-                    raise SNPError(f"calibration batch {b} does not run through the model: "
-                                   f"{type(e).__name__}: {e}") from e
-            n_batches += 1
-    if n_batches == 0:
-        raise SNPError("the calibration iterable is empty; give at least one batch")
+
+    def run(inputs):
+        try:
+            out = reader.run(*inputs)
+            finite = all(bool(torch.isfinite(t).all()) for t in _leaves(out))
+        except _NonFinite:
+            finite = False
+        if not finite:
+            reader.check_every_node = True  # run again to say where it started
+            reader.run(*inputs)
+
+    stream(analysis, calibration, run, desc="snp_fx calibration", progress=progress)
     if grams:
         return rows, acc, energy, gram
     return rows, acc, energy
