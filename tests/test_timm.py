@@ -6,8 +6,9 @@ from hypothesis import strategies as st
 
 import snp_fx
 from conftest import TIMM_MODELS, timm_analysis, timm_model
-from oracles import check_mask_equivalence
-from snp_fx.verify import relative_error
+from oracles import check_mask_equivalence, random_scores
+from snp_fx.planning import PruningPlan, keep_mask, make_plan
+from snp_fx.rewrite import rewrite
 
 EXPECTED_SITES = {  # attention blocks per model
     "deit_tiny_patch16_224": 12, "deit_small_patch16_224": 12, "deit_base_patch16_224": 12,
@@ -33,12 +34,20 @@ def test_analysis_finds_every_site_and_group(name):
 
 @pytest.mark.parametrize("name", TIMM_MODELS)
 def test_identity(name):
+    """An empty plan keeps every unit; the rewrite of the cached analysis computes what the model does."""
     a = timm_analysis(name)
     model = timm_model(name)
-    pruned = snp_fx.prune(model, a.inputs[0], ratios={})
+    plan = PruningPlan(groups={})
+    keep = keep_mask(a, plan)
+    assert keep.dtype == torch.bool and bool(keep.all())
+    assert bool(keep_mask(a, make_plan(a, {}, random_scores(a, 0))).all())  # zero ratios: the same empty prune
+    pruned = rewrite(a, keep).eval()
     with torch.no_grad():
-        assert relative_error(pruned(*a.inputs), model(*a.inputs)) < 1e-6
-    assert sum(p.numel() for p in pruned.parameters()) == sum(p.numel() for p in model.parameters())
+        got, ref = pruned(*a.inputs), model(*a.inputs)
+    assert got.shape == ref.shape
+    torch.testing.assert_close(got, ref, atol=1e-6, rtol=1e-6)
+    shapes = {k: tuple(v.shape) for k, v in pruned.named_parameters()}
+    assert shapes == {k: tuple(v.shape) for k, v in model.named_parameters()}
 
 
 ratio = st.sampled_from([0.0, 0.1, 0.25, 0.5, 0.75])
