@@ -9,6 +9,7 @@ passes must agree, and the pruned model must be smaller.
 
     python examples/custom_transformer.py
     python examples/custom_transformer.py --compile      # also torch.compile the result (needs a C++ compiler)
+    python examples/custom_transformer.py --dim 64 --hidden 128 --depth 2 --length 16 --batch 2   # a small one
 """
 from __future__ import annotations
 
@@ -129,12 +130,19 @@ def main(argv=None):
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--ratios", default="qk=0.5,v=0.25,ffn=0.5,residual=0.25", help="fraction removed per kind")
     ap.add_argument("--compile", action="store_true", help="torch.compile the result and check it")
+    ap.add_argument("--dim", type=int, default=256, help="model width")
+    ap.add_argument("--heads", type=int, default=8, help="attention heads (must divide --dim)")
+    ap.add_argument("--hidden", type=int, default=1024, help="FFN width")
+    ap.add_argument("--depth", type=int, default=4, help="transformer blocks")
+    ap.add_argument("--length", type=int, default=64, help="tokens per sequence")
+    ap.add_argument("--batch", type=int, default=8, help="sequences per batch")
     args = ap.parse_args(argv)
     from snp_fx.cli import parse_ratios
 
     torch.manual_seed(0)
-    model = TextClassifier().eval()
-    ids = torch.randint(0, 1000, (8, 64))
+    model = TextClassifier(length=args.length, dim=args.dim, heads=args.heads, hidden=args.hidden,
+                           depth=args.depth).eval()
+    ids = torch.randint(0, 1000, (args.batch, args.length))
     gm = fx.symbolic_trace(model)
 
     passes = [drop_dropout, snp_fx.SNPPass(ids, ratios=parse_ratios(args.ratios), progress=False), attention_to_sdpa]
@@ -153,7 +161,7 @@ def main(argv=None):
     p0, p1 = count_params(model), count_params(final)
     m0, m1 = count_macs(model, (ids,)), count_macs(final, (ids,))
     print(f"| params | {p0 / 1e6:.2f} M | {p1 / 1e6:.2f} M ({p1 / p0:.0%}) |")
-    print(f"| MACs (8 x 64 tokens) | {m0 / 1e6:.0f} M | {m1 / 1e6:.0f} M ({m1 / m0:.0%}) |")
+    print(f"| MACs ({args.batch} x {args.length} tokens) | {m0 / 1e6:.0f} M | {m1 / 1e6:.0f} M ({m1 / m0:.0%}) |")
     models = {"dense": model, "pruned": pruned_alone, "pruned + sdpa": final}
     if args.compile:
         compiled = torch.compile(final)
@@ -161,7 +169,7 @@ def main(argv=None):
             print(f"torch.compile: relative error {relative_error(compiled(ids), final(ids)):.1e}")
         models["compiled"] = compiled
     lat = time_interleaved(models, (ids,), repeats=10)
-    print("| latency (batch 8) | " + f"{lat['dense'] * 1e3:.1f} ms | "
+    print(f"| latency (batch {args.batch}) | " + f"{lat['dense'] * 1e3:.1f} ms | "
           + ", ".join(f"{k}: {v * 1e3:.1f} ms" for k, v in lat.items() if k != "dense") + " |")
 
 

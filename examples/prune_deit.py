@@ -4,6 +4,7 @@ print the kept widths per block, params, MACs and latency before and after.
     python examples/prune_deit.py                          # the authors' DeiT_s config (2.04 GMACs)
     python examples/prune_deit.py --target-macs 0.5 --round-to 8
     python examples/prune_deit.py --pretrained             # timm's ImageNet weights, when you have them
+    python examples/prune_deit.py --model deit_tiny_patch16_224 --img-size 64 --calib 4   # a quick run
 
 Random-init weights unless --pretrained; calibration on random images (use the `snp-fx prune
 --calib DIR` command to calibrate on real images).
@@ -30,12 +31,13 @@ def main(argv=None):
     ap.add_argument("--round-to", type=int, default=1, help="with --target-macs: widths are multiples of this")
     ap.add_argument("--calib", type=int, default=8, help="random calibration images")
     ap.add_argument("--pretrained", action="store_true", help="timm's pretrained weights (needs them cached)")
+    ap.add_argument("--img-size", type=int, default=224, help="input resolution (timm resizes the position embedding)")
     args = ap.parse_args(argv)
 
     torch.manual_seed(0)
-    model = timm.create_model(args.model, pretrained=args.pretrained).eval()
-    x = torch.randn(1, 3, 224, 224)
-    calib = [torch.randn(4, 3, 224, 224) for _ in range(max(args.calib // 4, 1))]
+    model = timm.create_model(args.model, pretrained=args.pretrained, img_size=args.img_size).eval()
+    x = torch.randn(1, 3, args.img_size, args.img_size)
+    calib = [torch.randn(4, 3, args.img_size, args.img_size) for _ in range(max(args.calib // 4, 1))]
 
     t = time.perf_counter()
     analysis = snp_fx.analyze(model, x)  # attention sites, coupled groups, what cannot be pruned and why

@@ -1,44 +1,113 @@
-"""Every example imports and answers --help, run as a user would (a fresh interpreter, the repo root)."""
+"""Every example run as a user would (a fresh interpreter, the repo root) on small settings; what it
+prints is checked: the pruned model is smaller than the dense one, the numbers are in their ranges."""
 import os
+import re
 import subprocess
 import sys
 
+import pytest
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-EXAMPLES = sorted(f for f in os.listdir(os.path.join(ROOT, "examples")) if f.endswith(".py"))
+NUM = r"([-\d.]+)"
 
 
-def test_the_examples_are_there():
-    assert {"prune_deit.py", "prune_minilm.py", "custom_transformer.py", "recover_with_distillation.py"} <= set(EXAMPLES)
+def run_example(name, *args, timeout=180):
+    """``python examples/<name> <args>`` from the repo root; this checkout's snp_fx is the one imported."""
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([ROOT] + [p for p in [os.environ.get("PYTHONPATH")] if p]))
+    r = subprocess.run([sys.executable, os.path.join("examples", name), *args], cwd=ROOT, env=env,
+                       capture_output=True, text=True, timeout=timeout)
+    assert r.returncode == 0, f"{name} {' '.join(args)} failed:\n{r.stdout[-2000:]}\n{r.stderr[-4000:]}"
+    return r.stdout
 
 
-# one fresh interpreter runs every example as __main__ with --help (imports torch once: fast)
-HELP_ALL = """
-import runpy, sys, io, contextlib
-for path in sys.argv[1:]:
-    sys.argv = [path, "--help"]
-    out = io.StringIO()
-    try:
-        with contextlib.redirect_stdout(out):
-            runpy.run_path(path, run_name="__main__")
-        code = "no exit"
-    except SystemExit as e:
-        code = e.code
-    print(f"=== {path} exit={code}")
-    print(out.getvalue())
-"""
+def table_row(text, first_cell):
+    """The cells of the markdown table row whose first cell is ``first_cell``."""
+    for line in text.splitlines():
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        if line.startswith("|") and cells[0] == first_cell:
+            return cells
+    raise AssertionError(f"no table row '{first_cell}' in:\n{text}")
 
 
-def test_every_example_answers_help():
-    # argparse handles --help after every module-level import has run: this checks the imports too
-    paths = [os.path.join("examples", n) for n in EXAMPLES]
-    r = subprocess.run([sys.executable, "-c", HELP_ALL, *paths], cwd=ROOT, capture_output=True, text=True,
-                       timeout=300)
-    assert r.returncode == 0, r.stderr
-    parts = r.stdout.split("=== ")[1:]
-    assert len(parts) == len(EXAMPLES)
-    for path, part in zip(paths, parts):
-        assert part.startswith(f"{path} exit=0\n"), part[:500]
-        assert "usage:" in part and "--" in part.split("usage:", 1)[1], part[:500]
+def percent(cell):
+    m = re.search(r"([\d.]+)%", cell)
+    assert m, cell
+    return float(m.group(1))
+
+
+def test_prune_deit():
+    out = run_example("prune_deit.py", "--model", "deit_tiny_patch16_224", "--config", "DeiT_t", "--calib", "4",
+                      "--img-size", "64")
+    m = re.search(r"^deit_tiny_patch16_224: (\d+) attention sites, (\d+) prunable groups", out, re.M)
+    assert m and int(m.group(1)) == 12 and int(m.group(2)) > 12, out
+    # one row per block: heads kept of 3, q/k and v widths per head of 64, FFN of 768
+    for b in range(12):
+        cells = table_row(out, f"blocks.{b}")
+        heads, qk, v, ffn = (tuple(int(x) for x in c.split("/")) for c in cells[1:5])
+        assert heads[1] == 3 and qk[1] == 64 and v[1] == 64 and ffn[1] == 768, cells
+        assert 1 <= heads[0] <= 3 and 1 <= qk[0] <= 64 and 1 <= v[0] <= 64 and 1 <= ffn[0] <= 768, cells
+    kept, width = map(int, table_row(out, "residual")[2].split("/"))
+    assert width == 192 and 1 <= kept <= 192
+    assert table_row(out, "head")[2] == "1000/1000 (unprunable)"
+    for what, unit in (("params", "M"), ("MACs", "G")):
+        cells = table_row(out, what)
+        dense, pruned = (float(c.removesuffix(f" {unit}")) for c in cells[1:3])
+        assert 0 < pruned < dense, cells
+        assert percent(cells[3]) == pytest.approx(100 * pruned / dense, rel=0.03), cells  # printed rounded
+    assert 0.05 < float(table_row(out, "MACs")[1].removesuffix(" G")) < 0.15  # DeiT-T on 64 x 64: 0.09 GMACs
+    assert re.search(r"\| latency \| [\d.]+ ms \| [\d.]+ ms \| [\d.]+% \(speed-up [\d.]+x\) \|", out), out
+    assert "pruned output: (1, 1000) - same as dense: (1, 1000)" in out
+
+
+def test_prune_minilm_real_pretrained_encoder():
+    settings = ["qk=0.5,v=0.25,ffn=0.3"]
+    out = run_example("prune_minilm.py", "--calib", "8", "--eval", "16", "--batch", "8", "--length", "16",
+                      *(a for s in settings for a in ("--ratios", s)))
+    m = re.search(r"^(\d+) distinct standard-library sentences; calibration 8, evaluation 16 \(disjoint\), "
+                  r"batches of 8 x 16 tokens$", out, re.M)
+    assert m and int(m.group(1)) > 1000, out
+    assert re.search(r"^analyze: [\d.]+ s, 6 attention sites$", out, re.M), out  # MiniLM-L6: 6 layers
+    m = re.search(r"^dense: ([\d.]+) M params, ([\d.]+) GMACs per batch of 8 x 16 tokens$", out, re.M)
+    assert m and 22 < float(m.group(1)) < 23.5 and float(m.group(2)) > 0, out  # all-MiniLM-L6-v2: 22.7 M
+    rows = [line for line in out.splitlines() if line.startswith("| ") and "=" in line.split("|")[1]]
+    assert [tuple(c.strip() for c in r.split("|")[1:3]) for r in rows] == \
+        [(s, imp) for s in settings for imp in ("snp", "random")], out
+    for r in rows:
+        cells = [c.strip() for c in r.strip().strip("|").split("|")]
+        params, macs = percent(cells[2]), percent(cells[3])
+        assert 0 < params < 100 and 0 < macs < 100, r
+        cos_mean, cos_min = float(cells[4]), float(cells[5])
+        assert 0 < cos_mean <= 1 and -1 <= cos_min <= cos_mean, r
+        assert 0 <= percent(cells[6]) <= 100, r
+    # the two importances of one setting prune the same widths
+    for i in range(0, len(rows), 2):
+        assert rows[i].split("|")[3:5] == rows[i + 1].split("|")[3:5]
+
+
+def test_custom_transformer_pass_manager():
+    out = run_example("custom_transformer.py", "--dim", "64", "--heads", "4", "--hidden", "128", "--depth", "2",
+                      "--length", "16", "--batch", "2")
+    assert "drop_dropout: removed 4 Dropout nodes" in out  # two per block
+    assert "attention_to_sdpa: fused 2 attention blocks" in out
+    m = re.search(rf"PassManager result vs snp_fx.prune alone: relative error {NUM}", out)
+    assert m and 0 <= float(m.group(1)) < 1e-4, out  # the example's own check
+    assert 0 < percent(table_row(out, "params")[2]) < 100
+    assert 0 < percent(table_row(out, "MACs (2 x 16 tokens)")[2]) < 100
+    assert re.search(r"\| latency \(batch 2\) \| [\d.]+ ms \| pruned: [\d.]+ ms, pruned \+ sdpa: [\d.]+ ms \|", out)
+
+
+def test_recover_with_distillation():
+    out = run_example("recover_with_distillation.py", "--dense-epochs", "1", "--epochs", "1")
+    assert re.search(r"^dense: trained 1 epochs in \d+ s, test top-1 [\d.]+%$", out, re.M), out
+    m = re.search(rf"^pruned to {NUM}% of the MACs \({NUM} M -> {NUM} M\), {NUM}% of the params", out, re.M)
+    assert m, out
+    ratio, m0, m1, params = (float(g) for g in m.groups())
+    assert 30 <= ratio <= 40.5 and 0 < m1 < m0 and 0 < params < 100, out  # the 40% MACs target
+    names = ["dense", "pruned, one-shot", "pruned + 1 epochs cross-entropy",
+             "pruned + 1 epochs distillation (KL T=4 + CE)"]
+    assert table_row(out, "model (449 test digits)")[1] == "top-1"
+    for name in names:
+        assert 0 <= percent(table_row(out, name)[1]) <= 100
 
 
 def test_custom_transformer_passes_on_a_small_model():
