@@ -106,7 +106,9 @@ class UnitSpace:
             lo = torch.minimum(ra, rb)[diff]
             hi = torch.maximum(ra, rb)[diff]
             self._parent.scatter_reduce_(0, hi, lo, reduce="amin")
-            self._soft.scatter_reduce_(0, lo, self._soft[hi], reduce="amin")  # soft AND soft
+            # soft AND soft, into the roots as they are now (lo may itself have been hooked this round)
+            ends = torch.cat([lo, hi])
+            self._soft.scatter_reduce_(0, self._root(ends), self._soft[ends], reduce="amin")
             self._compressed = False
 
     def roots(self) -> torch.Tensor:
