@@ -4,8 +4,9 @@ from .api import analyze, apply, plan, prune
 from .errors import InternalError, RewriteError, SNPError, SNPFXError, TraceError
 from .fx_pass import SNPPass
 from .io import load, save
+from .ops import OpFamily, register_op
 from .planning import PruningPlan
 
 __all__ = ["analyze", "apply", "plan", "prune", "SNPPass", "PruningPlan", "save", "load", "Analysis", "Group",
-           "Site", "SNPFXError", "SNPError", "TraceError", "RewriteError", "InternalError"]
+           "Site", "SNPFXError", "SNPError", "TraceError", "RewriteError", "InternalError", "register_op", "OpFamily"]
 __version__ = "0.1.0"

@@ -267,7 +267,7 @@ def _check(a: Analysis, keep, pruned, p: PruningPlan):
 
 
 def prune(model, example_inputs, *, ratios=None, importance="snp", verify: bool = True,
-          leaf_modules=(), seed: int = 0, calibration=None, gamma: int = DEFAULT_GAMMA,
+          leaf_modules=(), frontend: str = "auto", seed: int = 0, calibration=None, gamma: int = DEFAULT_GAMMA,
           progress: bool | None = None, target_macs=None, target_params=None, round_to: int = 1,
           heads: bool = False, selection="score", compensate: bool = False,
           preset: str | None = None) -> fx.GraphModule:
@@ -282,7 +282,7 @@ def prune(model, example_inputs, *, ratios=None, importance="snp", verify: bool 
     importance, selection, compensate = opts["importance"], opts["selection"], opts["compensate"]
     check_importance(importance)
     check_selection(selection)
-    a = analyze(model, example_inputs, leaf_modules=leaf_modules)
+    a = analyze(model, example_inputs, leaf_modules=leaf_modules, frontend=frontend)
     sc = None  # scored once (one calibration pass), re-planned if a group has to be set aside
     for _ in range(len(a.groups) + 1):
         p = plan(a, ratios=ratios, importance=importance, seed=seed, calibration=calibration,

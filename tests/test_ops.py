@@ -279,3 +279,43 @@ def test_every_family_has_a_row():
     families |= {type(f) for f in registry._BY_TARGET.values()}
     missing = {f.__name__ for f in families} - {f.__name__ for f in covered}
     assert not missing, f"op families without a conformance row in tests/test_ops.py: {sorted(missing)}"
+
+
+@torch.fx.wrap
+def scaled_gelu(x, alpha: float = 1.5):
+    """A user's activation that fx keeps as one opaque call."""
+    return alpha * F.gelu(x)
+
+
+def test_register_op_teaches_an_op():
+    """The README's worked example: unknown, the op freezes its channels; registered, it prunes exactly."""
+    torch.manual_seed(0)
+    model = Sandwich(lambda s, y: scaled_gelu(y)).eval()
+    before = snp_fx.analyze(model, _tokens(), frontend="fx")  # ("auto" would export through it)
+    assert before.unknown_ops and not before.prunable("ffn")
+    snp_fx.register_op(scaled_gelu, snp_fx.ops.Unary())
+    after = snp_fx.analyze(model, _tokens(), frontend="fx")
+    assert not after.unknown_ops and after.prunable("ffn")
+    check_mask_equivalence(after, FFN, 0)
+    pruned = snp_fx.prune(model, _tokens(), ratios=FFN, frontend="fx")  # as the README shows it
+    assert pruned.down.in_features < H
+    with pytest.raises(TypeError, match="OpFamily"):
+        snp_fx.register_op(scaled_gelu, "unary")
+
+
+class BrokenRule(ops.Unary):
+    def propagate(self, p, n, key, args, kwargs, result):
+        raise KeyError("oops")
+
+
+@torch.fx.wrap
+def broken_act(x):
+    return F.relu(x)
+
+
+def test_a_failing_rule_is_an_internal_error_naming_node_and_rule():
+    snp_fx.register_op(broken_act, BrokenRule())
+    model = Sandwich(lambda s, y: broken_act(y)).eval()
+    with pytest.raises(snp_fx.InternalError, match="BrokenRule.*broken_act") as e:
+        snp_fx.analyze(model, _tokens())  # not retried with torch.export, not blamed on the inputs
+    assert not isinstance(e.value, snp_fx.SNPError) and e.value.rule == "BrokenRule"

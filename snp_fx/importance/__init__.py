@@ -109,7 +109,7 @@ def check_selection(selection) -> None:
 
 def custom_scores(analysis, importance: Callable) -> torch.Tensor:
     """Class scores from a callable importance: ``importance(analysis, group)`` per prunable group."""
-    scores = torch.zeros(analysis.space.next_id, dtype=torch.float64)
+    scores = torch.zeros(analysis.channels.num_units, dtype=torch.float64)
     for g in analysis.groups.values():
         if not g.prunable:
             continue

@@ -2,7 +2,8 @@
 
     registry.py     OpFamily (the per-phase hooks), lookup, register_op, arguments by name
     elementwise.py  activations, casts, arithmetic with broadcasting, factories, shape queries
-    movement.py     reshape / permute / cat / split / getitem / slice ..., probed python helpers, pad
+    movement.py     reshape / permute / cat / flatten ..., probed python helpers, pad
+    indexing.py     getitem / slice / select / narrow / split / index_select ...
     reduction.py    sum / mean / ... over a dim, softmax
     linear.py       Linear, addmm (Conv1D), Embedding
     conv.py         convolutions (dense, depthwise, grouped, transposed), pooling
@@ -19,7 +20,8 @@ import pkgutil
 from .registry import (UNKNOWN, Args, OpFamily, family_of, family_of_key, kind_of, module_family, op_key,
                        register, register_op, signature)
 from .elementwise import Binary, Factory, Ignore, Like, Shape, Unary  # noqa: E402 - registers on import
-from .movement import WRAPPED, Flatten, Index, Move, Pad, Reshape, Wrapped, moves_data_only  # noqa: E402
+from .movement import WRAPPED, Flatten, Move, Pad, Reshape, Wrapped, moves_data_only  # noqa: E402
+from .indexing import Index  # noqa: E402
 from .reduction import Reduce, Softmax  # noqa: E402
 from .linear import Addmm, Embedding, Linear  # noqa: E402
 from .conv import Conv, Convolution, ConvTranspose, Pool  # noqa: E402

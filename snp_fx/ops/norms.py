@@ -79,8 +79,13 @@ class MaskedNorm(nn.Module):
 def mask_last_dim_norm(m, node, fn, module_args):
     """Swap a norm over the last dim for ``fn`` counting kept channels only (module or function)."""
     mask = m.last_dim_mask(node)
-    if mask is None:
-        return
+    if mask is not None:
+        swap_norm(m, node, fn, mask, module_args)
+
+
+def swap_norm(m, node, fn, mask, module_args):
+    """In the masked reference, ``node`` becomes ``fn(..., keep=mask)``: a module is wrapped
+    (``module_args(module)`` gives fn's other arguments), a function call retargeted."""
     if node.op == "call_module":
         m.attrs[node.target] = MaskedNorm(fn, m.attrs[node.target], mask, module_args)
         return
@@ -91,21 +96,23 @@ def mask_last_dim_norm(m, node, fn, module_args):
 
 
 class LayerNorm(OpFamily):
+    """A norm over the last dim (``normalized_shape`` of one dim) with per-channel ``PARAMS``."""
     kind = "layer_norm"
     makes_channels = True
+    PARAMS = ["weight", "bias"]
 
     def propagate(self, p, n, key, args, kwargs, result):
         x_lab = p.lab(n.args[0])
         shape = p.modules[n.target].normalized_shape if n.op == "call_module" else \
             Args(n, args, kwargs).value("normalized_shape")
-        params = affine_params(p, n, args, kwargs, ["weight", "bias"])
+        params = affine_params(p, n, args, kwargs, self.PARAMS)
         if isinstance(params, str):
-            return p.refuse(n, f"{n.name}: layer_norm with computed affine parameters", result)
+            return p.refuse(n, f"{n.name}: {self.kind} with computed affine parameters", result)
         if len(shape) != 1:
-            return p.refuse(n, f"{n.name}: layer_norm over {len(shape)} dims", result)
+            return p.refuse(n, f"{n.name}: {self.kind} over {len(shape)} dims", result)
         couple_affine(p, params, x_lab, x_lab.dim() - 1)
         if x_lab.dim() - 1 in L.varying_dims(x_lab):
-            p.space.mark_sensitive(x_lab, f"{n.name}: layer_norm")
+            p.space.mark_sensitive(x_lab, f"{n.name}: {self.kind}")
         return x_lab
 
     def rewrite(self, r, node, new, key):
@@ -151,14 +158,7 @@ class GroupNorm(OpFamily):
         mask = m.kept(lab).movedim(1, -1).reshape(-1, lab.shape[1])[0].to(m.device)
         if bool(mask.all()):
             return
-        if node.op == "call_module":
-            m.attrs[node.target] = MaskedNorm(masked_group_norm, m.attrs[node.target], mask,
-                                              lambda mod: (1, mod.weight, mod.bias, mod.eps))
-            return
-        new = m.env[node]
-        keep = m.add_mask(node, mask)
-        new.op, new.target = "call_function", masked_group_norm
-        new.kwargs = {**new.kwargs, "keep": keep}
+        swap_norm(m, node, masked_group_norm, mask, lambda mod: (1, mod.weight, mod.bias, mod.eps))
 
 
 class BatchNorm(OpFamily):
