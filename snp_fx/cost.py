@@ -68,12 +68,17 @@ def estimate_macs(analysis, keep: torch.Tensor) -> int:
     attention products, with every shape pruned as ``keep`` says.
     """
     c = _Estimator(analysis, keep)
-    total = 0
-    for n in analysis.gm.graph.nodes:
-        if n.op in ("call_function", "call_method", "call_module") and isinstance(c.shapes.get(n.name), tuple):
-            key, family = ops.family_of(n, c.modules)
-            total += family.macs(c, n, key)
-    return total
+    return sum(family.macs(c, n, key) for n, key, family in _counted_nodes(analysis, c))
+
+
+def _counted_nodes(analysis, c) -> list:
+    """(node, key, family) of every call with a tensor result, looked up once per analysis
+    (planning estimates a budget many times)."""
+    if getattr(analysis, "_counted_nodes", None) is None:
+        analysis._counted_nodes = [
+            (n, *ops.family_of(n, c.modules)) for n in analysis.gm.graph.nodes
+            if n.op in ("call_function", "call_method", "call_module") and isinstance(c.shapes.get(n.name), tuple)]
+    return analysis._counted_nodes
 
 
 def estimate_params(analysis, keep: torch.Tensor) -> int:
