@@ -12,7 +12,7 @@ from .analysis import Analysis, propagate
 from .calibration import default_calibration
 from .compensate import DEFAULT_RIDGE
 from .compensate import compensate as _compensate
-from .errors import RewriteError, SNPError, SNPFXError
+from .errors import RewriteError, SNPError, SNPFXError, brief
 from .importance import DEFAULT_GAMMA, check_importance, check_selection, compute_scores, name_of
 from .planning import (PruningPlan, check_ratios, check_target, keep_mask, make_plan, paper_ratios,
                    plan_for_target)
@@ -117,8 +117,8 @@ def _analyze(gm, example_inputs, leaf_modules, source: dict | None = None) -> An
     except SNPFXError:  # snp_fx's own verdict: bad input (SNPError) or a bug of ours (InternalError)
         raise
     except Exception as e:  # anything else: the model's own code failed on these inputs
-        raise SNPError(f"the model does not run on the example inputs: {type(e).__name__}: {e}\n"
-                       "Pass inputs of the shape, dtype and device the model expects.") from e
+        raise SNPError(f"the model does not run on the example inputs: {brief(e)}; "
+                       "pass inputs of the shape, dtype and device the model expects") from e
 
 
 def _analysis_of(model_or_analysis, example_inputs, analysis, leaf_modules, what: str) -> Analysis:
@@ -251,7 +251,7 @@ def _check(a: Analysis, keep, pruned, p: PruningPlan):
     try:
         out = pruned(*a.inputs)
     except Exception as e:
-        raise RewriteError(f"the pruned graph does not run ({type(e).__name__}: {e}); please report this "
+        raise RewriteError(f"the pruned graph does not run ({brief(e)}); please report this "
                            "model; groups involved can be excluded with ratios={group: 0}") from e
     residual = _prunes_residual(a, p)
     try:

@@ -14,7 +14,7 @@ from typing import Callable, Iterable
 
 import torch
 
-from .errors import SNPError, SNPFXError
+from .errors import SNPError, SNPFXError, brief
 
 
 def show_progress(progress: bool | None) -> bool:
@@ -112,7 +112,7 @@ def stream(analysis, calibration: Iterable, run: Callable[[tuple], object], *, d
                     raise
                 except Exception as e:
                     raise SNPError(f"calibration batch {b} does not run through the model: "
-                                   f"{type(e).__name__}: {e}") from e
+                                   f"{brief(e)}") from e
             n_batches += 1
     if n_batches == 0:
         raise SNPError("the calibration iterable is empty; give at least one batch" + empty_hint)

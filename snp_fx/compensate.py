@@ -78,6 +78,7 @@ class _InputStats(fx.Interpreter):
 
     def __init__(self, gm, consumers: list[Consumer]):
         super().__init__(gm, garbage_collect_values=True)
+        self.extra_traceback = False  # our errors name the node in one line
         self.at = {c.node: c for c in consumers}
         self.stats: dict[str, list] = {}
 

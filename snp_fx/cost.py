@@ -27,10 +27,10 @@ def _custom_mapping():
 
 
 @torch.no_grad()
-def count_macs(model: torch.nn.Module, inputs: tuple) -> int:
-    """Multiply-accumulates of one forward pass (FLOPs / 2)."""
+def count_macs(model: torch.nn.Module, inputs: tuple | dict) -> int:
+    """Multiply-accumulates of one forward pass (FLOPs / 2); ``inputs``: positional, or keyword (a dict)."""
     with FlopCounterMode(display=False, custom_mapping=_custom_mapping()) as counter:
-        model(*inputs)
+        model(**inputs) if isinstance(inputs, dict) else model(*inputs)
     return counter.get_total_flops() // 2
 
 

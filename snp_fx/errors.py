@@ -39,3 +39,25 @@ class InternalError(SNPFXError, RuntimeError):
         super().__init__(message)
         self.node = node
         self.rule = rule
+
+
+def verbose() -> bool:
+    """``SNP_FX_VERBOSE=1``: keep torch's full messages (and its console output while tracing)."""
+    import os
+    return os.environ.get("SNP_FX_VERBOSE", "") not in ("", "0")
+
+
+def brief(e: BaseException, limit: int = 240) -> str:
+    """``Type: first line`` of an exception raised inside torch or the model, for a one-line message.
+
+    torch appends notes (``While executing ...``, ``Original traceback: None``, ``Use tlparse ...``)
+    and graph dumps after the first line; they stay on the chained exception (``raise ... from e``)
+    and come out whole with ``SNP_FX_VERBOSE=1``.
+    """
+    text = str(e).strip()
+    if verbose():
+        return f"{type(e).__name__}: {text}"
+    first = " ".join(text.splitlines()[0].split()).rstrip(".") if text else ""
+    if len(first) > limit:
+        first = first[:limit - 3] + "..."
+    return f"{type(e).__name__}: {first}" if first else type(e).__name__

@@ -56,6 +56,8 @@ def save(pruned: fx.GraphModule, directory, example_inputs=None) -> None:
         raise SavedModelError(f"save expects a GraphModule made by snp_fx.prune / apply / load, got "
                               f"{type(pruned).__name__} without a recorded plan (torch.load does not keep "
                               "GraphModule.meta); prune the model with snp_fx, or snp_fx.load it, then save")
+    if os.path.exists(directory) and not os.path.isdir(directory):
+        raise SavedModelError(f"'{directory}' is a file, not a folder: give a folder name (it is created if missing)")
     if example_inputs is None:
         example_inputs = meta.get("snp_example_inputs")
     if example_inputs is None:
@@ -189,8 +191,8 @@ def load(directory, model) -> fx.GraphModule:
     except SNPError as e:
         raise SavedModelError(f"the saved plan does not apply to this model: {e}") from e
     except RewriteError as e:
-        raise SavedModelError(f"the saved plan could not be re-applied to this model: {e}\n"
-                              "Pass the same original model, with the same snp_fx and torch versions "
+        raise SavedModelError(f"the saved plan could not be re-applied to this model: {e}; "
+                              "pass the same original model, with the same snp_fx and torch versions "
                               f"as when it was saved ({manifest.get('versions')})") from e
     _load_weights(gm, path("model.safetensors"), device)
     gm.train(bool(manifest.get("training", False)))

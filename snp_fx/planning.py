@@ -440,8 +440,13 @@ def check_target(analysis: Analysis, target_macs=None, target_params=None, round
     if not isinstance(target, (int, float)) or isinstance(target, bool) or target <= 0:
         raise SNPError(f"target must be a positive number (absolute, or a fraction < 1), got {target!r}")
     measure = estimate_macs if target_macs is not None else estimate_params
+    dense = measure(analysis, torch.ones(analysis.channels.num_units, dtype=torch.bool))
     if target < 1:
-        target = target * measure(analysis, torch.ones(analysis.channels.num_units, dtype=torch.bool))
+        target = target * dense
+    elif target >= dense:  # a target the dense model already meets would silently prune nothing
+        what = "MACs" if target_macs is not None else "parameters"
+        raise SNPError(f"target {target:.4g} {what} is at or above the dense model's {dense:.4g}: "
+                       "give a smaller number, or a fraction < 1 of the dense model")
     keep = {}
     for g in analysis.groups.values():
         if g.prunable:

@@ -67,20 +67,24 @@ def time_interleaved(models: dict, inputs: tuple, repeats: int = 10, warmup: int
     """Median seconds per forward pass of each model, timed in turns (a, b, a, b, ...).
 
     Interleaving makes machine noise hit every model alike, so ratios between them are
-    trustworthy even when the absolute times are not.  ``inputs``: positional args.
+    trustworthy even when the absolute times are not.  ``inputs``: positional args, or a dict of
+    keyword args.
     """
+    def call(m):
+        return m(**inputs) if isinstance(inputs, dict) else m(*inputs)
+
     import statistics
     import time
 
     for m in models.values():
         m.eval()
         for _ in range(warmup):
-            m(*inputs)
+            call(m)
     times = {name: [] for name in models}
     for _ in range(repeats):
         for name, m in models.items():
             t = time.perf_counter()
-            m(*inputs)
+            call(m)
             times[name].append(time.perf_counter() - t)
     return {name: statistics.median(ts) for name, ts in times.items()}
 
@@ -158,7 +162,8 @@ def prune_report(title: str, analysis, plan, stats: dict, outputs: dict | None =
     """The markdown report the CLI prints and writes to report.md.
 
     ``stats``: ``params`` and ``macs`` as (dense, pruned) pairs, optional ``latency``
-    (dense, pruned) seconds with ``latency_note``, optional ``elapsed`` seconds.
+    (dense, pruned) seconds with ``latency_note``, optional ``elapsed`` seconds, optional
+    ``findings`` (sentences, e.g. the quality on held-out data).
     ``outputs``: what was written where (label -> path).
     """
     rows, others = block_widths(analysis, plan)
@@ -178,6 +183,8 @@ def prune_report(title: str, analysis, plan, stats: dict, outputs: dict | None =
     if stats.get("latency"):
         t0, t1 = stats["latency"]
         lines.append(f"| latency | {_ms(t0)} | {_ms(t1)} | {t1 / t0:.1%} (speed-up {t0 / t1:.2f}x) |")
+    if stats.get("findings"):  # e.g. quality on held-out data
+        lines += [""] + [f"{n}." for n in stats["findings"]]
     notes = [n for n in (stats.get("latency_note"),) if n]
     if stats.get("elapsed") is not None:
         notes.append(f"analyze + score + plan + rewrite + verify took {stats['elapsed']:.1f} s")

@@ -7,13 +7,17 @@ writes to them.
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import inspect
+import io
+import logging
+import sys
 
 import torch
 import torch.fx as fx
 
-from .errors import SNPError, TraceError
+from .errors import SNPError, TraceError, brief, verbose
 
 
 def _timm_lists():
@@ -63,19 +67,15 @@ def trace(model: torch.nn.Module, leaf_modules=(), example_inputs=None, frontend
     try:
         graph = tracer.trace(model)
     except Exception as e:
+        advice = ("mark the module that fails as a leaf (leaf_modules=[ModuleClass]; leaf modules are left "
+                  "unpruned) or make data-dependent control flow static (torch.cond)")
         if frontend == "auto" and example_inputs is not None:
             try:
                 return export(model, example_inputs)
             except TraceError as e2:
-                raise TraceError(
-                    f"torch.fx could not trace {type(model).__name__} ({type(e).__name__}: {e}) and "
-                    f"{str(e2).splitlines()[0]}\nMark the module that fails as a leaf (prune(..., "
-                    "leaf_modules=[ModuleClass]); leaf modules are left unpruned), or make data-dependent "
-                    "control flow static (torch.cond).") from e
-        raise TraceError(
-            f"torch.fx could not trace {type(model).__name__}: {type(e).__name__}: {e}\n"
-            "Mark the module that fails as a leaf (prune(..., leaf_modules=[ModuleClass])), or make the "
-            "data-dependent control flow static; leaf modules are left unpruned.") from e
+                raise TraceError(f"torch.fx could not trace {type(model).__name__} ({brief(e)}) and "
+                                 f"{e2.reason}; {advice}") from e
+        raise TraceError(f"torch.fx could not trace {type(model).__name__}: {brief(e)}; {advice}") from e
     name = type(model).__name__
     gm = fx.GraphModule(tracer.root, graph, class_name=name)
     if frontend == "auto" and example_inputs is not None and not leaf_modules and _opaque_leaves(gm):
@@ -106,16 +106,36 @@ def export(model: torch.nn.Module, example_inputs) -> fx.GraphModule:
     else:
         args, kwargs = tuple(example_inputs), {}
     try:
-        ep = torch.export.export(model, args, kwargs, strict=False)
+        with _quiet():
+            ep = torch.export.export(model, args, kwargs, strict=False)
     except Exception as e:
-        raise TraceError(f"torch.export could not export {type(model).__name__}: {type(e).__name__}: "
-                         f"{str(e).splitlines()[0] if str(e) else ''}\n"
-                         "Decoder models export with use_cache=False; data-dependent branches need "
-                         "torch.cond or static shapes.") from e
+        reason = f"torch.export could not export {type(model).__name__}: {brief(e)}"
+        err = TraceError(f"{reason}; decoder models export with use_cache=False, data-dependent branches "
+                         "need torch.cond or static shapes")
+        err.reason = reason
+        raise err from e
     gm = ep.module()
     gm._forward_pre_hooks.clear()  # its input-spec check rejects positional calls; the graph flattens anyway
     gm.meta["snp_frontend"] = "export"
     return gm
+
+
+@contextlib.contextmanager
+def _quiet():
+    """torch.export prints graph dumps and symbolic-shape warnings on stderr when it fails: keep them
+    back, and pass them on when it succeeds (or always, with SNP_FX_VERBOSE=1)."""
+    if verbose():
+        yield
+        return
+    held = io.StringIO()
+    level = logging.getLogger("torch").level
+    logging.getLogger("torch").setLevel(logging.ERROR)
+    try:
+        with contextlib.redirect_stderr(held):
+            yield
+    finally:
+        logging.getLogger("torch").setLevel(level)
+    sys.stderr.write(held.getvalue())  # reached only on success
 
 
 def normalize_inputs(gm: fx.GraphModule, example_inputs) -> tuple:

@@ -1,6 +1,9 @@
 """The snp-fx command: report, written files and plots, calibration folders, checkpoints, one-line errors."""
+import contextlib
 import json
+import random
 import re
+import sys
 
 import pytest
 import torch
@@ -148,29 +151,172 @@ def test_attention_maps_read_softmax_and_sdpa_alike():
         torch.testing.assert_close(m, s, atol=1e-5, rtol=1e-4)
 
 
-@pytest.mark.parametrize("argv, message", [
-    (["prune", "no_such_model"], "unknown timm model"),
-    (["prune", "no_such_module_xyz:factory"], "cannot import"),
-    (["prune", TINY, "--ratios", "qk:0.5"], "bad ratio"),
-    (["prune", TINY, "--ratios", "qk=1.5"], "must be a number in [0, 1)"),
-    (["prune", TINY, "--target-macs", "lots"], "bad target"),
-    (["prune", TINY, "--target-macs", "1k"], "below what one channel"),
-    (["prune", TINY, "--ratios", "qk=0.5", "--target-macs", "0.5"], "give one budget"),
-    (["prune", TINY, "--config", "/no/such/file.json"], "cannot read ratio file"),
-    (["prune", TINY, "--calib", "/no/such/folder"], "does not exist"),
-    (["prune", TINY, "--calib", "EMPTY"], "no images in"),
-    (["prune", TINY, "--calib", "EMPTY", "--calib-random", "4"], "not both"),
-    (["prune", TINY, "--checkpoint", "/no/such/w.safetensors"], "not found"),
-    (["prune", TINY, "--checkpoint", "BAD_CKPT"], "does not fit the model"),
-    (["prune", TINY, "--checkpoint", "NOT_A_CKPT"], "cannot read checkpoint"),
-    (["inspect", "no_such_model"], "unknown timm model"),
-])
-def test_bad_arguments_exit_2_with_one_line(argv, message, tmp_path, capsys):
+# (argv, message, early): `early` errors come before any model is built (no progress line at all)
+BAD_ARGUMENTS = [
+    (["prune", "no_such_model"], "unknown timm model", True),
+    (["prune", "vit_bse_patch16_224"], "did you mean vit_base_patch16_224", True),
+    (["prune", "no_such_module_xyz:factory"], "cannot import", False),
+    (["prune", "EMPTY"], "folder without config.json", True),
+    (["prune", "./no/such/folder"], "does not exist", True),
+    (["prune", TINY, "--ratios", "qk:0.5"], "bad ratio", True),
+    (["prune", TINY, "--ratios", "qk=1.5"], "must be in [0, 1)", True),
+    (["prune", TINY, "--ratios", "qkk=0.5"], "unknown ratio key 'qkk'", False),
+    (["prune", TINY, "--target-macs", "lots"], "bad target", True),
+    (["prune", TINY, "--target-macs", "1.5"], "bad target", True),
+    (["prune", TINY, "--target-macs", "1k"], "below what one channel", False),
+    (["prune", TINY, "--target-macs", "50G"], "at or above the dense model's", False),
+    (["prune", TINY, "--target-params", "50M"], "at or above the dense model's", False),
+    (["prune", TINY, "--ratios", "qk=0.5", "--target-macs", "0.5"], "give one budget", True),
+    (["prune", TINY, "--config", "/no/such/file.json"], "neither a file nor one of", True),
+    (["prune", TINY, "--config", "NOT_A_CKPT"], "not a JSON ratio file", True),
+    (["prune", TINY, "--calib", "/no/such/folder"], "is not a folder", True),
+    (["prune", TINY, "--calib", "EMPTY"], "no images in", False),
+    (["prune", TINY, "--calib", "EMPTY", "--calib-random", "4"], "one calibration source", True),
+    (["prune", TINY, "--calib-text", "/no/such/lines.txt"], "is not a file", True),
+    (["prune", TINY, "--calib-text", "LINES"], "--calib-text is for text models", False),
+    (["prune", TINY, "--tokenizer", "/no/such/tokenizer"], "is not a folder", True),
+    (["prune", TINY, "--checkpoint", "/no/such/w.safetensors"], "is not a file", True),
+    (["prune", TINY, "--checkpoint", "BAD_CKPT"], "does not fit the model", False),
+    (["prune", TINY, "--checkpoint", "NOT_A_CKPT"], "cannot read checkpoint", False),
+    (["prune", TINY, "--importance", "snpp"], "invalid choice: 'snpp'", True),
+    (["prune", TINY, "--selection", "best"], "invalid choice: 'best'", True),
+    (["prune", TINY, "--preset", "fast"], "invalid choice: 'fast'", True),
+    (["prune", TINY, "--frontend", "onnx"], "invalid choice: 'onnx'", True),
+    (["prune", TINY, "--dtype", "int8"], "invalid choice: 'int8'", True),
+    (["prune", TINY, "--device", "tpu"], "use cpu, cuda or cuda:N", True),
+    (["prune", TINY, "--round-to", "0"], "--round-to must be >= 1", True),
+    (["prune", TINY, "--gamma", "0"], "--gamma must be >= 1", True),
+    (["prune", TINY, "--calib-batch", "0"], "--calib-batch must be >= 1", True),
+    (["prune", TINY, "--out", "A_FILE"], "is a file: give a folder", True),
+    (["prune", TINY, "--leaf-modules", "NoSuchBlock"], "neither a module class nor a module name", False),
+    (["prune", TINY, "--round-to", "many"], "invalid int value", True),
+    (["inspect", "no_such_model"], "unknown timm model", True),
+    (["inspect", TINY, "--frontend", "onnx"], "invalid choice", True),
+]
+if not torch.cuda.is_available():
+    BAD_ARGUMENTS.append((["prune", TINY, "--device", "cuda"], "no CUDA GPU", True))
+
+
+@pytest.mark.parametrize("argv, message, early", BAD_ARGUMENTS)
+def test_bad_arguments_exit_2_with_one_line(argv, message, early, tmp_path, capsys):
     (tmp_path / "empty").mkdir()
     torch.save({"head.weight": torch.zeros(3, 3)}, tmp_path / "bad.pt")
     (tmp_path / "junk.safetensors").write_bytes(b"not a safetensors file")
-    names = {"EMPTY": tmp_path / "empty", "BAD_CKPT": tmp_path / "bad.pt", "NOT_A_CKPT": tmp_path / "junk.safetensors"}
-    rc, _, err = run([str(names.get(a, a)) for a in argv], capsys)
+    (tmp_path / "a_file").write_text("x")
+    (tmp_path / "lines.txt").write_text("one line\nanother line\n")
+    names = {"EMPTY": tmp_path / "empty", "BAD_CKPT": tmp_path / "bad.pt", "NOT_A_CKPT": tmp_path / "junk.safetensors",
+             "A_FILE": tmp_path / "a_file", "LINES": tmp_path / "lines.txt"}
+    out = tmp_path / "out"
+    argv = [str(names.get(a, a)) for a in argv] + (["--out", str(out)] if argv[0] == "prune" and
+                                                      "--out" not in argv else [])
+    with pytest.raises(SystemExit) if "invalid" in message else contextlib.nullcontext() as exit_:
+        rc, _, err = run(argv, capsys)
+    if exit_ is not None:  # argparse's own checks exit directly
+        rc, err = exit_.value.code, capsys.readouterr().err
     assert rc == 2
-    err = [line for line in err.strip().splitlines() if not line.startswith("[snp-fx] ")]  # progress lines
+    progress = [line for line in err.strip().splitlines() if line.startswith("[snp-fx] ")]
+    err = [line for line in err.strip().splitlines() if not line.startswith("[snp-fx] ")]
     assert len(err) == 1 and err[0].startswith("snp-fx: error:") and message in err[0], err
+    assert not progress if early else progress, progress  # early: nothing was loaded
+    assert not out.exists()  # nothing written on failure
+
+
+# ---------------------------------------------------------------------------
+# Text models: a Hugging Face model folder (config.json + weights + tokenizer), --calib-text
+# ---------------------------------------------------------------------------
+
+WORDS = ("the a of to and in is it that was for on are with as his they be at one have this from "
+         "by hot word but what some we can out other were all there when up use your how said an each").split()
+
+
+def bert_folder(path):
+    """A tiny BertModel saved with its tokenizer, as `save_pretrained` writes them."""
+    import transformers
+    path.mkdir()
+    (path / "vocab.txt").write_text("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + WORDS) + "\n")
+    transformers.BertTokenizerFast(vocab_file=str(path / "vocab.txt")).save_pretrained(str(path))
+    torch.manual_seed(0)
+    cfg = transformers.BertConfig(vocab_size=len(WORDS) + 5, hidden_size=32, num_hidden_layers=2,
+                                  num_attention_heads=4, intermediate_size=64, max_position_embeddings=32)
+    model = transformers.BertModel(cfg).eval()
+    with torch.no_grad():  # HF's init (std 0.02) leaves attention and FFN all but invisible in the output
+        for m in model.modules():
+            if isinstance(m, torch.nn.Linear):
+                m.weight.normal_(0, 0.4)
+    model.save_pretrained(str(path))
+    return path
+
+
+def write_lines(path, n, seed=0):
+    rng = random.Random(seed)
+    path.write_text("\n".join(" ".join(rng.choices(WORDS, k=rng.randint(3, 10))) for _ in range(n)) + "\n")
+    return path
+
+
+def cosine(text):
+    m = re.search(r"Embedding cosine to the dense model on (\d+) held-out lines of .*: mean (-?\d+\.\d+), min (-?\d+\.\d+)",
+                  text)
+    assert m, text
+    return int(m[1]), float(m[2]), float(m[3])
+
+
+def test_hugging_face_folder_with_calibration_text(tmp_path, capsys):
+    import transformers
+    folder, out = bert_folder(tmp_path / "bert"), tmp_path / "out"
+    lines = write_lines(tmp_path / "lines.txt", 30)
+    common = ["--calib-text", str(lines), "--seq-len", "12", "--calib-batch", "4", "--eval-lines", "6"]
+    rc, text, err = run(["prune", str(folder), *common, "--ratios", "qk=0.5,v=0.25,ffn=0.5", "--repeats", "2",
+                         "--out", str(out)], capsys)
+    assert rc == 0, err
+    assert "calibration: 24 lines in batches of 4 x 12 tokens; 6 held out" in err
+    n, mean, low = cosine(text)
+    assert n == 6 and -1 <= low <= mean < 0.9999  # pruned: the embeddings moved
+    assert "| encoder.layer.0 | 4/4 | 4/8 | 6/8 | 32/64 |" in text
+    assert "batch 4 x 12 tokens" in text
+    for name in ("model.safetensors", "plan.json", "report.md", "widths.png"):
+        assert (out / name).is_file(), name
+    # the saved model loads onto the original and reproduces what was recorded at save time
+    pruned = snp_fx.load(str(out), transformers.BertModel.from_pretrained(str(folder)))
+    assert count_params(pruned) < count_params(transformers.BertModel.from_pretrained(str(folder)))
+    # the cosine compares the right things: nothing removed -> exactly the dense embeddings
+    rc, text, err = run(["prune", str(folder), *common, "--ratios", "qk=0", "--no-latency"], capsys)
+    assert rc == 0, err
+    assert cosine(text) == (6, 1.0, 1.0)
+
+
+def test_text_factory_from_the_current_folder(tmp_path, capsys, monkeypatch):
+    folder = bert_folder(tmp_path / "bert")
+    (tmp_path / "mymini_cli_test.py").write_text(
+        "import transformers\n\ndef build():\n"
+        f"    return transformers.BertModel.from_pretrained({str(folder)!r})\n")
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(sys, "path", [p for p in sys.path if p not in ("", str(tmp_path))])
+    # random token ids without --calib-text (the CLI used to feed an image tensor)
+    rc, text, err = run(["prune", "mymini_cli_test:build", "--ratios", "qk=0.5", "--seq-len", "8",
+                         "--no-latency"], capsys)
+    assert rc == 0, err
+    assert "| encoder.layer.1 | 4/4 | 4/8 | 8/8 | 64/64 |" in text
+    # the tokenizer is found in the folder the model was loaded from
+    lines = write_lines(tmp_path / "lines.txt", 12)
+    rc, text, err = run(["prune", "mymini_cli_test:build", "--ratios", "ffn=0.5", "--seq-len", "8", "--calib-text",
+                         str(lines), "--calib-batch", "3", "--eval-lines", "3", "--no-latency"], capsys)
+    assert rc == 0, err
+    assert cosine(text)[0] == 3
+
+
+def test_dtype_converts_the_verified_model(tmp_path, capsys):
+    from safetensors.torch import load_file
+    out32, out16 = tmp_path / "fp32", tmp_path / "bf16"
+    for out, extra in ((out32, []), (out16, ["--dtype", "bfloat16"])):
+        rc, text, err = run(["prune", TINY, "--ratios", "qk=0.5,ffn=0.5", "--repeats", "2", "--out", str(out),
+                             *extra], capsys)
+        assert rc == 0, err
+    assert "bfloat16" in text and "snp_fx.load(DIR, model.to(torch.bfloat16))" in text
+    w32, w16 = load_file(str(out32 / "model.safetensors")), load_file(str(out16 / "model.safetensors"))
+    assert {v.dtype for v in w16.values() if v.is_floating_point()} == {torch.bfloat16}
+    for k in w32:  # the same pruned model (pruned and checked in float32), converted
+        torch.testing.assert_close(w16[k], w32[k].to(torch.bfloat16))
+    x = torch.randn(1, 3, 32, 32)
+    p32 = snp_fx.load(str(out32), tiny_vit())
+    p16 = snp_fx.load(str(out16), tiny_vit().to(torch.bfloat16))
+    torch.testing.assert_close(p16(x.bfloat16()).float(), p32(x), atol=0.1, rtol=0.05)

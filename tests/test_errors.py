@@ -70,9 +70,28 @@ class DataDependent(nn.Module):
         return x
 
 
-def test_untraceable_model_says_what_to_do():
-    with pytest.raises(snp_fx.TraceError, match="leaf"):
+def test_untraceable_model_says_what_to_do(capfd, monkeypatch):
+    monkeypatch.delenv("SNP_FX_VERBOSE", raising=False)
+    with pytest.raises(snp_fx.TraceError, match="leaf") as e:
         snp_fx.analyze(DataDependent(), torch.randn(2, 4))
+    assert "\n" not in str(e.value) and "torch.cond" in str(e.value)
+    assert capfd.readouterr().err == ""  # torch.export's graph dumps and warnings are kept back
+    monkeypatch.setenv("SNP_FX_VERBOSE", "1")  # ... and come out on request
+    with pytest.raises(snp_fx.TraceError):
+        snp_fx.analyze(DataDependent(), torch.randn(2, 4))
+    assert "def forward" in capfd.readouterr().err
+
+
+@pytest.mark.parametrize("x, says", [(torch.randn(1, 3, 24, 32), "doesn't match model"),
+                                     (torch.ones(1, 3, 32, 32, dtype=torch.long), "should be the same")])
+def test_wrong_input_shape_or_dtype_is_one_line(x, says):
+    timm = pytest.importorskip("timm")
+    m = timm.create_model("vit_tiny_patch16_224", img_size=32, patch_size=8, depth=1).eval()
+    with pytest.raises(snp_fx.SNPError, match="does not run on the example inputs") as e:
+        snp_fx.analyze(m, x)
+    message = str(e.value)
+    assert "\n" not in message and says in message and "pass inputs of the shape" in message
+    assert not any(noise in message for noise in ("While executing", "Original traceback", "tlparse"))
 
 
 def test_bad_plans(model):

@@ -315,3 +315,7 @@ def test_save_errors(tmp_path):
     pruned = snp_fx.prune(model, torch.randn(1, 3, 32, 32), ratios={"qk": 0.5}, progress=False)
     with pytest.raises(SavedModelError, match="cannot be saved without pickle"):
         snp_fx.save(pruned, tmp_path, example_inputs={"x": [torch.randn(1, 3, 32, 32)]})
+    (tmp_path / "a_file").write_text("keep me")
+    with pytest.raises(SavedModelError, match="is a file, not a folder"):
+        snp_fx.save(pruned, tmp_path / "a_file")
+    assert (tmp_path / "a_file").read_text() == "keep me"

@@ -11,7 +11,7 @@ import torch.fx as fx
 
 from .. import labels as L
 from .. import ops
-from ..errors import InternalError, SNPError, SNPFXError
+from ..errors import InternalError, SNPError, SNPFXError, brief
 from ..labels import FROZEN, NONE, flat_labels, map_struct
 from .groups import Site
 
@@ -32,6 +32,7 @@ class Propagator(fx.Interpreter):
 
     def __init__(self, gm: fx.GraphModule):
         super().__init__(gm, garbage_collect_values=True)
+        self.extra_traceback = False  # our errors name the node in one line
         self.space = L.UnitSpace()
         self.modules = dict(gm.named_modules())
         self.labels: dict[str, object] = {}
@@ -168,8 +169,7 @@ class Propagator(fx.Interpreter):
             raise
         except Exception as e:
             raise SNPError(f"the model does not run on the example inputs: node `{n.name}` failed with "
-                           f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}\n"
-                           "Pass inputs of the shape, dtype and device the model expects.") from e
+                           f"{brief(e)}; pass inputs of the shape, dtype and device the model expects") from e
         if n.op == "output":
             for lab in flat_labels(self.lab(n.args[0])):
                 self.space.freeze(lab, "it feeds the model output")
@@ -182,7 +182,7 @@ class Propagator(fx.Interpreter):
         except Exception as e:
             fam = type(ops.family_of(n, self.modules)[1]).__name__ if n.op.startswith("call_") else n.op
             raise InternalError(f"snp_fx bug: the `{fam}` rule failed at node `{n.name}` ({n.format_node()[:160]}): "
-                                f"{type(e).__name__}: {e}; please report this model", node=n.name, rule=fam) from e
+                                f"{brief(e)}; please report this model", node=n.name, rule=fam) from e
         self.labels[n.name] = map_struct(
             lab, lambda t: L.reduce(self.space.canon(t)) if isinstance(t, torch.Tensor) else t)
         return result

@@ -27,6 +27,7 @@ def _leaves(x):
 class _SiteReader(fx.Interpreter):
     def __init__(self, gm, sites, heads_of, gamma, acc, energy, grams=None, score=True):
         super().__init__(gm, garbage_collect_values=True)
+        self.extra_traceback = False  # our errors name the node in one line
         self.sites = {s.node: i for i, s in enumerate(sites) if s.operands is not None}
         self.site_list = sites
         self.heads_of = heads_of
