@@ -148,7 +148,8 @@ def main(argv=None):
     dense_emb = embed(model, evals)
     pos = (example["input_ids"], example["attention_mask"])  # positional: (input_ids, attention_mask)
     m0, p0 = count_macs(model, pos), count_params(model)
-    print(f"dense: {p0 / 1e6:.2f} M params, {m0 / 1e9:.2f} GMACs per batch of {args.batch} x {args.length} tokens")
+    # count_macs is per sample: one sequence of args.length tokens
+    print(f"dense: {p0 / 1e6:.2f} M params, {m0 / 1e9:.3f} GMACs per sequence of {args.length} tokens")
     print("\nSentence embeddings of the evaluation set, pruned vs dense (random: the same widths, "
           "channels drawn at random):\n")
     print("| removed | importance | params | MACs | mean cosine | min cosine | same nearest neighbour |")

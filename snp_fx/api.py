@@ -150,6 +150,8 @@ def plan(model_or_analysis, example_inputs=None, *, ratios=None, importance="snp
     authors' config file, or a bundled one by name: "DeiT_t", "DeiT_s", "DeiT_s_small", "DeiT_b");
     ``target_macs`` / ``target_params``
     (absolute, or a fraction < 1 of the dense model; ``heads=True`` lets whole heads go too).
+    MACs are per sample: one forward pass over the example inputs divided by their batch size,
+    the leading dim of the first tensor input (``analysis.batch``; set it to 1 for unbatched inputs).
     ``round_to``: kept widths (per head, FFN, residual) are multiples of it.
     ``importance``: "snp" (default), "l1", "l2", "gm", "random", "reverse" (see snp_fx.importance),
     or a callable ``(analysis, group) -> Tensor`` shaped like ``group.classes`` (higher = keep).

@@ -451,7 +451,7 @@ def cmd_prune(args) -> int:
     from . import api
     from .cost import count_macs, count_params
     from .io import save
-    from .report import prune_report, time_interleaved
+    from .report import load_warning, prune_report, time_interleaved
     device, dtype = _device(args.device), DTYPES[args.dtype]
     _status(f"loading {args.model}")
     src = load_model(args.model, args.pretrained, args.checkpoint, args.tokenizer)
@@ -490,6 +490,7 @@ def cmd_prune(args) -> int:
         _status(f"timing dense vs pruned ({batch}, {args.repeats} interleaved runs each)")
         lat = time_interleaved({"dense": dense, "pruned": pruned}, inputs, repeats=args.repeats)
         stats["latency"] = (lat["dense"], lat["pruned"])
+        stats["load_warning"] = load_warning()  # a busy machine makes even the ratios drift
         where = f"{torch.get_num_threads()} CPU threads" if device.type == "cpu" else str(device)
         stats["latency_note"] = (f"Latency: median of {args.repeats} interleaved forward passes, {batch}, "
                                  f"{args.dtype}, {where}, this machine")

@@ -1,5 +1,9 @@
 """Cost of a model: MACs (torch.utils.flop_counter) and parameters, measured or predicted.
 
+MACs are per sample: the count of one forward pass divided by the batch size of its
+inputs (``batch_size``: the leading dim of the first tensor input), so a budget or a
+report means the same whatever batch the example inputs have.
+
 ``estimate_macs`` / ``estimate_params`` predict the pruned model's cost from the analysis
 and a keep mask alone (no rewrite, no forward): each op family counts its own MACs
 (``OpFamily.macs``) on the pruned shapes.  Planning calls them many times per budget.
@@ -26,12 +30,36 @@ def _custom_mapping():
     return m
 
 
+def batch_size(inputs) -> int:
+    """Samples in ``inputs`` (positional args, or a dict): the leading dim of the first tensor
+    with at least one dim (depth first through tuples, lists and dicts); 1 when there is none.
+
+    The rule cannot see a model that takes one unbatched sample (e.g. ids of shape (seq,)):
+    pass ``batch=1`` to ``count_macs`` there, or set ``analysis.batch = 1`` before planning.
+    """
+    stack = [inputs]
+    while stack:
+        x = stack.pop(0)
+        if isinstance(x, torch.Tensor) and x.dim() > 0:
+            return max(int(x.shape[0]), 1)
+        if isinstance(x, dict):
+            stack[:0] = list(x.values())
+        elif isinstance(x, (list, tuple)):
+            stack[:0] = list(x)
+    return 1
+
+
 @torch.no_grad()
-def count_macs(model: torch.nn.Module, inputs: tuple | dict) -> int:
-    """Multiply-accumulates of one forward pass (FLOPs / 2); ``inputs``: positional, or keyword (a dict)."""
+def count_macs(model: torch.nn.Module, inputs: tuple | dict, batch: int | None = None) -> int:
+    """Multiply-accumulates per sample of one forward pass (FLOPs / 2 / batch); ``inputs``:
+    positional args, or keyword args (a dict).
+
+    ``batch``: samples in ``inputs`` (default: ``batch_size(inputs)``).  Work that does not
+    scale with the batch (e.g. an MLP over a position table) is shared among the samples.
+    """
     with FlopCounterMode(display=False, custom_mapping=_custom_mapping()) as counter:
         model(**inputs) if isinstance(inputs, dict) else model(*inputs)
-    return counter.get_total_flops() // 2
+    return counter.get_total_flops() // 2 // (batch or batch_size(inputs))
 
 
 def count_params(model: torch.nn.Module) -> int:
@@ -62,13 +90,18 @@ class _Estimator:
 
 
 def estimate_macs(analysis, keep: torch.Tensor) -> int:
-    """MACs of the pruned model predicted from the labels alone (no rewrite, no forward).
+    """MACs per sample of the pruned model predicted from the labels alone (no rewrite, no forward).
 
     Counts what FlopCounterMode counts: linear, matmul/bmm/einsum, conv and
-    attention products, with every shape pruned as ``keep`` says.
+    attention products, with every shape pruned as ``keep`` says; divided by
+    ``analysis.batch`` (the example inputs' batch size), as ``count_macs`` does.
     """
     c = _Estimator(analysis, keep)
-    return sum(family.macs(c, n, key) for n, key, family in _counted_nodes(analysis, c))
+    return sum(family.macs(c, n, key) for n, key, family in _counted_nodes(analysis, c)) // _batch_of(analysis)
+
+
+def _batch_of(analysis) -> int:
+    return getattr(analysis, "batch", None) or batch_size(analysis.inputs)
 
 
 def _counted_nodes(analysis, c) -> list:

@@ -314,7 +314,8 @@ def plan_for_target(analysis: Analysis, scores, target_macs=None, target_params=
     global threshold compares them; each group keeps the channels above it
     (the same count in every head), widths rounded to ``round_to``; the
     threshold is bisected until the measured budget is met within ``tolerance``.
-    ``target_*``: an absolute count, or a fraction (< 1) of the dense model.
+    ``target_*``: an absolute count, or a fraction (< 1) of the dense model; MACs per sample
+    (``estimate_macs`` divides by ``analysis.batch``), so the example batch size does not matter.
     """
     check_target(analysis, target_macs, target_params, round_to)
     measure = estimate_macs if target_macs is not None else estimate_params

@@ -3,6 +3,8 @@
 MACs and parameter counts: snp_fx/cost.py."""
 from __future__ import annotations
 
+import os
+
 import torch
 
 
@@ -40,16 +42,17 @@ def widths_table(analysis, plan) -> str:
         entry = plan.groups.get(name)
         if g is None:
             return None, None, None
+        u = g.unit_channels  # widths in channels: rotary q/k keeps pairs of channels
         if entry is None:
-            return g.heads, g.heads, g.width
+            return g.heads, g.heads, g.width * u
         kept = [len(k) for k in entry["keep"] if k]
-        return len(kept), g.heads, kept[0] if kept else 0
+        return len(kept), g.heads, (kept[0] if kept else 0) * u
 
     lines = ["| attention site | heads | q/k width per head | v width per head |", "|---|---|---|---|"]
     for site in analysis.sites:
         h, H, qk = per_head(f"{site.name}.qk")
         _, _, v = per_head(f"{site.name}.v")
-        qk_dense = analysis.groups[f"{site.name}.qk"].width
+        qk_dense = analysis.groups[f"{site.name}.qk"].width * analysis.groups[f"{site.name}.qk"].unit_channels
         v_dense = analysis.groups[f"{site.name}.v"].width if f"{site.name}.v" in analysis.groups else None
         lines.append(f"| {site.name} | {h}/{H} | {qk}/{qk_dense} | "
                      f"{'-' if v is None else f'{v}/{v_dense}'} |")
@@ -58,8 +61,32 @@ def widths_table(analysis, plan) -> str:
         if g.kind in ("ffn", "residual"):
             entry = plan.groups.get(g.name)
             kept = len(entry["keep"]) if entry else g.width
-            lines.append(f"| {g.name} | {g.kind} | {kept}/{g.width}" + ("" if g.prunable else " (unprunable)") + " |")
+            lines.append(f"| {g.name} | {g.kind} | {kept}/{g.width}{_unprunable(g.prunable, g.reason)} |")
     return "\n".join(lines)
+
+
+def _unprunable(prunable: bool, reason: str, limit: int = 70) -> str:
+    """" (unprunable: why)" for a table cell, the reason's first line cut to ``limit`` characters
+    (the full text: ``analysis.reasons()``, ``snp-fx inspect``); "" for a prunable group."""
+    if prunable:
+        return ""
+    why = (reason or "no reason recorded").splitlines()[0].replace("|", "\\|")  # | would end the cell
+    return f" (unprunable: {why if len(why) <= limit else why[:limit - 3].rstrip() + '...'})"
+
+
+def load_warning(cores: int | None = None) -> str | None:
+    """``"unreliable: load 11.3 on 2 cores"`` when the 1-minute load average is above the core
+    count (other jobs then share the CPUs and inflate the times), else None.
+
+    Call it right after timing (``time_interleaved``): the average covers the last minute.
+    ``cores``: default ``os.cpu_count()``; the load average counts the whole machine's jobs too.
+    """
+    try:
+        load = os.getloadavg()[0]
+    except (AttributeError, OSError):  # not on every platform (Windows)
+        return None
+    cores = cores or os.cpu_count() or 1
+    return f"unreliable: load {load:.1f} on {cores} cores" if load > cores else None
 
 
 @torch.inference_mode()
@@ -68,7 +95,8 @@ def time_interleaved(models: dict, inputs: tuple, repeats: int = 10, warmup: int
 
     Interleaving makes machine noise hit every model alike, so ratios between them are
     trustworthy even when the absolute times are not.  ``inputs``: positional args, or a dict of
-    keyword args.
+    keyword args.  On a busy machine even the ratios drift: ``load_warning()`` right after says so
+    (``prune_report`` adds it to the latency note).
     """
     def call(m):
         return m(**inputs) if isinstance(inputs, dict) else m(*inputs)
@@ -104,10 +132,10 @@ def block_widths(analysis, plan) -> tuple[list[dict], list[dict]]:
     """Kept and dense widths per attention block, and the other groups.
 
     Blocks: one row per attention site's block (its module path up to the block
-    index), with ``heads``, ``qk`` / ``v`` (width per head) and ``ffn`` (hidden width,
+    index), with ``heads``, ``qk`` / ``v`` (width per head, in channels) and ``ffn`` (hidden width,
     summed when a block has several FFN groups), each a (kept, dense) pair or None.
     Others: residual groups and FFN-like groups outside the blocks (a classifier),
-    as dicts with ``name``, ``kind``, ``kept``, ``dense``, ``prunable``.
+    as dicts with ``name``, ``kind``, ``kept``, ``dense``, ``prunable``, ``reason``.
     """
     def kept_per_head(name):
         g = analysis.groups[name]
@@ -125,7 +153,8 @@ def block_widths(analysis, plan) -> tuple[list[dict], list[dict]]:
         if qk is None:
             continue
         h, w = kept_per_head(qk.name)
-        row["heads"], row["qk"] = (h, qk.heads), (w, qk.width)
+        u = qk.unit_channels  # in channels, comparable with v and the head dim: rotary keeps pairs
+        row["heads"], row["qk"] = (h, qk.heads), (w * u, qk.width * u)
         v = analysis.groups.get(f"{site.name}.v")
         if v is not None:
             row["v"] = (kept_per_head(v.name)[1], v.width)
@@ -138,8 +167,28 @@ def block_widths(analysis, plan) -> tuple[list[dict], list[dict]]:
             k0, d0 = row["ffn"] or (0, 0)
             row["ffn"] = (k0 + kept, d0 + g.width)
         elif g.kind in ("ffn", "residual"):
-            others.append({"name": g.name, "kind": g.kind, "kept": kept, "dense": g.width, "prunable": g.prunable})
+            others.append({"name": g.name, "kind": g.kind, "kept": kept, "dense": g.width, "prunable": g.prunable,
+                           "reason": g.reason})
     return list(rows.values()), others
+
+
+def _block_notes(analysis, listed: set) -> list[str]:
+    """Notes under the blocks table: rotary q/k (widths in pairs) and groups left whole, with why."""
+    notes = []
+    rotary = [s.name for s in analysis.sites
+              if getattr(analysis.groups.get(f"{s.name}.qk"), "unit_channels", 1) > 1]
+    if rotary:
+        where = "every block" if len(rotary) == len(analysis.sites) else ", ".join(rotary)
+        u = analysis.groups[f"{rotary[0]}.qk"].unit_channels
+        notes.append(f"q/k ({where}): rotary embeddings tie q/k channels in pairs ({u} channels each), "
+                     "kept or removed together, so q/k widths count channels in whole pairs and "
+                     "need not match v's.")
+    whole = [g for g in analysis.groups.values() if not g.prunable and g.name not in listed]
+    if whole:
+        notes.append("Left whole: " + "; ".join(f"{g.name}{_unprunable(False, g.reason)}" for g in whole[:8])
+                     + (f"; and {len(whole) - 8} more (snp-fx inspect lists them)" if len(whole) > 8 else "")
+                     + ".")
+    return ["", *notes] if notes else []
 
 
 def _pair(p) -> str:
@@ -161,9 +210,10 @@ def _ms(s: float) -> str:
 def prune_report(title: str, analysis, plan, stats: dict, outputs: dict | None = None) -> str:
     """The markdown report the CLI prints and writes to report.md.
 
-    ``stats``: ``params`` and ``macs`` as (dense, pruned) pairs, optional ``latency``
-    (dense, pruned) seconds with ``latency_note``, optional ``elapsed`` seconds, optional
-    ``findings`` (sentences, e.g. the quality on held-out data).
+    ``stats``: ``params`` and ``macs`` (per sample, ``count_macs``) as (dense, pruned) pairs,
+    optional ``latency`` (dense, pruned) seconds with ``latency_note`` and ``load_warning``
+    (``load_warning()`` taken right after timing; when absent it is taken now), optional
+    ``elapsed`` seconds, optional ``findings`` (sentences, e.g. the quality on held-out data).
     ``outputs``: what was written where (label -> path).
     """
     rows, others = block_widths(analysis, plan)
@@ -173,19 +223,23 @@ def prune_report(title: str, analysis, plan, stats: dict, outputs: dict | None =
     lines += ["| block | heads | q/k width per head | v width per head | FFN width |", "|---|---|---|---|---|"]
     lines += [f"| {r['block']} | {_pair(r['heads'])} | {_pair(r['qk'])} | {_pair(r['v'])} | {_pair(r['ffn'])} |"
               for r in rows]
+    lines += _block_notes(analysis, {r["name"] for r in others})
     lines += ["", "| group | kind | kept width |", "|---|---|---|"]
-    lines += [f"| {r['name']} | {r['kind']} | {r['kept']}/{r['dense']}" + ("" if r["prunable"] else " (unprunable)")
-              + " |" for r in others] or ["| (none) | - | - |"]
+    lines += [f"| {r['name']} | {r['kind']} | {r['kept']}/{r['dense']}{_unprunable(r['prunable'], r['reason'])} |"
+              for r in others] or ["| (none) | - | - |"]
     lines += ["", "| | dense | pruned | pruned / dense |", "|---|---|---|---|"]
     (p0, p1), (m0, m1) = stats["params"], stats["macs"]
     lines.append(f"| params | {p0 / 1e6:.2f} M | {p1 / 1e6:.2f} M | {p1 / p0:.1%} |")
     lines.append(f"| MACs | {m0 / 1e9:.3f} G | {m1 / 1e9:.3f} G | {m1 / m0:.1%} |")
+    notes = ["MACs are per sample: a forward pass's count divided by its batch size"]
     if stats.get("latency"):
         t0, t1 = stats["latency"]
         lines.append(f"| latency | {_ms(t0)} | {_ms(t1)} | {t1 / t0:.1%} (speed-up {t0 / t1:.2f}x) |")
+        busy = stats["load_warning"] if "load_warning" in stats else load_warning()
+        note = stats.get("latency_note") or "Latency: this machine"
+        notes.append(f"{note} ({busy})" if busy else note)
     if stats.get("findings"):  # e.g. quality on held-out data
         lines += [""] + [f"{n}." for n in stats["findings"]]
-    notes = [n for n in (stats.get("latency_note"),) if n]
     if stats.get("elapsed") is not None:
         notes.append(f"analyze + score + plan + rewrite + verify took {stats['elapsed']:.1f} s")
     if notes:

@@ -115,7 +115,7 @@ def test_timm_deit_widths(tmp_path, capsys):
     assert rc == 0, err
     assert "| blocks.0 | 3/3 | 32/64 | 48/64 | 538/768 |" in text
     assert "| residual | residual | 154/192 |" in text
-    assert "| head | ffn | 1000/1000 (unprunable) |" in text  # the classifier output is not a block row
+    assert "| head | ffn | 1000/1000 (unprunable: it feeds the model output) |" in text  # not a block row
     plan = json.loads((tmp_path / "plan.json").read_text())
     assert plan["format"] == "snp_fx.plan/1"
     assert len(plan["groups"]["residual"]["keep"]) == 154

@@ -113,3 +113,40 @@ def test_any_scores_any_budget_within_one_percent(seed, fraction, round_to, head
                            heads=heads)
     dense = estimate_macs(a, torch.ones(a.channels.num_units, dtype=torch.bool))
     assert abs(estimate_macs(a, keep_mask(a, plan)) - fraction * dense) <= 0.01 * fraction * dense
+
+
+def test_budgets_and_macs_are_per_sample_whatever_the_example_batch():
+    """A MACs budget means the same with example batches of 1, 2 and 8 (it was spent on the whole
+    batch before): the same plan (l2 scores do not read the data), the same per-sample counts."""
+    import torch
+    from models import PlainViT
+
+    torch.manual_seed(0)
+    model = PlainViT(dim=32, img=32, patch=8).eval()
+    x = torch.randn(8, 3, 32, 32)
+    dense = count_macs(model, (x[:1],))
+    target = int(0.6 * dense)  # absolute: the budget of one sample
+    plans, macs = [], []
+    for b in (1, 2, 8):
+        assert count_macs(model, (x[:b],)) == dense  # per sample
+        assert count_macs(model, (x[:b],), batch=1) == b * dense  # explicit batch: the pass's total
+        a = snp_fx.analyze(model, x[:b])
+        assert a.batch == b and estimate_macs(a, torch.ones(a.channels.num_units, dtype=torch.bool)) == dense
+        p = snp_fx.plan(a, importance="l2", target_macs=target)
+        assert p.meta["dense"] == dense and p.meta["target_macs"] == target
+        pruned = snp_fx.apply(a, p)
+        plans.append(p.groups)
+        macs.append(count_macs(pruned, (x[:b],)))
+        assert macs[-1] == estimate_macs(a, keep_mask(a, p))
+    assert plans[0] == plans[1] == plans[2]
+    assert macs[0] == macs[1] == macs[2]
+    assert abs(macs[0] - target) <= 0.01 * target
+
+
+def test_batch_size_rule():
+    import torch
+    from snp_fx.cost import batch_size
+    assert batch_size((torch.zeros(4, 3),)) == 4
+    assert batch_size({"input_ids": torch.zeros(5, 7, dtype=torch.long)}) == 5
+    assert batch_size((None, 3, torch.tensor(2.0), (torch.zeros(6),))) == 6  # first tensor with a dim
+    assert batch_size((3,)) == 1

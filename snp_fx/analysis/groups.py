@@ -38,6 +38,9 @@ class Group:
     prunable: bool = True
     reason: str = ""
     site: str | None = None
+    # channels per unit: 2 for q/k under rotary embeddings, which tie channels in pairs (i, i + d/2
+    # or 2i, 2i + 1) that are kept or removed together; ``width`` counts units (pairs)
+    unit_channels: int = 1
 
     @property
     def heads(self) -> int:
@@ -88,7 +91,10 @@ def build_groups(channels, sites: list[Site], producers: list[tuple[str, torch.T
     for site in sites:
         qk = rows(channels.classes(site.q))
         pairs = [unique_ordered(row) for row in qk]  # rotary embeddings pair index i with i + d/2
+        unit_channels = 1
         if len({p.numel() for p in pairs}) == 1:
+            if qk.shape[-1] % pairs[0].numel() == 0:
+                unit_channels = qk.shape[-1] // pairs[0].numel()
             qk = torch.stack(pairs)
         mod = owner_module(torch.unique(qk), site.producers_before) or site.node
         mod = mod if mod.rsplit(".", 1)[-1] not in PROJECTION_NAMES \
@@ -99,7 +105,7 @@ def build_groups(channels, sites: list[Site], producers: list[tuple[str, torch.T
         else:
             seen_names[mod] = 0
         site.name = mod
-        g = Group(f"{mod}.qk", "qk", qk, site=mod)
+        g = Group(f"{mod}.qk", "qk", qk, site=mod, unit_channels=unit_channels)
         check(g, allow_sensitive=False)
         groups.append(g)
         for c in torch.unique(qk).tolist():

@@ -5,6 +5,7 @@ import torch
 import torch.fx as fx
 
 from .. import labels as L
+from ..cost import batch_size
 from ..labels import flat_labels, map_struct
 from .channels import ChannelGraph
 from .groups import Group, build_groups
@@ -17,11 +18,15 @@ class Analysis:
     ``unknown_ops`` and ``print(analysis)``.  For the later stages: ``gm`` and ``inputs``
     (what was analysed), per-node ``labels`` (class ids) and real ``shapes``, and
     ``channels`` (the channel graph: classes, parameter dims, keep masks).
+    ``batch``: samples in ``inputs`` (the leading dim of the first tensor input); MACs
+    budgets and estimates are per sample (snp_fx/cost.py).  Set it to 1 for a model whose
+    inputs have no batch dim.
     """
 
     def __init__(self, gm: fx.GraphModule, prop, inputs: tuple):
         self.gm = gm
         self.inputs = inputs
+        self.batch = batch_size(inputs)
         self.shapes = prop.shapes
         self.taint = prop.taint        # python ints read from channel dims
         self.gathered = prop.gathered  # elementwise nodes whose constant operands the rewrite gathers
