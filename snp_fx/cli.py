@@ -451,7 +451,7 @@ def cmd_prune(args) -> int:
     from . import api
     from .cost import count_macs, count_params
     from .io import save
-    from .report import load_warning, prune_report, time_interleaved
+    from .report import attention_kernels, load_warning, prune_report, time_interleaved
     device, dtype = _device(args.device), DTYPES[args.dtype]
     _status(f"loading {args.model}")
     src = load_model(args.model, args.pretrained, args.checkpoint, args.tokenizer)
@@ -480,6 +480,7 @@ def cmd_prune(args) -> int:
     _status("counting MACs")
     stats = {"params": (count_params(dense), count_params(pruned)),
              "macs": (count_macs(dense, inputs), count_macs(pruned, inputs)), "elapsed": elapsed}
+    stats["kernels"] = attention_kernels(pruned, inputs, [s.node for s in analysis.sites])
     if data.held_out:
         _status(f"embedding cosine on {data.held_out_count} held-out lines")
         c = embedding_cosine(dense, pruned, _on(data.held_out, device), data.held_out_count)

@@ -213,16 +213,21 @@ def prune_report(title: str, analysis, plan, stats: dict, outputs: dict | None =
     ``stats``: ``params`` and ``macs`` (per sample, ``count_macs``) as (dense, pruned) pairs,
     optional ``latency`` (dense, pruned) seconds with ``latency_note`` and ``load_warning``
     (``load_warning()`` taken right after timing; when absent it is taken now), optional
-    ``elapsed`` seconds, optional ``findings`` (sentences, e.g. the quality on held-out data).
+    ``elapsed`` seconds, optional ``findings`` (sentences, e.g. the quality on held-out data),
+    optional ``kernels`` (attention-site node -> the kernel the pruned model runs, ``attention_kernels``).
     ``outputs``: what was written where (label -> path).
     """
     rows, others = block_widths(analysis, plan)
     lines = [f"# {title}", ""]
     if plan.meta:
         lines += ["Plan: " + ", ".join(f"{k}={_short(v)}" for k, v in plan.meta.items()), ""]
-    lines += ["| block | heads | q/k width per head | v width per head | FFN width |", "|---|---|---|---|---|"]
+    kernels = {_block_of(s.name): stats["kernels"][s.node] for s in analysis.sites
+               if s.node in stats.get("kernels", {})}
+    extra = ("", "") if not kernels else (" attention kernel |", "---|")
+    lines += ["| block | heads | q/k width per head | v width per head | FFN width |" + extra[0],
+              "|---|---|---|---|---|" + extra[1]]
     lines += [f"| {r['block']} | {_pair(r['heads'])} | {_pair(r['qk'])} | {_pair(r['v'])} | {_pair(r['ffn'])} |"
-              for r in rows]
+              + (f" {kernels.get(r['block'], '-')} |" if kernels else "") for r in rows]
     lines += _block_notes(analysis, {r["name"] for r in others})
     lines += ["", "| group | kind | kept width |", "|---|---|---|"]
     lines += [f"| {r['name']} | {r['kind']} | {r['kept']}/{r['dense']}{_unprunable(r['prunable'], r['reason'])} |"
@@ -247,6 +252,41 @@ def prune_report(title: str, analysis, plan, stats: dict, outputs: dict | None =
     if outputs:
         lines += ["", "Wrote:", ""] + [f"* {label}: `{path}`" for label, path in outputs.items()]
     return "\n".join(lines) + "\n"
+
+
+@torch.no_grad()
+def attention_kernels(gm, inputs, nodes) -> dict:
+    """The attention kernel torch runs at each of ``nodes`` (attention-site node names of ``gm``) on
+    ``inputs`` (positional, or a dict), on this machine: "flash", "efficient", "cudnn" or "math" for
+    scaled_dot_product_attention (after snp_fx's padding, snp_fx/kernels.py), "matmul" for an
+    explicit q @ k^T + softmax."""
+    import torch.fx as fx
+
+    from .kernels import sdpa_backend
+    from .ops import Args, op_key
+    from .trace import normalize_inputs
+    wanted, found = set(nodes), {}
+    modules = dict(gm.named_modules())
+
+    class Reader(fx.Interpreter):
+        def run_node(self, n):
+            if n.name in wanted:
+                key = op_key(n, modules) if n.op.startswith("call_") else ""
+                if key in ("scaled_dot_product_attention", "padded_sdpa"):
+                    args, kwargs = self.fetch_args_kwargs_from_env(n)
+                    a = Args(n, args, kwargs)
+                    found[n.name] = sdpa_backend(
+                        a.value("query"), a.value("key"), a.value("value"), a.value("attn_mask"),
+                        a.value("dropout_p") or 0.0, bool(a.value("is_causal")), a.value("scale"),
+                        bool(a.value("enable_gqa")), padded=key == "padded_sdpa")
+                else:
+                    found[n.name] = "matmul"
+            return super().run_node(n)
+
+    reader = Reader(gm)
+    reader.extra_traceback = False
+    reader.run(*normalize_inputs(gm, inputs))
+    return found
 
 
 @torch.no_grad()

@@ -18,6 +18,7 @@ import torch
 import torch.fx as fx
 
 from .errors import SNPError, TraceError, brief, verbose
+from .kernels import padded_sdpa
 
 
 def _timm_lists():
@@ -31,7 +32,7 @@ def _timm_lists():
 class _Tracer(fx.Tracer):
     def __init__(self, leaf_modules=()):
         mods, fns = _timm_lists()
-        super().__init__(autowrap_functions=fns)
+        super().__init__(autowrap_functions=tuple(fns) + (padded_sdpa,))  # a pruned graph's attention: one node
         self.leaf_types = tuple(mods) + tuple(t for t in leaf_modules if isinstance(t, type))
         self.leaf_names = {n for n in leaf_modules if isinstance(n, str)}
 

@@ -15,6 +15,7 @@ import torch
 
 from .. import labels as L
 from ..analysis.groups import Site
+from ..kernels import padded_sdpa
 from ..labels import FROZEN, NONE
 from .registry import Args, OpFamily, register
 
@@ -210,15 +211,25 @@ class SDPA(OpFamily):
 
     def rewrite(self, r, node, new, key):
         a = Args(node)
-        q = a["query"]
+        q, v = a["query"], a["value"]
         old_e, new_e = r.a.shapes[q.name][-1], r.sizes_of(q)[-1]
         if new_e != old_e and a["scale"] is None:  # an explicit scale stays as it is
             a.set(new, "scale", old_e ** -0.5)
+        if _padded(key, (old_e, r.a.shapes[v.name][-1]), (new_e, r.sizes_of(v)[-1])):
+            new.target = padded_sdpa  # unequal q/k and v widths: zero-padded onto the fused kernel
 
     def macs(self, c, n, key):
         a = Args(n)
         q, k, v = (c.new(a[x].name) for x in ("query", "key", "value"))
-        return math.prod(q[:-1]) * k[-2] * (q[-1] + v[-1])
+        old = (c.shapes[a["query"].name][-1], c.shapes[a["value"].name][-1])
+        width = 2 * max(q[-1], v[-1]) if _padded(key, old, (q[-1], v[-1])) else q[-1] + v[-1]
+        return math.prod(q[:-1]) * k[-2] * width  # what runs: padded widths count
+
+
+def _padded(key, old: tuple, new: tuple) -> bool:
+    """Whether the pruned call pads: its q/k and v head widths (``new``) differ, and pruning changed
+    them or the call pads already.  A model built with unequal widths keeps its own call."""
+    return new[0] != new[1] and (key == "padded_sdpa" or new != old)
 
 
 def _set_operands(p, n, fn):
@@ -229,4 +240,4 @@ def _set_operands(p, n, fn):
 
 register(Matmul(), names=["matmul", "bmm", "mm"])
 register(Einsum(), names=["einsum"])
-register(SDPA(), names=["scaled_dot_product_attention"])
+register(SDPA(), names=["scaled_dot_product_attention", "padded_sdpa"])
