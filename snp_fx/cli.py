@@ -180,6 +180,20 @@ def parse_ratios(text: str) -> dict:
     return out
 
 
+def parse_round_to(text: str):
+    """'8' -> 8; 'qk=8,v=8,ffn=64' -> {"qk": 8, "v": 8, "ffn": 64}."""
+    try:
+        if "=" not in text:
+            value = int(text)
+        else:
+            value = {k.strip(): int(v) for k, _, v in (part.partition("=") for part in text.split(",") if part)}
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"bad --round-to '{text}': write 8, or per kind qk=8,v=8,ffn=64") from None
+    if any(v < 1 for v in (value.values() if isinstance(value, dict) else [value])):
+        raise argparse.ArgumentTypeError(f"--round-to '{text}': widths steps must be >= 1")
+    return value
+
+
 def parse_count(text: str) -> float:
     """'2.0G', '500M', '0.5' (a fraction of the dense model) -> number."""
     t = text.strip().upper()
@@ -404,7 +418,7 @@ def _budget(args) -> dict:
 
 def check_options(args) -> dict:
     """Everything that can be checked without the model; returns the budget."""
-    for name in ("round_to", "gamma", "calib_batch", "calib_max", "repeats", "seq_len"):
+    for name in ("gamma", "calib_batch", "calib_max", "repeats", "seq_len"):
         value = getattr(args, name, None)
         if value is not None and value < 1:
             raise SNPError(f"--{name.replace('_', '-')} must be >= 1, got {value}")
@@ -593,7 +607,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--target-macs", help="MACs budget per sample: 2.0G, or a fraction of the dense model such as 0.45")
     p.add_argument("--target-params", help="parameter budget: 12M, or a fraction such as 0.5")
     p.add_argument("--heads", action="store_true", help="with a target: let whole heads go too")
-    p.add_argument("--round-to", type=int, default=1, help="kept widths are multiples of this")
+    p.add_argument("--round-to", type=parse_round_to, default=1, metavar="N|KIND=N,...",
+                   help="kept widths are multiples of N, or per kind: qk=8,v=8,ffn=64")
     p.add_argument("--preset", choices=list(PRESETS), help="named options: best (l2 widths, exact q/k selection, "
                                                            "least-squares compensation) or paper")
     p.add_argument("--importance", choices=IMPORTANCES, default=None,

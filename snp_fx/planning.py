@@ -125,13 +125,14 @@ def make_plan(analysis: Analysis, ratios: dict, scores, round_to: int = 1) -> Pr
     head_scores = getattr(scores, "heads", {})
     scores_obj, scores = scores, getattr(scores, "classes", scores)
     check_ratios(analysis, ratios)
+    check_round_to(round_to)
 
     def ratio_for(g: Group) -> float:
         return float(ratios.get(g.name, ratios.get(g.kind, 0.0)))
 
     def count(g: Group) -> int:
         k = _keep_count(g.width, ratio_for(g), g.name, strict=g.name in ratios and g.name not in KINDS)
-        return _round_width(k, g.width, round_to) if ratio_for(g) > 0 else k
+        return _round_width(k, g.width, step_of(round_to, g)) if ratio_for(g) > 0 else k
 
     plan: dict[str, dict] = {}
     heads_kept: dict[str, str] = {}  # site -> why its heads stay although a heads ratio was asked for
@@ -299,6 +300,25 @@ def paper_ratios(analysis: Analysis, config) -> dict[str, float]:
 # Budgets: a MACs or parameter target instead of ratios
 # ---------------------------------------------------------------------------
 
+def check_round_to(round_to) -> None:
+    """A positive int, or a dict of kind or group name -> positive int."""
+    values = round_to.values() if isinstance(round_to, dict) else [round_to]
+    if not all(isinstance(r, int) and not isinstance(r, bool) and r >= 1 for r in values):
+        raise SNPError(f"round_to must be a positive integer or a dict like {{'qk': 8, 'v': 8, 'ffn': 64}}, "
+                       f"got {round_to!r}")
+    if isinstance(round_to, dict):
+        bad = [k for k in round_to if not isinstance(k, str)]
+        if bad:
+            raise SNPError(f"round_to keys are kinds {list(KINDS[:4])} or group names, got {bad}")
+
+
+def step_of(round_to, g: Group) -> int:
+    """The width step of group ``g`` in its own units: ``round_to`` counts channels (per head for
+    q/k and v), and rotary q/k groups count channel pairs."""
+    r = round_to.get(g.name, round_to.get(g.kind, 1)) if isinstance(round_to, dict) else round_to
+    return max(1, r // g.unit_channels)
+
+
 def _round_width(k: int, width: int, round_to: int) -> int:
     if round_to <= 1:
         return max(1, min(k, width))
@@ -357,10 +377,10 @@ def plan_for_target(analysis: Analysis, scores, target_macs=None, target_params=
             for g in gs.values():
                 rows = kept if site in hnorm and g.heads == len(hnorm[site]) else list(range(g.heads))
                 widths[g.name] = _round_width(int(round(float((norm[g.name][rows] >= t).sum()) / len(rows))),
-                                              g.width, round_to)
+                                              g.width, step_of(round_to, g))
         for g in groups:
             if not g.site:
-                widths[g.name] = _round_width(int((norm[g.name] >= t).sum()), g.width, round_to)
+                widths[g.name] = _round_width(int((norm[g.name] >= t).sum()), g.width, step_of(round_to, g))
         return widths, heads_kept
 
     def build(widths, heads_kept) -> PruningPlan:
@@ -384,7 +404,8 @@ def plan_for_target(analysis: Analysis, scores, target_macs=None, target_params=
         """Mean normalised score of the channels one step would remove (-1) or add back (+1)."""
         s = norm[g.name].reshape(-1, g.width) if g.classes.dim() == 2 else norm[g.name].reshape(1, -1)
         ranked = s.sort(dim=1, descending=True).values
-        lo, hi = (width - round_to, width) if direction < 0 else (width, width + round_to)
+        step = step_of(round_to, g)
+        lo, hi = (width - step, width) if direction < 0 else (width, width + step)
         return float(ranked[:, max(lo, 0):min(hi, g.width)].mean())
 
     lo = min(float(v.min()) for v in norm.values()) - 1.0
@@ -412,8 +433,9 @@ def plan_for_target(analysis: Analysis, scores, target_macs=None, target_params=
             direction = -1 if best_v > target else 1
             options = []
             for g in groups:
-                w = widths[g.name] + direction * round_to
-                if w < min(round_to, g.width) or w > g.width or (direction > 0 and widths[g.name] == g.width):
+                step = step_of(round_to, g)
+                w = widths[g.name] + direction * step
+                if w < min(step, g.width) or w > g.width or (direction > 0 and widths[g.name] == g.width):
                     continue
                 trial = dict(widths)
                 trial[g.name] = min(max(w, 1), g.width)
@@ -435,8 +457,7 @@ def check_target(analysis: Analysis, target_macs=None, target_params=None, round
     """Raise a clear error for a budget that cannot be met (before any costly scoring)."""
     if (target_macs is None) == (target_params is None):
         raise SNPError("give exactly one of target_macs and target_params")
-    if not isinstance(round_to, int) or round_to < 1:
-        raise SNPError(f"round_to must be a positive integer, got {round_to!r}")
+    check_round_to(round_to)
     target = target_macs if target_macs is not None else target_params
     if not isinstance(target, (int, float)) or isinstance(target, bool) or target <= 0:
         raise SNPError(f"target must be a positive number (absolute, or a fraction < 1), got {target!r}")
@@ -451,7 +472,7 @@ def check_target(analysis: Analysis, target_macs=None, target_params=None, round
     keep = {}
     for g in analysis.groups.values():
         if g.prunable:
-            k = _round_width(1, g.width, round_to)
+            k = _round_width(1, g.width, step_of(round_to, g))
             keep[g.name] = {"kind": g.kind, "keep": [list(range(k))] * g.heads if g.classes.dim() == 2
                             else list(range(k))}
     smallest = measure(analysis, keep_mask(analysis, PruningPlan(keep)))

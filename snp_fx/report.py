@@ -11,7 +11,7 @@ import torch
 
 @torch.no_grad()
 def attention_scores(model: torch.nn.Module, inputs: tuple) -> list[torch.Tensor]:
-    """Pre-softmax attention scores (scaled q k^T) of every SDPA call, in graph order."""
+    """Pre-softmax attention scores (scaled q k^T) of every SDPA call (padded or not), in graph order."""
     import torch.fx as fx
 
     from .trace import trace
@@ -22,7 +22,8 @@ def attention_scores(model: torch.nn.Module, inputs: tuple) -> list[torch.Tensor
 
     class Reader(fx.Interpreter):
         def run_node(self, n):
-            if n.op == "call_function" and getattr(n.target, "__name__", "") == "scaled_dot_product_attention":
+            if n.op == "call_function" and getattr(n.target, "__name__", "") in ("scaled_dot_product_attention",
+                                                                                  "padded_sdpa"):
                 args, kwargs = self.fetch_args_kwargs_from_env(n)
                 got = dict(zip(names, args))
                 got.update(kwargs)

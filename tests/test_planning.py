@@ -9,6 +9,7 @@ from snp_fx.importance import compute_scores
 from snp_fx.planning import BUNDLED_CONFIGS, keep_mask, make_plan, paper_ratios, plan_for_target
 from snp_fx.cost import count_macs, count_params, estimate_macs, estimate_params
 from snp_fx.rewrite import rewrite
+from snp_fx.errors import SNPError
 
 PAPER = [("DeiT_t", "deit_tiny_patch16_224", 0.64e9, 153), ("DeiT_s", "deit_small_patch16_224", 2.04e9, 307),
          ("DeiT_s_small", "deit_small_patch16_224", 1.27e9, 345), ("DeiT_b", "deit_base_patch16_224", 6.32e9, 538)]
@@ -150,3 +151,32 @@ def test_batch_size_rule():
     assert batch_size({"input_ids": torch.zeros(5, 7, dtype=torch.long)}) == 5
     assert batch_size((None, 3, torch.tensor(2.0), (torch.zeros(6),))) == 6  # first tensor with a dim
     assert batch_size((3,)) == 1
+
+
+@pytest.mark.parametrize("round_to", [{"qk": 8, "v": 16, "ffn": 64}, {"qk": 4, "ffn": 32, "blocks.0.mlp.fc1": 96}])
+def test_round_to_per_kind_and_group(round_to):
+    """Kept widths are multiples of their kind's (or group's) step, for ratios and for targets."""
+    import torch
+    a = timm_analysis("deit_tiny_patch16_224")
+    scores = compute_scores(a, "l2")
+    for plan in (make_plan(a, {"qk": 0.45, "v": 0.3, "ffn": 0.33, "residual": 0.1}, scores, round_to=round_to),
+                 plan_for_target(a, scores, target_macs=0.5, round_to=round_to)):
+        checked = set()
+        for name, w in plan.widths().items():
+            g = a.groups[name]
+            step = round_to.get(name, round_to.get(g.kind, 1))
+            for x in (w if isinstance(w, list) else [w]):
+                assert x % step == 0 or x == g.width, (name, x, step)
+                checked.add(g.kind if step > 1 else None)
+        assert {"qk", "ffn"} <= checked
+    dense = estimate_macs(a, torch.ones(a.channels.num_units, dtype=torch.bool))
+    assert abs(estimate_macs(a, keep_mask(a, plan)) - 0.5 * dense) <= 0.01 * 0.5 * dense
+
+
+@pytest.mark.parametrize("bad", [0, 2.5, {"qk": 0}, {"ffn": "8"}, {3: 8}])
+def test_bad_round_to(bad):
+    a = timm_analysis("deit_tiny_patch16_224")
+    with pytest.raises(SNPError, match="round_to"):
+        make_plan(a, {"qk": 0.5}, compute_scores(a, "l2"), round_to=bad)
+    with pytest.raises(SNPError, match="round_to"):
+        plan_for_target(a, compute_scores(a, "l2"), target_macs=0.5, round_to=bad)
