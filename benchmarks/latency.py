@@ -1,6 +1,7 @@
 """Speed of pruned DeiTs on CPU, dense and pruned timed side by side, and torch-pruning at equal MACs.
 
     python benchmarks/latency.py [--models deit_tiny_patch16_224 ...] [--repeats 8] [--threads 2] [--quick]
+                                 [--compile] [--device cuda --dtype float16 --big-batch 64]
 
 Per model (timm, random init) the rows are:
   (a) snp_fx with the SNP authors' config ("DeiT_t", "DeiT_s", "DeiT_s_small", "DeiT_b"),
@@ -9,7 +10,8 @@ Per model (timm, random init) the rows are:
   (d) torch-pruning (PyPI) with its timm ViT recipe (examples/transformers/prune_timm_vit.py:
       BasePruner, L1 GroupMagnitudeImportance, uniform ratio, head dims pruned, classifier
       ignored), its ratio bisected until the MACs match row (a) / (c) within 1%.
-fp32, 2 threads (--threads), eval + inference_mode, batch 1 and 16 at 224x224.  The dense model and every
+fp32, 2 threads (--threads), eval + inference_mode, batch 1 and 16 (--big-batch) at 224x224; --compile
+also times every model under torch.compile; --device cuda --dtype float16 runs the rows on a GPU.  The dense model and every
 pruned variant of it are timed in turns in one process (snp_fx.report.time_interleaved), so
 the speedups (dense time / pruned time) hold even when the machine is shared.
 Writes benchmarks/results/latency.json.
@@ -84,13 +86,15 @@ def tp_matching(dense, x, target, tol=0.01):
 def fused_attention(model, x):
     """"k/n": how many of the n attention calls run torch's fused CPU kernel.
 
-    The CPU flash kernel needs q, k and v of one head width; otherwise SDPA falls back to
-    its unfused math path (bmm, softmax, and copies of q, k, v and the output).
+    The fused kernels (CPU flash; CUDA flash / memory-efficient / cuDNN) need q, k and v of one
+    head width; otherwise SDPA falls back to its unfused math path (bmm, softmax, and copies of
+    q, k, v and the output).  snp_fx pads pruned calls to one width (snp_fx/kernels.py).
     """
-    with profile(activities=[ProfilerActivity.CPU]) as prof:
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if x.is_cuda else [])
+    with profile(activities=activities) as prof:
         model(x)
     names = [e.name for e in prof.events()]
-    fused = names.count("aten::_scaled_dot_product_flash_attention_for_cpu")
+    fused = sum(1 for n in names if n.startswith("aten::_scaled_dot_product_") and "math" not in n)
     return f"{fused}/{names.count('aten::scaled_dot_product_attention')}"
 
 
@@ -120,10 +124,16 @@ def main():
     ap.add_argument("--repeats", type=int, default=8, help="timed turns at batch 16 (3x at batch 1)")
     ap.add_argument("--quick", action="store_true", help="first config per model, no heads row, 2 repeats")
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--compile", action="store_true", help="also time every model under torch.compile")
+    ap.add_argument("--device", default="cpu", help="cpu or cuda")
+    ap.add_argument("--dtype", default="float32", choices=("float32", "float16", "bfloat16"),
+                    help="timing dtype (pruning runs in float32, then the models are converted)")
+    ap.add_argument("--big-batch", type=int, default=16, help="the second batch size timed (e.g. 64 on a GPU)")
     args = ap.parse_args()
     if args.quick:
         args.repeats = 2
     torch.set_num_threads(args.threads)
+    device, dtype = torch.device(args.device), getattr(torch, args.dtype)
     rows = []
     for name in args.models:
         if name not in CONFIGS:
@@ -139,31 +149,49 @@ def main():
                 y = m(x1)
                 if y.shape != (1, 1000) or not torch.isfinite(y).all():
                     raise RuntimeError(f"{name} / {label}: bad output {tuple(y.shape)}")
-        times = {}
-        for batch, reps in ((1, 3 * args.repeats), (16, args.repeats)):
-            xb = torch.randn(batch, 3, 224, 224)
-            times[batch] = time_interleaved(models, (xb,), repeats=reps, warmup=2)
-        tp_ms = {budget: times[16][i] for i, (label, budget, _, _) in enumerate(vs) if label.startswith("torch-pruning")}
+        models = {k: m.to(device, dtype) for k, m in models.items()}
+        big = args.big_batch
+        times = {}  # (compiled?, batch) -> {model: seconds}
+        for compiled in (False, True) if args.compile else (False,):
+            timed = {k: torch.compile(m) for k, m in models.items()} if compiled else models
+            for batch, reps in ((1, 3 * args.repeats), (big, args.repeats)):
+                xb = torch.randn(batch, 3, 224, 224, device=device, dtype=dtype)
+                times[compiled, batch] = time_interleaved(timed, (xb,), repeats=reps, warmup=3 if compiled else 2)
+        tp_of = {budget: i for i, (label, budget, _, _) in enumerate(vs) if label.startswith("torch-pruning")}
+        x1 = x1.to(device, dtype)
         for i, (label, budget, m, paper) in enumerate(vs):
-            vs_tp = times[16][i] / tp_ms[budget] if budget in tp_ms and not label.startswith("torch-pruning") else None
             macs = count_macs(m, (x1,))
             ratio = dense_macs / macs
-            s1, s16 = times[1]["dense"] / times[1][i], times[16]["dense"] / times[16][i]
-            rows.append({"model": name, "variant": label, "budget_gmacs": budget, "dense_gmacs": dense_macs / 1e9,
-                         "pruned_gmacs": macs / 1e9, "macs_ratio": ratio,
-                         "dense_ms_b1": times[1]["dense"] * 1e3, "pruned_ms_b1": times[1][i] * 1e3,
-                         "dense_ms_b16": times[16]["dense"] * 1e3, "pruned_ms_b16": times[16][i] * 1e3,
-                         "speedup_b1": s1, "speedup_b16": s16, "speedup_over_macs_b16": s16 / ratio,
-                         "time_vs_torch_pruning_b16": vs_tp, "vs_tp": "-" if vs_tp is None else f"{vs_tp:.2f}",
-                         "fused_attention": fused_attention(m, x1), "threads": args.threads,
-                         "paper_speedup": paper, "paper": "-" if paper is None else f"{paper:.2f}x"})
-            print(f"{name} | {label}: {macs / 1e9:.3f} GMACs, speedup b1 {s1:.2f}x, b16 {s16:.2f}x", flush=True)
-    report("latency", [("model", "model", ""), ("variant", "variant", ""), ("budget (G)", "budget_gmacs", ".2f"),
-                       ("MACs dense (G)", "dense_gmacs", ".3f"), ("MACs pruned (G)", "pruned_gmacs", ".3f"),
-                       ("MACs ratio", "macs_ratio", ".2f"), ("speedup b1", "speedup_b1", ".2f"),
-                       ("speedup b16", "speedup_b16", ".2f"), ("b16 speedup / MACs ratio", "speedup_over_macs_b16", ".2f"),
-                       ("b16 time / torch-pruning's", "vs_tp", ""), ("fused attention", "fused_attention", ""),
-                       ("paper (Xeon 4210R)", "paper", "")], rows)
+            row = {"model": name, "variant": label, "budget_gmacs": budget, "dense_gmacs": dense_macs / 1e9,
+                   "pruned_gmacs": macs / 1e9, "macs_ratio": ratio, "big_batch": big, "device": args.device,
+                   "dtype": args.dtype, "fused_attention": fused_attention(m, x1), "threads": args.threads,
+                   "paper_speedup": paper, "paper": "-" if paper is None else f"{paper:.2f}x"}
+            tp = tp_of.get(budget) if not label.startswith("torch-pruning") else None
+            for compiled in (False, True) if args.compile else (False,):
+                tag = "_compiled" if compiled else ""
+                for batch, b in ((1, "b1"), (big, "bN")):
+                    t = times[compiled, batch]
+                    row[f"dense_ms_{b}{tag}"], row[f"pruned_ms_{b}{tag}"] = t["dense"] * 1e3, t[i] * 1e3
+                    row[f"speedup_{b}{tag}"] = t["dense"] / t[i]
+                    row[f"speedup_over_macs_{b}{tag}"] = t["dense"] / t[i] / ratio
+                    vs_tp = t[i] / t[tp] if tp is not None else None
+                    row[f"time_vs_tp_{b}{tag}"] = vs_tp
+                    row[f"vs_tp_{b}{tag}"] = "-" if vs_tp is None else f"{vs_tp:.2f}"
+            rows.append(row)
+            print(f"{name} | {label}: {macs / 1e9:.3f} GMACs, speedup b1 {row['speedup_b1']:.2f}x, "
+                  f"b{big} {row['speedup_bN']:.2f}x", flush=True)
+    big = args.big_batch
+    columns = [("model", "model", ""), ("variant", "variant", ""), ("MACs pruned (G)", "pruned_gmacs", ".3f"),
+               ("MACs ratio", "macs_ratio", ".2f")]
+    for tag, what in [("", "")] + ([("_compiled", "compiled ")] if args.compile else []):
+        columns += [(f"{what}speedup b1", f"speedup_b1{tag}", ".2f"),
+                    (f"{what}b1 / MACs ratio", f"speedup_over_macs_b1{tag}", ".2f"),
+                    (f"{what}b1 time / TP's", f"vs_tp_b1{tag}", ""),
+                    (f"{what}speedup b{big}", f"speedup_bN{tag}", ".2f"),
+                    (f"{what}b{big} / MACs ratio", f"speedup_over_macs_bN{tag}", ".2f"),
+                    (f"{what}b{big} time / TP's", f"vs_tp_bN{tag}", "")]
+    columns += [("fused attention", "fused_attention", ""), ("paper (Xeon 4210R)", "paper", "")]
+    report("latency" if args.device == "cpu" else f"latency_{args.device}_{args.dtype}", columns, rows)
 
 
 if __name__ == "__main__":

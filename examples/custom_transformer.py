@@ -4,7 +4,8 @@
 
 `drop_dropout` removes Dropout nodes before pruning; `attention_to_sdpa` runs after it and replaces
 the explicit `softmax(q @ k^T * scale) @ v` of the pruned graph with one
-`scaled_dot_product_attention` call.  Each step is checked: outputs before and after the other
+`scaled_dot_product_attention` call (snp_fx.kernels.padded_sdpa: on the fused kernel even where
+pruning left q/k and v with different head widths).  Each step is checked: outputs before and after the other
 passes must agree, and the pruned model must be smaller.
 
     python examples/custom_transformer.py
@@ -19,11 +20,11 @@ import operator
 import torch
 import torch.fx as fx
 import torch.nn as nn
-import torch.nn.functional as F
 from torch.fx.passes.infra.pass_base import PassResult
 from torch.fx.passes.infra.pass_manager import PassManager
 
 import snp_fx
+from snp_fx.kernels import padded_sdpa
 from snp_fx.cost import count_macs, count_params
 from snp_fx.report import load_warning, time_interleaved
 from snp_fx.verify import relative_error
@@ -97,7 +98,7 @@ def _is_method(n, name):
 
 
 def attention_to_sdpa(gm: fx.GraphModule) -> PassResult:
-    """softmax((q @ k.transpose(-2, -1)) * scale, dim=-1) @ v  ->  scaled_dot_product_attention(q, k, v, scale=scale)."""
+    """softmax((q @ k.transpose(-2, -1)) * scale, dim=-1) @ v  ->  padded_sdpa(q, k, v, scale=scale)."""
     n_fused = 0
     for av in list(gm.graph.nodes):
         if not (av.op == "call_function" and av.target is operator.matmul and _is_method(av.args[0], "softmax")):
@@ -114,7 +115,9 @@ def attention_to_sdpa(gm: fx.GraphModule) -> PassResult:
             continue
         q, k = qk.args[0], qk.args[1].args[0]
         with gm.graph.inserting_before(av):
-            fused = gm.graph.call_function(F.scaled_dot_product_attention, (q, k, v), {"scale": scale})
+            # padded_sdpa: scaled_dot_product_attention that stays on the fused kernel when pruning
+            # left q/k and v with different head widths (snp_fx/kernels.py)
+            fused = gm.graph.call_function(padded_sdpa, (q, k, v), {"scale": scale})
         av.replace_all_uses_with(fused)
         gm.graph.erase_node(av)
         n_fused += 1

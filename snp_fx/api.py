@@ -31,6 +31,25 @@ PRESETS = {
 }
 
 
+# Width steps (``round_to``) per kind that each kind of hardware runs fastest.
+HARDWARE = {
+    # measured: benchmarks/widths.py (2-core x86 CPU, fp32, DeiT-S shapes, batch 16)
+    "cpu": {"qk": 1, "v": 1, "ffn": 1, "residual": 1},
+    # FlashAttention needs head dims that are multiples of 8; tensor-core GEMMs run best on
+    # multiples of 64 (fp16/bf16); not measured here (no GPU on this project's machines)
+    "cuda": {"qk": 8, "v": 8, "ffn": 64, "residual": 64},
+}
+
+
+def hardware_round_to(hardware, round_to):
+    """``round_to`` for ``hardware`` when the caller left it at 1 (an explicit one wins)."""
+    if hardware is None:
+        return round_to
+    if hardware not in HARDWARE:
+        raise SNPError(f"unknown hardware {hardware!r}; use one of {list(HARDWARE)}")
+    return dict(HARDWARE[hardware]) if round_to == 1 else round_to
+
+
 def _preset(preset, **given):
     """Options of ``preset`` for every argument still at its default (None: no preset)."""
     defaults = {"importance": "snp", "selection": "score", "compensate": False}
@@ -138,8 +157,8 @@ def _analysis_of(model_or_analysis, example_inputs, analysis, leaf_modules, what
 def plan(model_or_analysis, example_inputs=None, *, ratios=None, importance="snp",
          analysis: Analysis | None = None, leaf_modules=(), seed: int = 0, calibration=None,
          gamma: int = DEFAULT_GAMMA, progress: bool | None = None, target_macs=None, target_params=None,
-         round_to: int = 1, heads: bool = False, scores=None, selection="score",
-         preset: str | None = None) -> PruningPlan:
+         round_to=1, heads: bool = False, scores=None, selection="score",
+         preset: str | None = None, hardware: str | None = None) -> PruningPlan:
     """Which channels to keep in every group, as a JSON-serialisable PruningPlan.
 
     ``plan(model, example_inputs, ratios=...)`` analyzes the model first;
@@ -152,7 +171,8 @@ def plan(model_or_analysis, example_inputs=None, *, ratios=None, importance="snp
     (absolute, or a fraction < 1 of the dense model; ``heads=True`` lets whole heads go too).
     MACs are per sample: one forward pass over the example inputs divided by their batch size,
     the leading dim of the first tensor input (``analysis.batch``; set it to 1 for unbatched inputs).
-    ``round_to``: kept widths (per head, FFN, residual) are multiples of it.
+    ``round_to``: kept widths (per head, FFN, residual) are multiples of it; an int, or per kind or
+    group name: ``{"qk": 8, "v": 8, "ffn": 64}`` (in channels; rotary q/k pairs count as two).
     ``importance``: "snp" (default), "l1", "l2", "gm", "random", "reverse" (see snp_fx.importance),
     or a callable ``(analysis, group) -> Tensor`` shaped like ``group.classes`` (higher = keep).
     ``calibration``: batches for the q/k scores (default: the example inputs).
@@ -161,8 +181,11 @@ def plan(model_or_analysis, example_inputs=None, *, ratios=None, importance="snp
     exact change of the pre-softmax scores over the calibration set; the scores still set the counts)
     or a callable ``(analysis, group, head, n_keep) -> list[int]`` choosing the kept q/k positions.
     ``preset``: a name from ``PRESETS`` ("best", "paper") filling the options left at their defaults.
+    ``hardware``: "cpu" or "cuda": the widths that hardware runs fastest (``HARDWARE``) as
+    ``round_to`` when it is left at 1.
     ``progress``: tqdm bars (None: when stderr is a terminal).
     """
+    round_to = hardware_round_to(hardware, round_to)
     check_importance(importance)
     check_selection(selection)
     opts = _preset(preset, importance=importance, selection=selection)
@@ -270,9 +293,9 @@ def _check(a: Analysis, keep, pruned, p: PruningPlan):
 
 def prune(model, example_inputs, *, ratios=None, importance="snp", verify: bool = True,
           leaf_modules=(), frontend: str = "auto", seed: int = 0, calibration=None, gamma: int = DEFAULT_GAMMA,
-          progress: bool | None = None, target_macs=None, target_params=None, round_to: int = 1,
+          progress: bool | None = None, target_macs=None, target_params=None, round_to=1,
           heads: bool = False, selection="score", compensate: bool = False,
-          preset: str | None = None) -> fx.GraphModule:
+          preset: str | None = None, hardware: str | None = None) -> fx.GraphModule:
     """Analyze, plan and rewrite in one call (arguments as in ``plan`` and ``apply``).
 
     ``preset="best"``: exact q/k selection and least-squares compensation (see ``PRESETS``).
@@ -284,12 +307,13 @@ def prune(model, example_inputs, *, ratios=None, importance="snp", verify: bool 
     importance, selection, compensate = opts["importance"], opts["selection"], opts["compensate"]
     check_importance(importance)
     check_selection(selection)
+    hardware_round_to(hardware, round_to)  # a bad name fails before the analysis
     a = analyze(model, example_inputs, leaf_modules=leaf_modules, frontend=frontend)
     sc = None  # scored once (one calibration pass), re-planned if a group has to be set aside
     for _ in range(len(a.groups) + 1):
         p = plan(a, ratios=ratios, importance=importance, seed=seed, calibration=calibration,
                  gamma=gamma, progress=progress, target_macs=target_macs, target_params=target_params,
-                 round_to=round_to, heads=heads, scores=sc, selection=selection)
+                 round_to=round_to, heads=heads, scores=sc, selection=selection, hardware=hardware)
         sc = p.scores
         try:
             return apply(model, p, example_inputs, verify=verify, analysis=a, compensate=compensate,

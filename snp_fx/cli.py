@@ -480,7 +480,7 @@ def cmd_prune(args) -> int:
     plan = api.plan(analysis, importance=args.importance or "snp", selection=args.selection or "score",
                     preset=args.preset,
                     seed=args.seed, calibration=data.calibration, gamma=args.gamma, round_to=args.round_to,
-                    heads=args.heads, **budget)
+                    heads=args.heads, hardware=args.hardware, **budget)
     _status("rewriting and verifying" + (" and compensating" if _compensates(args) else ""))
     pruned = api.apply(model, plan, x, analysis=analysis, compensate=_compensates(args),
                        calibration=data.calibration)
@@ -607,6 +607,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--target-macs", help="MACs budget per sample: 2.0G, or a fraction of the dense model such as 0.45")
     p.add_argument("--target-params", help="parameter budget: 12M, or a fraction such as 0.5")
     p.add_argument("--heads", action="store_true", help="with a target: let whole heads go too")
+    p.add_argument("--hardware", choices=("cpu", "cuda"),
+                   help="round widths to what this hardware runs fastest (when --round-to is not given)")
     p.add_argument("--round-to", type=parse_round_to, default=1, metavar="N|KIND=N,...",
                    help="kept widths are multiples of N, or per kind: qk=8,v=8,ffn=64")
     p.add_argument("--preset", choices=list(PRESETS), help="named options: best (l2 widths, exact q/k selection, "

@@ -8,7 +8,7 @@ score tensor is materialised, ~12 ops and 4 copies, 2.5-6x the fused call at bat
 columns add nothing to q k^T, zero v columns give zero output columns, which are sliced off.
 The scale is the caller's (the rewrite passes the dense model's 1/sqrt(d) explicitly).
 
-It is one graph node (snp_fx's tracer keeps it whole) with the signature of
+It is one graph node (under any fx tracer, through ``__torch_function__``) with the signature of
 ``F.scaled_dot_product_attention``, so the analysis treats it as that op and a pruned model
 prunes again; under torch.export / torch.compile it becomes pad + fused attention + slice.
 """
@@ -19,11 +19,9 @@ import torch.nn.functional as F
 
 
 def _padded(query, key, value):
-    """q, k, v padded with zeros to one head width (a multiple of 8 on CUDA, as FlashAttention needs)."""
+    """q, k, v padded with zeros to one head width (CUDA's kernels pad that to a multiple of 8 themselves)."""
     e, ev = query.shape[-1], value.shape[-1]
     width = max(e, ev)
-    if query.is_cuda:
-        width = -(-width // 8) * 8
     if e < width:
         query, key = F.pad(query, (0, width - e)), F.pad(key, (0, width - e))
     if ev < width:
@@ -34,6 +32,12 @@ def _padded(query, key, value):
 def padded_sdpa(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None,
                 enable_gqa=False):
     """``F.scaled_dot_product_attention`` for q/k and v of different head widths, on the fused kernel."""
+    if torch.overrides.has_torch_function((query, key, value)):
+        # fx proxies (any tracer, e.g. a pass that re-traces a pruned model) record one call, as
+        # for torch.nn.functional's own functions, instead of tracing the shape checks below
+        return torch.overrides.handle_torch_function(
+            padded_sdpa, (query, key, value), query, key, value, attn_mask=attn_mask, dropout_p=dropout_p,
+            is_causal=is_causal, scale=scale, enable_gqa=enable_gqa)
     ev = value.shape[-1]
     if scale is None:  # as the unpadded call would: 1/sqrt(q's width)
         scale = query.shape[-1] ** -0.5

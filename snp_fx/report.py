@@ -99,8 +99,14 @@ def time_interleaved(models: dict, inputs: tuple, repeats: int = 10, warmup: int
     keyword args.  On a busy machine even the ratios drift: ``load_warning()`` right after says so
     (``prune_report`` adds it to the latency note).
     """
+    values = list(inputs.values()) if isinstance(inputs, dict) else list(inputs)
+    cuda = any(isinstance(v, torch.Tensor) and v.is_cuda for v in values)
+
     def call(m):
-        return m(**inputs) if isinstance(inputs, dict) else m(*inputs)
+        out = m(**inputs) if isinstance(inputs, dict) else m(*inputs)
+        if cuda:  # kernels run asynchronously: time them to completion
+            torch.cuda.synchronize()
+        return out
 
     import statistics
     import time

@@ -180,3 +180,18 @@ def test_bad_round_to(bad):
         make_plan(a, {"qk": 0.5}, compute_scores(a, "l2"), round_to=bad)
     with pytest.raises(SNPError, match="round_to"):
         plan_for_target(a, compute_scores(a, "l2"), target_macs=0.5, round_to=bad)
+
+
+def test_hardware_hint_picks_the_width_steps():
+    from snp_fx.api import HARDWARE
+    a = timm_analysis("deit_tiny_patch16_224")
+    scores = compute_scores(a, "l2")
+    plan = snp_fx.plan(a, target_macs=0.5, scores=scores, hardware="cuda")
+    for name, w in plan.widths().items():
+        g = a.groups[name]
+        for x in (w if isinstance(w, list) else [w]):
+            assert x % HARDWARE["cuda"][g.kind] == 0 or x == g.width, (name, x)
+    explicit = snp_fx.plan(a, target_macs=0.5, scores=scores, hardware="cuda", round_to=4)
+    assert explicit.meta["round_to"] == 4  # an explicit round_to wins
+    with pytest.raises(SNPError, match="unknown hardware 'tpu'"):
+        snp_fx.plan(a, target_macs=0.5, scores=scores, hardware="tpu")
