@@ -1,0 +1,70 @@
+"""Where the time goes, per op: dense, pruned (padded attention) and pruned with the unpadded
+math-path attention, side by side (torch.profiler self CPU time per op, ms per forward; every op
+here runs once per block, so / 12 is one block of a DeiT).
+
+    python benchmarks/profile_block.py [--model deit_small_patch16_224] [--config DeiT_s] [--batch 16]
+
+The pruned model is snp_fx's with the authors' config; "unpadded" swaps its padded_sdpa calls back
+to plain scaled_dot_product_attention (what snp_fx emitted before snp_fx/kernels.py).  Self CPU
+time per op, averaged over --repeats forwards.  Writes results/profile_block.json.
+"""
+import argparse
+import copy
+
+import timm
+import torch
+import torch.nn.functional as F
+from torch.profiler import ProfilerActivity, profile
+
+import snp_fx
+from snp_fx.kernels import padded_sdpa
+
+from common import report
+
+
+def op_profile(model, x, repeats):
+    """{op name: self CPU ms} of ``model`` on ``x`` (summed over repeats)."""
+    with torch.inference_mode():
+        for _ in range(2):
+            model(x)
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            for _ in range(repeats):
+                model(x)
+    return {e.key: e.self_cpu_time_total / 1e3 for e in prof.key_averages()}
+
+
+def unpadded(gm):
+    gm = copy.deepcopy(gm)
+    for n in gm.graph.nodes:
+        if n.target is padded_sdpa:
+            n.target = F.scaled_dot_product_attention
+    gm.recompile()
+    return gm
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--model", default="deit_small_patch16_224")
+    ap.add_argument("--config", default="DeiT_s")
+    ap.add_argument("--batch", type=int, default=16)
+    ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--threads", type=int, default=2)
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    dense = timm.create_model(args.model, pretrained=False).eval()
+    x1 = torch.randn(1, 3, 224, 224)
+    pruned = snp_fx.prune(dense, x1, ratios=args.config, progress=False)
+    x = torch.randn(args.batch, 3, 224, 224)
+    profiles = {}
+    for name, model in (("dense", dense), ("pruned, padded attention", pruned),
+                        ("pruned, unpadded (math path)", unpadded(pruned))):
+        profiles[name] = op_profile(model, x, args.repeats)
+    ops = sorted({k for p in profiles.values() for k in p}, key=lambda k: -max(p.get(k, 0) for p in profiles.values()))
+    rows = [{"op": k, **{n: profiles[n].get(k, 0.0) / args.repeats for n in profiles}} for k in ops[:18]]
+    rows.append({"op": "total (all ops)", **{n: sum(profiles[n].values()) / args.repeats for n in profiles}})
+    report("profile_block", [("op", "op", "s")] + [(f"{n} (ms per forward)", n, ".1f") for n in profiles], rows)
+
+
+if __name__ == "__main__":
+    main()
