@@ -4,6 +4,7 @@ from .api import analyze, apply, plan, prune
 from .errors import InternalError, RewriteError, SNPError, SNPFXError, TraceError
 from .fx_pass import SNPPass
 from .io import load, save
+from . import latency  # noqa: F401  snp_fx.latency.compare / latency_model
 from .ops import OpFamily, register_op
 from .planning import PruningPlan
 

@@ -158,7 +158,7 @@ def plan(model_or_analysis, example_inputs=None, *, ratios=None, importance="snp
          analysis: Analysis | None = None, leaf_modules=(), seed: int = 0, calibration=None,
          gamma: int = DEFAULT_GAMMA, progress: bool | None = None, target_macs=None, target_params=None,
          round_to=1, heads: bool = False, scores=None, selection="score",
-         preset: str | None = None, hardware: str | None = None) -> PruningPlan:
+         preset: str | None = None, hardware: str | None = None, target_latency=None) -> PruningPlan:
     """Which channels to keep in every group, as a JSON-serialisable PruningPlan.
 
     ``plan(model, example_inputs, ratios=...)`` analyzes the model first;
@@ -171,6 +171,10 @@ def plan(model_or_analysis, example_inputs=None, *, ratios=None, importance="snp
     (absolute, or a fraction < 1 of the dense model; ``heads=True`` lets whole heads go too).
     MACs are per sample: one forward pass over the example inputs divided by their batch size,
     the leading dim of the first tensor input (``analysis.batch``; set it to 1 for unbatched inputs).
+    ``target_latency``: a fraction < 1 of the dense model's latency, or seconds with a unit
+    ("35ms"), for the example inputs' whole batch on the device the model is on: op latencies
+    are measured on this machine (cached) and the plan's predicted seconds are in
+    ``meta["predicted_latency"]`` (snp_fx.latency; ``snp_fx.latency.compare`` times the result).
     ``round_to``: kept widths (per head, FFN, residual) are multiples of it; an int, or per kind or
     group name: ``{"qk": 8, "v": 8, "ffn": 64}`` (in channels; rotary q/k pairs count as two).
     ``importance``: "snp" (default), "l1", "l2", "gm", "random", "reverse" (see snp_fx.importance),
@@ -191,11 +195,11 @@ def plan(model_or_analysis, example_inputs=None, *, ratios=None, importance="snp
     opts = _preset(preset, importance=importance, selection=selection)
     importance, selection = opts["importance"], opts["selection"]
     a = _analysis_of(model_or_analysis, example_inputs, analysis, leaf_modules, "plan")
-    targeted = target_macs is not None or target_params is not None
+    targeted = target_macs is not None or target_params is not None or target_latency is not None
     if targeted and ratios:
-        raise SNPError("give either ratios or a target (target_macs / target_params), not both")
+        raise SNPError("give either ratios or a target (target_macs / target_params / target_latency), not both")
     if targeted:
-        check_target(a, target_macs, target_params, round_to)
+        check_target(a, target_macs, target_params, round_to, target_latency=target_latency, heads=heads)
     else:
         if isinstance(ratios, str) or hasattr(ratios, "__fspath__"):
             ratios = paper_ratios(a, ratios)
@@ -204,7 +208,8 @@ def plan(model_or_analysis, example_inputs=None, *, ratios=None, importance="snp
     sc = scores if scores is not None else compute_scores(a, importance, calibration, gamma, seed, progress,
                                                           selection=selection)
     if targeted:
-        p = plan_for_target(a, sc, target_macs, target_params, round_to=round_to, heads=heads)
+        p = plan_for_target(a, sc, target_macs, target_params, round_to=round_to, heads=heads,
+                            target_latency=target_latency)
     else:
         p = make_plan(a, ratios, sc, round_to=round_to)
     p.meta.update(importance=name_of(importance), gamma=gamma, selection=name_of(selection))
@@ -295,7 +300,7 @@ def prune(model, example_inputs, *, ratios=None, importance="snp", verify: bool 
           leaf_modules=(), frontend: str = "auto", seed: int = 0, calibration=None, gamma: int = DEFAULT_GAMMA,
           progress: bool | None = None, target_macs=None, target_params=None, round_to=1,
           heads: bool = False, selection="score", compensate: bool = False,
-          preset: str | None = None, hardware: str | None = None) -> fx.GraphModule:
+          preset: str | None = None, hardware: str | None = None, target_latency=None) -> fx.GraphModule:
     """Analyze, plan and rewrite in one call (arguments as in ``plan`` and ``apply``).
 
     ``preset="best"``: exact q/k selection and least-squares compensation (see ``PRESETS``).
@@ -313,7 +318,8 @@ def prune(model, example_inputs, *, ratios=None, importance="snp", verify: bool 
     for _ in range(len(a.groups) + 1):
         p = plan(a, ratios=ratios, importance=importance, seed=seed, calibration=calibration,
                  gamma=gamma, progress=progress, target_macs=target_macs, target_params=target_params,
-                 round_to=round_to, heads=heads, scores=sc, selection=selection, hardware=hardware)
+                 round_to=round_to, heads=heads, scores=sc, selection=selection, hardware=hardware,
+                 target_latency=target_latency)
         sc = p.scores
         try:
             return apply(model, p, example_inputs, verify=verify, analysis=a, compensate=compensate,

@@ -327,8 +327,8 @@ def _round_width(k: int, width: int, round_to: int) -> int:
 
 
 def plan_for_target(analysis: Analysis, scores, target_macs=None, target_params=None, round_to: int = 1,
-                    heads: bool = False, tolerance: float = 0.01) -> PruningPlan:
-    """Allocate widths over every group to meet a MACs or parameter budget.
+                    heads: bool = False, tolerance: float = 0.01, target_latency=None) -> PruningPlan:
+    """Allocate widths over every group to meet a MACs, parameter or latency budget.
 
     Scores are normalised per group (total-sum scaling to mean 1) so one
     global threshold compares them; each group keeps the channels above it
@@ -336,13 +336,11 @@ def plan_for_target(analysis: Analysis, scores, target_macs=None, target_params=
     threshold is bisected until the measured budget is met within ``tolerance``.
     ``target_*``: an absolute count, or a fraction (< 1) of the dense model; MACs per sample
     (``estimate_macs`` divides by ``analysis.batch``), so the example batch size does not matter.
+    ``target_latency``: a fraction (< 1) of the dense model's latency or seconds ("35ms"), for
+    the example inputs' whole batch on this machine, predicted by ``snp_fx.latency``.
     """
-    check_target(analysis, target_macs, target_params, round_to)
-    measure = estimate_macs if target_macs is not None else estimate_params
-    target = target_macs if target_macs is not None else target_params
-    dense = measure(analysis, torch.ones(analysis.channels.num_units, dtype=torch.bool))
-    if target < 1:
-        target = target * dense
+    check_target(analysis, target_macs, target_params, round_to, target_latency=target_latency, heads=heads)
+    measure, _, dense, target = _budget(analysis, target_macs, target_params, target_latency, heads)
     head_scores = getattr(scores, "heads", {})
     cls_scores = getattr(scores, "classes", scores)
 
@@ -448,34 +446,63 @@ def plan_for_target(analysis: Analysis, scores, target_macs=None, target_params=
             if not options:
                 break
             _, _, widths, best_v, best = min(options, key=lambda o: o[0])
-    best.meta = {"target_macs" if target_macs is not None else "target_params": float(target),
-                 "dense": float(dense), "round_to": round_to, "heads": heads}
+    what = "target_macs" if target_macs is not None else "target_params" if target_params is not None \
+        else "target_latency"
+    best.meta = {what: float(target), "dense": float(dense), "round_to": round_to, "heads": heads}
+    if target_latency is not None:  # seconds, predicted for the example inputs on this machine
+        best.meta.update(predicted_latency=float(best_v), latency_machine=measure.machine,
+                         latency_inputs=[list(x.shape) for x in analysis.inputs if isinstance(x, torch.Tensor)])
     return best
 
 
-def check_target(analysis: Analysis, target_macs=None, target_params=None, round_to: int = 1) -> None:
-    """Raise a clear error for a budget that cannot be met (before any costly scoring)."""
-    if (target_macs is None) == (target_params is None):
-        raise SNPError("give exactly one of target_macs and target_params")
-    check_round_to(round_to)
+def _budget(analysis: Analysis, target_macs, target_params, target_latency, heads: bool):
+    """(measure, unit, dense value, target in the measure's units) of the one budget given."""
+    if sum(t is not None for t in (target_macs, target_params, target_latency)) != 1:
+        raise SNPError("give exactly one of target_macs, target_params and target_latency")
+    if target_latency is not None:
+        # imported here: snp_fx.latency builds its probe plans with this module's keep_mask
+        from .latency import latency_model, target_seconds
+        target_seconds(target_latency, 1.0)  # a malformed target fails before anything is timed
+        model = latency_model(analysis, heads=heads)
+        return model, "seconds", model.dense, target_seconds(target_latency, model.dense)
     target = target_macs if target_macs is not None else target_params
     if not isinstance(target, (int, float)) or isinstance(target, bool) or target <= 0:
         raise SNPError(f"target must be a positive number (absolute, or a fraction < 1), got {target!r}")
     measure = estimate_macs if target_macs is not None else estimate_params
     dense = measure(analysis, torch.ones(analysis.channels.num_units, dtype=torch.bool))
-    if target < 1:
-        target = target * dense
-    elif target >= dense:  # a target the dense model already meets would silently prune nothing
-        what = "MACs" if target_macs is not None else "parameters"
-        raise SNPError(f"target {target:.4g} {what} is at or above the dense model's {dense:.4g}: "
+    return measure, "MACs" if target_macs is not None else "parameters", dense, \
+        target * dense if target < 1 else target
+
+
+def _show(value: float, unit: str) -> str:
+    return f"{value * 1e3:.4g} ms" if unit == "seconds" else f"{value:.4g} {unit}"
+
+
+def check_target(analysis: Analysis, target_macs=None, target_params=None, round_to: int = 1,
+                 target_latency=None, heads: bool = False) -> None:
+    """Raise a clear error for a budget that cannot be met (before any costly scoring; a latency
+    budget measures the latency table first, see snp_fx.latency)."""
+    check_round_to(round_to)
+    measure, unit, dense, target = _budget(analysis, target_macs, target_params, target_latency, heads)
+    if target >= dense:  # a target the dense model already meets would silently prune nothing
+        raise SNPError(f"target {_show(target, unit)} is at or above the dense model's {_show(dense, unit)}: "
                        "give a smaller number, or a fraction < 1 of the dense model")
     keep = {}
     for g in analysis.groups.values():
         if g.prunable:
             k = _round_width(1, g.width, step_of(round_to, g))
-            keep[g.name] = {"kind": g.kind, "keep": [list(range(k))] * g.heads if g.classes.dim() == 2
-                            else list(range(k))}
+            kept = list(range(k))
+            if g.classes.dim() == 2:  # one head per site where heads may go
+                drop = heads and _heads_droppable(analysis, g)
+                kept = [kept if h == 0 or not drop else [] for h in range(g.heads)]
+            keep[g.name] = {"kind": g.kind, "keep": kept}
     smallest = measure(analysis, keep_mask(analysis, PruningPlan(keep)))
     if smallest > target * 1.01:
-        raise SNPError(f"target {target:.4g} is below what one channel per group and head allows "
-                       f"({smallest:.4g}); raise the target")
+        raise SNPError(f"target {_show(target, unit)} is below what one channel per group and head allows "
+                       f"({_show(smallest, unit)}); raise the target")
+
+
+def _heads_droppable(analysis: Analysis, g: Group) -> bool:
+    """Whether plan_for_target(heads=True) may remove heads of ``g``'s site."""
+    qk, v = analysis.groups.get(f"{g.site}.qk"), analysis.groups.get(f"{g.site}.v")
+    return qk is not None and v is not None and qk.prunable and v.prunable and qk.heads == v.heads > 1
