@@ -395,9 +395,20 @@ def resolve_leaves(model: torch.nn.Module, text: str | None) -> list:
 
 def _budget(args) -> dict:
     given = [o for o, v in (("--ratios", args.ratios), ("--config", args.config), ("--target-macs", args.target_macs),
-                            ("--target-params", args.target_params)) if v]
+                            ("--target-params", args.target_params), ("--target-latency", args.target_latency)) if v]
     if len(given) > 1:
         raise SNPError(f"give one budget, not {' and '.join(given)}")
+    if args.target_latency:
+        from .latency import target_seconds
+        try:
+            value = float(args.target_latency)
+        except ValueError:
+            value = args.target_latency  # "35ms", "0.035s"
+        if isinstance(value, float) and not 0 < value < 1:
+            raise SNPError(f"bad --target-latency '{args.target_latency}': a fraction of the dense latency "
+                           "such as 0.5, or a time such as 35ms")
+        target_seconds(value, 1.0)  # checks the form
+        return {"target_latency": value}
     if args.target_macs:
         return {"target_macs": parse_count(args.target_macs)}
     if args.target_params:
@@ -540,8 +551,8 @@ def _compensates(args) -> bool:
 
 
 def _options(args) -> str:
-    return ", ".join(f"{k}={v}" for k, v in (("preset", args.preset), ("importance", args.importance),
-                                              ("selection", args.selection)) if v)
+    return ", ".join(f"{k}={v}" for k, v in (("preset", args.preset), ("importance", args.importance or "snp"),
+                                              ("selection", args.selection or "score")) if v)
 
 
 def _batch_text(x) -> str:
@@ -598,7 +609,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("prune", help="prune a model, print a report, write the pruned model and plots",
                        description="Prune MODEL (a timm model name, a Hugging Face model folder, or "
                                    "pkg.module:factory returning a module). Budget: --ratios (default "
-                                   f"{DEFAULT_RATIOS}), --config, --target-macs or --target-params. "
+                                   f"{DEFAULT_RATIOS}), --config, --target-macs, --target-params or "
+                                   "--target-latency. "
                                    "MACs are per sample (image, or sequence of --seq-len tokens).")
     _model_options(p)
     p.add_argument("--ratios", help="fraction removed per kind (qk, v, ffn, residual, heads) or per group name, "
@@ -606,6 +618,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--config", help="the authors' ratio file (JSON), or DeiT_t / DeiT_s / DeiT_s_small / DeiT_b")
     p.add_argument("--target-macs", help="MACs budget per sample: 2.0G, or a fraction of the dense model such as 0.45")
     p.add_argument("--target-params", help="parameter budget: 12M, or a fraction such as 0.5")
+    p.add_argument("--target-latency", help="latency budget for the example batch on this machine: 35ms, or a "
+                                            "fraction of the dense latency such as 0.5 (op latencies are measured "
+                                            "once and cached)")
     p.add_argument("--heads", action="store_true", help="with a target: let whole heads go too")
     p.add_argument("--hardware", choices=("cpu", "cuda"),
                    help="round widths to what this hardware runs fastest (when --round-to is not given)")

@@ -167,6 +167,8 @@ BAD_ARGUMENTS = [
     (["prune", TINY, "--target-macs", "50G"], "at or above the dense model's", False),
     (["prune", TINY, "--target-params", "50M"], "at or above the dense model's", False),
     (["prune", TINY, "--ratios", "qk=0.5", "--target-macs", "0.5"], "give one budget", True),
+    (["prune", TINY, "--target-latency", "fast"], "target_latency 'fast'", True),
+    (["prune", TINY, "--target-latency", "2"], "bad --target-latency", True),
     (["prune", TINY, "--config", "/no/such/file.json"], "neither a file nor one of", True),
     (["prune", TINY, "--config", "NOT_A_CKPT"], "not a JSON ratio file", True),
     (["prune", TINY, "--calib", "/no/such/folder"], "is not a folder", True),
