@@ -5,19 +5,22 @@
 
 Per model (timm, random init) the rows are:
   (a) snp_fx with the SNP authors' config ("DeiT_t", "DeiT_s", "DeiT_s_small", "DeiT_b"),
-  (b) snp_fx with target_macs = the same GMACs, round_to=8,
+  (b) snp_fx with target_macs = the same GMACs, round_to=8, and with hardware="cpu" (q/k, v in steps of 8),
+  (b') snp_fx with target_latency = the config's MACs fraction of the dense latency, planned on this
+      machine's latency table at the big batch (hardware="cpu"): predicted vs measured latency,
   (c) DeiT-B only: target_macs=3.5e9 with whole heads allowed (heads=True), round_to=8,
   (d) torch-pruning (PyPI) with its timm ViT recipe (examples/transformers/prune_timm_vit.py:
       BasePruner, L1 GroupMagnitudeImportance, uniform ratio, head dims pruned, classifier
       ignored), its ratio bisected until the MACs match row (a) / (c) within 1%.
 fp32, 2 threads (--threads), eval + inference_mode, batch 1 and 16 (--big-batch) at 224x224; --compile
-also times every model under torch.compile; --device cuda --dtype float16 runs the rows on a GPU.  The dense model and every
-pruned variant of it are timed in turns in one process (snp_fx.report.time_interleaved), so
+also times every model under torch.compile; --device cuda --dtype float16 runs the rows on a GPU.
+The dense model and every pruned variant of it are timed in turns in one process (snp_fx.report.time_interleaved), so
 the speedups (dense time / pruned time) hold even when the machine is shared.
 Writes benchmarks/results/latency.json.
 """
 import argparse
 import copy
+import json
 
 import timm
 import torch
@@ -98,15 +101,31 @@ def fused_attention(model, x):
     return f"{fused}/{names.count('aten::scaled_dot_product_attention')}"
 
 
-def variants(name, dense, x, quick):
+def variants(name, dense, x, quick, big):
     """[(label, budget, pruned model, paper speedup or None)] for one dense model."""
     out = []
     configs = CONFIGS[name][:1] if quick else CONFIGS[name]
+    dense_macs = count_macs(dense, (x,))
     for cfg, g in configs:
         a = snp_fx.prune(dense, x, ratios=cfg, progress=False)
         out.append((f"snp_fx `{cfg}` config", g, a, PAPER.get((name, g))))
         b = snp_fx.prune(dense, x, target_macs=g * 1e9, round_to=8, progress=False)
         out.append((f"snp_fx target {g}G, round_to 8", g, b, PAPER.get((name, g))))
+        if not quick:
+            c = snp_fx.prune(dense, x, target_macs=g * 1e9, hardware="cpu", progress=False)
+            out.append((f"snp_fx target {g}G, hardware cpu", g, c, PAPER.get((name, g))))
+            # a latency budget: the config's MACs fraction of the dense latency at the big batch
+            # (the latency table is measured at the example's batch)
+            frac = round(count_macs(a, (x,)) / dense_macs, 3)
+            xb = torch.randn(big, *x.shape[1:])
+            try:
+                d = snp_fx.prune(dense, xb, target_latency=frac, hardware="cpu", progress=False)
+            except snp_fx.SNPError as e:  # the latency table is measured here: a loaded machine can upset it
+                print(f"{name} | target_latency {frac}: {e}", flush=True)
+            else:
+                predicted = json.loads(d.meta["snp_plan"])["meta"]["predicted_latency"]
+                out.append((f"snp_fx target_latency {frac} (b{big}), hardware cpu", g, d, PAPER.get((name, g)),
+                            predicted))
         model, _, r = tp_matching(dense, x, count_macs(a, (x,)))
         out.append((f"torch-pruning L1 uniform r={r:.3f}", g, model, None))
     if name in HEADS_BUDGET and not quick:
@@ -141,11 +160,11 @@ def main():
         torch.manual_seed(0)
         dense = timm.create_model(name, pretrained=False).eval()
         x1 = torch.randn(1, 3, 224, 224)
-        vs = variants(name, dense, x1, args.quick)
+        vs = [v if len(v) == 5 else (*v, None) for v in variants(name, dense, x1, args.quick, args.big_batch)]
         dense_macs = count_macs(dense, (x1,))
-        models = {"dense": dense, **{i: m for i, (_, _, m, _) in enumerate(vs)}}
+        models = {"dense": dense, **{i: m for i, (_, _, m, _, _) in enumerate(vs)}}
         with torch.inference_mode():
-            for i, (label, _, m, _) in enumerate(vs):
+            for i, (label, _, m, _, _) in enumerate(vs):
                 y = m(x1)
                 if y.shape != (1, 1000) or not torch.isfinite(y).all():
                     raise RuntimeError(f"{name} / {label}: bad output {tuple(y.shape)}")
@@ -157,9 +176,9 @@ def main():
             for batch, reps in ((1, 3 * args.repeats), (big, args.repeats)):
                 xb = torch.randn(batch, 3, 224, 224, device=device, dtype=dtype)
                 times[compiled, batch] = time_interleaved(timed, (xb,), repeats=reps, warmup=3 if compiled else 2)
-        tp_of = {budget: i for i, (label, budget, _, _) in enumerate(vs) if label.startswith("torch-pruning")}
+        tp_of = {budget: i for i, (label, budget, _, _, _) in enumerate(vs) if label.startswith("torch-pruning")}
         x1 = x1.to(device, dtype)
-        for i, (label, budget, m, paper) in enumerate(vs):
+        for i, (label, budget, m, paper, predicted) in enumerate(vs):
             macs = count_macs(m, (x1,))
             ratio = dense_macs / macs
             row = {"model": name, "variant": label, "budget_gmacs": budget, "dense_gmacs": dense_macs / 1e9,
@@ -177,6 +196,9 @@ def main():
                     vs_tp = t[i] / t[tp] if tp is not None else None
                     row[f"time_vs_tp_{b}{tag}"] = vs_tp
                     row[f"vs_tp_{b}{tag}"] = "-" if vs_tp is None else f"{vs_tp:.2f}"
+            # a latency budget: predicted (the plan's) vs measured here, eager, at the big batch
+            row["predicted_ms_bN"] = None if predicted is None else predicted * 1e3
+            row["latency_error"] = "-" if predicted is None else f"{predicted / (times[False, big][i]) - 1:+.1%}"
             rows.append(row)
             print(f"{name} | {label}: {macs / 1e9:.3f} GMACs, speedup b1 {row['speedup_b1']:.2f}x, "
                   f"b{big} {row['speedup_bN']:.2f}x", flush=True)
@@ -190,7 +212,8 @@ def main():
                     (f"{what}speedup b{big}", f"speedup_bN{tag}", ".2f"),
                     (f"{what}b{big} / MACs ratio", f"speedup_over_macs_bN{tag}", ".2f"),
                     (f"{what}b{big} time / TP's", f"vs_tp_bN{tag}", "")]
-    columns += [("fused attention", "fused_attention", ""), ("paper (Xeon 4210R)", "paper", "")]
+    columns += [("latency predicted / measured - 1", "latency_error", ""), ("fused attention", "fused_attention", ""),
+                ("paper (Xeon 4210R)", "paper", "")]
     report("latency" if args.device == "cpu" else f"latency_{args.device}_{args.dtype}", columns, rows)
 
 

@@ -470,7 +470,7 @@ def _budget(analysis: Analysis, target_macs, target_params, target_latency, head
         raise SNPError(f"target must be a positive number (absolute, or a fraction < 1), got {target!r}")
     measure = estimate_macs if target_macs is not None else estimate_params
     dense = measure(analysis, torch.ones(analysis.channels.num_units, dtype=torch.bool))
-    return measure, "MACs" if target_macs is not None else "parameters", dense, \
+    return measure, "MACs per sample" if target_macs is not None else "parameters", dense, \
         target * dense if target < 1 else target
 
 
