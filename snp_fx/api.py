@@ -199,7 +199,7 @@ def _prunes_residual(analysis: Analysis, p: PruningPlan) -> bool:
 
 def apply(model_or_analysis, plan: PruningPlan, example_inputs=None, *, verify: bool = True,
           analysis: Analysis | None = None, leaf_modules=(), compensate: bool = False, calibration=None,
-          ridge: float = DEFAULT_RIDGE, progress: bool | None = None) -> fx.GraphModule:
+          ridge: float | None = DEFAULT_RIDGE, progress: bool | None = None) -> fx.GraphModule:
     """Rewrite the model into a smaller GraphModule following ``plan``.
 
     ``apply(model, plan, example_inputs)`` analyzes the model first; ``apply(analysis, plan)``
@@ -215,6 +215,10 @@ def apply(model_or_analysis, plan: PruningPlan, example_inputs=None, *, verify: 
     (output projection, fc2) by ridge least squares over ``calibration`` (default: the
     example inputs) so it reproduces the dense layer output from the kept channels
     (snp_fx.compensate); what was done is in ``pruned.meta["snp_compensation"]``.
+    ``ridge``: None (default) picks the strength per layer by cross-validation on the
+    calibration rows, shrinking toward the plain pruned weights, and leaves a layer
+    unrefit when no strength helps on held-out rows (little calibration data); a number
+    fixes a ridge toward zero (lam = ridge * mean variance of the kept inputs).
     ``progress``: a tqdm bar for that pass (None: when stderr is a terminal).
     """
     if not isinstance(plan, PruningPlan):
