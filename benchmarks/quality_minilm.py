@@ -394,8 +394,8 @@ def calib_size_sweep(sizes, draws, n_eval, target, batch=8, max_len=32):
     rows = [{"n_cal": n, "rows": n * max_len, "option": o, "cos_mean": sum(r["mean"] for r in rs) / len(rs),
              "cos_mean_draws": " / ".join(f"{r['mean']:.3f}" for r in rs),
              "cos_min": min(r["min"] for r in rs), "cos_min_draws": " / ".join(f"{r['min']:.3f}" for r in rs),
-             "refit": " ".join(r["refit"] for r in rs if r["refit"]) or "-", "target_macs": target, "n_eval": len(ev) * batch,
-             "draws": rs} for (n, o), rs in out.items()]
+             "refit": " ".join(r["refit"] for r in rs if r["refit"]) or "-", "target_macs": target,
+             "n_eval": len(ev) * batch, "draws": rs} for (n, o), rs in out.items()]
     print(f"\n{len(ev) * batch} held-out sentences, {draws} calibration draws, target_macs={target}, "
           f"{time.perf_counter() - t0:.0f}s")
     report("quality_minilm_calib", [("calibration sentences", "n_cal", "d"), ("option", "option", "s"),
