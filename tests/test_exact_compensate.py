@@ -10,7 +10,7 @@ from hypothesis import strategies as st
 
 import snp_fx
 from models import PlainViT
-from snp_fx.compensate import find_consumers, output_error, solve
+from snp_fx.compensate import FIXED_RIDGE, cross_validate, find_consumers, output_error, solve
 from snp_fx.importance import compute_scores
 from snp_fx.importance.calibrate import _valid_positions, pair_gram_product
 from snp_fx.importance.exact import exact_keep, exact_removal, removal_error
@@ -144,8 +144,8 @@ def test_exact_selection_lowers_calibration_error_for_ratios_and_targets(vit, ca
 
 @settings(max_examples=20, deadline=None)
 @given(n=st.integers(12, 40), c=st.integers(2, 7), out=st.integers(1, 4), seed=st.integers(0, 1000),
-       bias=st.booleans(), ridge=st.sampled_from([0.0, 1e-3, 0.5]))
-def test_solve_equals_lstsq_reference(n, c, out, seed, bias, ridge):
+       bias=st.booleans(), ridge=st.sampled_from([0.0, 1e-3, 0.5]), toward_kept=st.booleans())
+def test_solve_equals_lstsq_reference(n, c, out, seed, bias, ridge, toward_kept):
     """The streamed normal equations = an explicit ridge least-squares solve on the rows."""
     g = torch.Generator().manual_seed(seed)
     x = torch.randn(n, c, generator=g, dtype=torch.float64) + torch.randn(c, generator=g, dtype=torch.float64)
@@ -154,7 +154,7 @@ def test_solve_equals_lstsq_reference(n, c, out, seed, bias, ridge):
     kept = torch.rand(c, generator=g) < 0.6
     kept[0] = True
     y = x @ w.T + (b if bias else 0)
-    new_w, new_b = solve(x.T @ x, x.sum(0), n, w, b, kept, ridge)
+    new_w, new_b = solve(x.T @ x, x.sum(0), n, w, b, kept, ridge, toward_kept=toward_kept)
     xk = x[:, kept]
     # the ridge strength solve uses: ridge * mean variance (centered) or second moment of the kept inputs
     ref_x = xk - xk.mean(0) if bias else xk
@@ -162,8 +162,9 @@ def test_solve_equals_lstsq_reference(n, c, out, seed, bias, ridge):
     design = torch.cat([xk, torch.ones(n, 1, dtype=torch.float64)], 1) if bias else xk
     reg = torch.zeros(int(kept.sum()), design.shape[1], dtype=torch.float64)
     reg[:, :int(kept.sum())] = torch.eye(int(kept.sum())) * (n * lam) ** 0.5  # the intercept is not penalised
-    sol = torch.linalg.lstsq(torch.cat([design, reg]), torch.cat([y, torch.zeros(reg.shape[0], out,
-                                                                                 dtype=torch.float64)])).solution
+    # the penalty pulls toward zero, or toward the kept columns of w (toward_kept)
+    prior = w[:, kept].T if toward_kept else torch.zeros(reg.shape[0], out, dtype=torch.float64)
+    sol = torch.linalg.lstsq(torch.cat([design, reg]), torch.cat([y, (n * lam) ** 0.5 * prior])).solution
     assert torch.allclose(new_w, sol[:int(kept.sum())].T, atol=1e-7)
     if bias:
         assert torch.allclose(new_b, sol[-1], atol=1e-7)
@@ -219,6 +220,91 @@ def test_compensation_that_would_hurt_is_not_applied(vit, calib):
     assert not comp.meta["snp_compensation"][0]["applied"]
     with torch.no_grad():
         assert torch.equal(comp(calib[0]), plain(calib[0]))
+
+
+class TinyMLP(nn.Module):
+    """fc1 -> tanh -> fc2: the FFN group fc1 and its consumer fc2."""
+
+    def __init__(self, d, hidden):
+        super().__init__()
+        self.fc1 = nn.Linear(d, hidden)
+        self.fc2 = nn.Linear(hidden, d)
+
+    def forward(self, x):
+        return self.fc2(torch.tanh(self.fc1(x)))
+
+
+def _heldout_errors(d, rows):
+    """Half of 48 hidden neurons pruned, calibrated on ``rows`` rows; mean squared output error
+    against the dense model on 4096 fresh rows: plain pruning, the default compensation and the
+    former fixed ridge toward zero."""
+    torch.manual_seed(0)
+    m = TinyMLP(d, 48).eval()
+    g = torch.Generator().manual_seed(1)
+    cal, test = [torch.randn(rows, d, generator=g)], torch.randn(4096, d, generator=g)
+    a = snp_fx.analyze(m, cal[0])
+    p = snp_fx.plan(m, None, ratios={"fc1": 0.5}, analysis=a, importance="l2")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        auto = snp_fx.apply(m, p, None, analysis=a, compensate=True, calibration=cal)
+    models = {"plain": snp_fx.apply(m, p, None, analysis=a), "auto": auto,
+              "fixed": snp_fx.apply(m, p, None, analysis=a, compensate=True, calibration=cal, ridge=FIXED_RIDGE)}
+    with torch.no_grad():
+        ref = m(test)
+        err = {k: float((pm(test) - ref).pow(2).sum(-1).mean()) for k, pm in models.items()}
+    return err, auto.meta["snp_compensation"][0], [str(w.message) for w in caught]
+
+
+def test_thin_statistics_fall_back_to_no_refit():
+    """16 calibration rows for 24 kept neurons that share nothing the refit could use (hidden
+    units of 64 random inputs are nearly independent): the former near-unregularised ridge toward
+    zero fits the 16 rows and wipes the kept weights outside their span (held-out error x4); the
+    default checks every strength on held-out rows, finds none that helps and keeps the plain
+    weights.  Fails if the cross-validation guard is removed."""
+    err, rec, warned = _heldout_errors(d=64, rows=16)
+    assert err["fixed"] > 2 * err["plain"]                     # the scenario bites
+    assert err["auto"] <= err["plain"] * (1 + 1e-6)            # the guard: never worse than no refit
+    assert not rec["applied"] and rec["reason"] == "no refit lowers the held-out error"
+    assert rec["rows"] == 16 and rec["kept_inputs"] == 24
+    assert any("not compensating fc1: no refit lowers the held-out error" in w for w in warned)
+
+
+def test_thin_statistics_still_refit_when_it_helps():
+    """The same 16 rows < 24 kept neurons, but the hidden units are tanh of 4 inputs (strongly
+    related): the held-out check keeps the refit, and it removes almost all of the error."""
+    err, rec, _ = _heldout_errors(d=4, rows=16)
+    assert rec["applied"] and rec["ridge"] > 0
+    assert err["auto"] < 0.1 * err["plain"] and err["auto"] <= err["fixed"]
+
+
+def test_a_single_calibration_row_is_not_refit():
+    torch.manual_seed(0)
+    m, x = TinyMLP(4, 8).eval(), torch.randn(1, 4)
+    with pytest.warns(UserWarning, match="single calibration row"):
+        pruned = snp_fx.prune(m, x, ratios={"fc1": 0.5}, importance="l2", compensate=True, progress=False)
+    assert not pruned.meta["snp_compensation"][0]["applied"]
+
+
+def test_cross_validation_error_equals_refits_scored_on_the_other_half():
+    """The held-out error cross_validate reports = each half refit by ``solve`` (toward the kept
+    weights, at the strength it picked for half the rows) and scored on the other half."""
+    g = torch.Generator().manual_seed(3)
+    z = torch.randn(40, 3, generator=g, dtype=torch.float64)
+    x = torch.tanh(z @ torch.randn(3, 10, generator=g, dtype=torch.float64)) + 0.3
+    x = x + 0.1 * torch.randn(40, 10, generator=g, dtype=torch.float64)
+    w, b = torch.randn(5, 10, generator=g, dtype=torch.float64), torch.randn(5, generator=g, dtype=torch.float64)
+    kept = torch.tensor([True, False] * 5)
+    xa, xb = x[:15], x[15:]  # stats[3]: the first fold (any rows)
+    stats = [x.T @ x, x.sum(0), 40, [xa.T @ xa, xa.sum(0), 15]]
+    for bias in (b, None):
+        lam, before, after = cross_validate(stats, w, bias, kept)
+        assert lam is not None and after < before
+        total = 0.0
+        for fit, test in ((xa, xb), (xb, xa)):
+            nw, nb = solve(fit.T @ fit, fit.sum(0), len(fit), w, bias, kept, lam * 40 / 20, toward_kept=True)
+            total += len(test) * output_error(test.T @ test, test.sum(0), len(test), w, bias, nw, nb, kept)
+        assert after == pytest.approx(total / 40, rel=1e-6)
+        assert before == pytest.approx(float((x[:, ~kept] @ w[:, ~kept].T).pow(2).sum(1).mean()), rel=1e-9)
 
 
 class TwoConsumers(nn.Module):
