@@ -89,7 +89,7 @@ def test_custom_transformer_pass_manager():
                       "--length", "16", "--batch", "2")
     assert "drop_dropout: removed 4 Dropout nodes" in out  # two per block
     assert "attention_to_sdpa: fused 2 attention blocks" in out
-    m = re.search(rf"PassManager result vs snp_fx.prune alone: relative error ([\d.]+e[-+]\d+)", out)
+    m = re.search(r"PassManager result vs snp_fx.prune alone: relative error ([\d.]+e[-+]\d+)", out)
     assert m and 0 <= float(m.group(1)) < 1e-4, out  # the example's own check
     assert 0 < percent(table_row(out, "params")[2]) < 100
     assert 0 < percent(table_row(out, "MACs (per sequence of 16 tokens)")[2]) < 100
