@@ -94,7 +94,13 @@ def test_cache_is_reused_and_keyed_by_the_machine(monkeypatch):
     assert latency.machine(torch.device("cpu"))["threads"] == 2
 
 
-def test_plan_meets_the_predicted_budget():
+def table_only(monkeypatch):
+    """Plans from the latency table alone, without the measured feedback rounds of snp_fx.api."""
+    monkeypatch.setattr(snp_fx.api, "_latency_feedback", lambda a, scores, p, *args, **kwargs: p)
+
+
+def test_plan_meets_the_predicted_budget(monkeypatch):
+    table_only(monkeypatch)
     a = analysis()
     p = snp_fx.plan(a, target_latency=0.6, importance="l2")
     model = latency.latency_model(a)
@@ -108,7 +114,8 @@ def test_plan_meets_the_predicted_budget():
     assert abs(absolute.meta["predicted_latency"] - 0.7 * model.dense) <= 0.01 * 0.7 * model.dense
 
 
-def test_prune_and_compare():
+def test_prune_and_compare(monkeypatch):
+    table_only(monkeypatch)
     torch.manual_seed(1)
     x = torch.randn(8, 3, 64, 64)
     pruned = snp_fx.prune(small_vit(), x, target_latency=0.7, importance="l2", round_to=8)
@@ -155,3 +162,26 @@ def test_predicted_latency_is_measured_on_deit_tiny():
         if abs(error) <= 0.10:
             break
     assert abs(error) <= 0.10
+
+
+def test_measured_feedback_moves_the_plan_until_the_measured_fraction_is_met(monkeypatch):
+    """The planned model is timed against the dense one and re-planned until the measured fraction
+    of the dense latency is within 5% of the one asked.  A stand-in clock whose pruned/dense
+    fraction is the square of the MACs fraction (far from the table's prediction) makes it
+    deterministic; without the feedback the plan misses it."""
+    from snp_fx.cost import count_macs
+
+    a = analysis()
+    dense_macs = count_macs(a.gm, a.inputs)
+
+    def clock(models, inputs, repeats=10, warmup=2):
+        return {"dense": 1.0, "pruned": (count_macs(models["pruned"], inputs) / dense_macs) ** 2}
+    monkeypatch.setattr(snp_fx.api, "time_interleaved", clock)
+    p = snp_fx.plan(a, target_latency=0.5, importance="l2")
+    assert abs(p.meta["measured_fraction"] / 0.5 - 1) <= 0.05
+    assert p.meta["target_latency"] == pytest.approx(0.5 * p.meta["dense"])  # what was asked
+    fraction = (count_macs(snp_fx.apply(a, p), a.inputs) / dense_macs) ** 2
+    assert fraction == pytest.approx(p.meta["measured_fraction"])
+    table_only(monkeypatch)
+    q = snp_fx.plan(a, target_latency=0.5, importance="l2")
+    assert abs((count_macs(snp_fx.apply(a, q), a.inputs) / dense_macs) ** 2 / 0.5 - 1) > 0.05
