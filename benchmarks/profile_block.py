@@ -9,15 +9,13 @@ to plain scaled_dot_product_attention (what snp_fx emitted before snp_fx/kernels
 time per op, averaged over --repeats forwards.  Writes results/profile_block.json.
 """
 import argparse
-import copy
 
 import timm
 import torch
-import torch.nn.functional as F
 from torch.profiler import ProfilerActivity, profile
 
 import snp_fx
-from snp_fx.kernels import padded_sdpa
+from snp_fx.kernels import unpadded
 
 from common import report
 
@@ -31,15 +29,6 @@ def op_profile(model, x, repeats):
             for _ in range(repeats):
                 model(x)
     return {e.key: e.self_cpu_time_total / 1e3 for e in prof.key_averages()}
-
-
-def unpadded(gm):
-    gm = copy.deepcopy(gm)
-    for n in gm.graph.nodes:
-        if n.target is padded_sdpa:
-            n.target = F.scaled_dot_product_attention
-    gm.recompile()
-    return gm
 
 
 def main():

@@ -61,3 +61,16 @@ def sdpa_backend(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=Fal
     except (RuntimeError, TypeError):  # a shape torch's selector rejects: the math path
         return "math"
     return BACKENDS.get(int(choice), "math")
+
+
+def unpadded(gm):
+    """A copy of GraphModule ``gm`` whose padded attention calls are plain
+    ``F.scaled_dot_product_attention`` again (the math path where widths differ): to count or time
+    what the padding changes."""
+    import copy
+    gm = copy.deepcopy(gm)
+    for n in gm.graph.nodes:
+        if n.target is padded_sdpa:
+            n.target = F.scaled_dot_product_attention
+    gm.recompile()
+    return gm

@@ -1,8 +1,6 @@
 """Residual pruning is not mask-equivalent (LayerNorm), so it is checked against
 a model rebuilt by hand: PlainViT constructed with the pruned widths, its
 weights sliced from the dense model with the plan's indices."""
-import copy
-
 import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
@@ -11,7 +9,7 @@ from hypothesis import strategies as st
 import snp_fx
 from models import BlockSpec, PlainViT, randomize_norms
 from snp_fx.cost import count_macs, count_params
-from snp_fx.kernels import padded_sdpa
+from snp_fx.kernels import unpadded
 from snp_fx.verify import relative_error
 
 
@@ -68,16 +66,6 @@ def rebuild(dense: PlainViT, plan: snp_fx.PruningPlan, form: str, pool: str) -> 
     for blk, dense_blk in zip(ref.blocks, dense.blocks):
         blk.attn.sdpa_scale = dense_blk.attn.dqk ** -0.5  # the reference states the original scale
     return ref
-
-
-def unpadded(gm):
-    """``gm`` with snp_fx's padded attention calls back to plain scaled_dot_product_attention."""
-    gm = copy.deepcopy(gm)
-    for n in gm.graph.nodes:
-        if n.target is padded_sdpa:
-            n.target = torch.nn.functional.scaled_dot_product_attention
-    gm.recompile()
-    return gm
 
 
 specs = st.builds(BlockSpec, heads=st.integers(1, 4), qk_dim=st.integers(2, 8), v_dim=st.integers(2, 8),
