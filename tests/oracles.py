@@ -28,3 +28,37 @@ def check_mask_equivalence(analysis, ratios, seed, model=None):
         with torch.no_grad():  # the oracle is not vacuous: outputs really changed
             assert relative_error(pruned(*analysis.inputs), analysis.gm(*analysis.inputs)) > 1e-6
     return pruned, plan
+
+
+@torch.no_grad()
+def sharpen(model, seed=0):
+    """Re-draw a model's floating parameters so its attention is sharp: Hugging Face's default
+    init (std 0.02) makes a tiny model's attention nearly uniform, and a wrong q/k channel then
+    moves the output by ~1e-4, below the check's tolerance.  Matrices ~ N(0, (2 / sqrt(fan_in))^2),
+    vectors (biases, norm weights) get noise of 0.1."""
+    g = torch.Generator().manual_seed(seed)
+    for p in model.parameters():
+        if not p.is_floating_point():
+            continue
+        noise = torch.randn(p.shape, generator=g, dtype=torch.float32).to(p.dtype)
+        if p.dim() >= 2:
+            p.copy_(noise * (2.0 / p[0].numel() ** 0.5))
+        else:
+            p.add_(0.1 * noise)
+    return model
+
+
+def assert_sensitive(analysis, keep, pruned, tolerance=1e-4):
+    """The check can see a q/k mistake: against a reference that keeps one other q/k unit in one
+    head (a kept one swapped for a removed one), the pruned model must fail mask equivalence."""
+    for g in analysis.prunable("qk"):
+        for h in range(g.heads):
+            kept = keep[g.classes[h]]
+            if kept.any() and not kept.all():
+                wrong = keep.clone()
+                i, j = int(kept.nonzero()[0]), int((~kept).nonzero()[0])
+                wrong[g.classes[h, i]], wrong[g.classes[h, j]] = False, True
+                err = mask_equivalence(analysis, wrong, pruned, analysis.inputs)
+                assert err > tolerance, f"the check cannot see a swapped q/k unit in {g.name}: error {err:.2e}"
+                return
+    raise AssertionError("no q/k group with a removed unit: nothing to check the check against")
