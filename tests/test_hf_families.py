@@ -1,0 +1,63 @@
+"""Hugging Face families at tiny configs, sharply initialised: every attention layer's q/k, v and
+FFN are prunable and the pruned model equals the masked original on random plans; the check is
+shown to see a swapped q/k unit.  One row per family in FAMILIES."""
+import warnings
+
+import pytest
+import torch
+
+import snp_fx
+from oracles import assert_sensitive, check_mask_equivalence, sharpen
+from snp_fx.planning import keep_mask
+
+transformers = pytest.importorskip("transformers")
+warnings.filterwarnings("ignore", module="transformers")
+
+IDS = torch.randint(0, 100, (2, 7), generator=torch.Generator().manual_seed(0))
+TINY = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=128, vocab_size=100)
+
+
+def decoder(config_cls, model_cls="AutoModelForCausalLM", **cfg):
+    """A builder: (model, keyword inputs) for a decoder without KV cache."""
+    def build():
+        config = config_cls(**{**TINY, "use_cache": False, **cfg})
+        model = getattr(transformers, model_cls).from_config(config) if model_cls.startswith("Auto") \
+            else getattr(transformers, model_cls)(config)
+        return model, {"input_ids": IDS, "use_cache": False}
+    return build
+
+
+# family -> (builder, attention layers expected)
+FAMILIES = {
+    "llama": (decoder(transformers.LlamaConfig, num_key_value_heads=2), 2),
+}
+
+_cache = {}
+
+
+def analysis(name):
+    if name not in _cache:
+        torch.manual_seed(0)
+        build, layers = FAMILIES[name]
+        model, inputs = build()
+        sharpen(model.eval())
+        _cache[name] = (model, inputs, snp_fx.analyze(model, inputs), layers)
+    return _cache[name]
+
+
+@pytest.mark.parametrize("name", list(FAMILIES))
+def test_every_attention_layer_is_prunable(name):
+    model, inputs, a, layers = analysis(name)
+    assert len(a.sites) == layers, [s.name for s in a.sites]
+    for kind in ("qk", "v"):
+        assert len(a.prunable(kind)) == layers, (kind, a.reasons())
+    assert len(a.prunable("ffn")) >= layers, a.reasons()
+
+
+@pytest.mark.parametrize("name", list(FAMILIES))
+@pytest.mark.parametrize("seed", [0, 1])
+def test_mask_equivalence_and_sensitivity(name, seed):
+    model, inputs, a, layers = analysis(name)
+    ratios = {"qk": 0.5, "v": 0.25 + 0.25 * seed, "ffn": 0.5}
+    pruned, plan = check_mask_equivalence(a, ratios, seed)
+    assert_sensitive(a, keep_mask(a, plan), pruned)
