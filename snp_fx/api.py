@@ -93,15 +93,23 @@ def analyze(model: torch.nn.Module, example_inputs, *, leaf_modules=(), frontend
         except SNPError:
             raise first from None
     if frontend == "auto" and a.unknown_ops and not leaf_modules and a.gm.meta["snp_frontend"] == "fx":
-        # ops the table does not know (often python helpers fx keeps whole): torch.export
-        # traces through them to ATen; keep whichever graph the analysis understands better
+        # ops the table does not know (often python helpers fx keeps whole, like torchvision's
+        # shifted_window_attention): torch.export traces through them to ATen; keep whichever
+        # graph the analysis finds more in
         try:
             b = _analyze(export(_copy(model).eval(), example_inputs), example_inputs, leaf_modules, source)
         except SNPError:
             return a
-        if len(b.unknown_ops) < len(a.unknown_ops):
+        if _findings(b) > _findings(a):
             return b
     return a
+
+
+def _findings(a: Analysis) -> tuple:
+    """What an analysis can prune, to choose between front-ends: attention sites first, then
+    prunable channel classes, then fewer ops not understood."""
+    classes = sum(g.classes.numel() for g in a.prunable())
+    return len(a.sites), classes, -len(a.unknown_ops)
 
 
 def _source_meta(model: torch.nn.Module, example_inputs) -> dict:
@@ -145,7 +153,8 @@ def _analyze(gm, example_inputs, leaf_modules, source: dict | None = None) -> An
                        "pass inputs of the shape, dtype and device the model expects") from e
 
 
-def _analysis_of(model_or_analysis, example_inputs, analysis, leaf_modules, what: str) -> Analysis:
+def _analysis_of(model_or_analysis, example_inputs, analysis, leaf_modules, what: str,
+                 frontend: str = "auto") -> Analysis:
     """The Analysis to work on: the one given (first argument or ``analysis=``), else a new one."""
     if isinstance(model_or_analysis, Analysis):
         return model_or_analysis
@@ -156,17 +165,19 @@ def _analysis_of(model_or_analysis, example_inputs, analysis, leaf_modules, what
     if example_inputs is None:
         raise SNPError(f"{what}(model, ...) needs example_inputs; or pass an Analysis: "
                        f"{what}(snp_fx.analyze(model, example_inputs), ...)")
-    return analyze(model_or_analysis, example_inputs, leaf_modules=leaf_modules)
+    return analyze(model_or_analysis, example_inputs, leaf_modules=leaf_modules, frontend=frontend)
 
 
 def plan(model_or_analysis, example_inputs=None, *, ratios=None, importance="snp",
          analysis: Analysis | None = None, leaf_modules=(), seed: int = 0, calibration=None,
          gamma: int = DEFAULT_GAMMA, progress: bool | None = None, target_macs=None, target_params=None,
          round_to=1, heads: bool = False, scores=None, selection="score",
-         preset: str | None = None, hardware: str | None = None, target_latency=None) -> PruningPlan:
+         preset: str | None = None, hardware: str | None = None, target_latency=None,
+         frontend: str = "auto") -> PruningPlan:
     """Which channels to keep in every group, as a JSON-serialisable PruningPlan.
 
-    ``plan(model, example_inputs, ratios=...)`` analyzes the model first;
+    ``plan(model, example_inputs, ratios=...)`` analyzes the model first (``frontend`` and
+    ``leaf_modules`` as in ``analyze``);
     ``plan(analysis, ratios=...)`` reuses an ``Analysis`` from ``analyze`` (so does the
     ``analysis=`` keyword).  Every option is keyword-only.
 
@@ -199,7 +210,7 @@ def plan(model_or_analysis, example_inputs=None, *, ratios=None, importance="snp
     check_selection(selection)
     opts = _preset(preset, importance=importance, selection=selection)
     importance, selection = opts["importance"], opts["selection"]
-    a = _analysis_of(model_or_analysis, example_inputs, analysis, leaf_modules, "plan")
+    a = _analysis_of(model_or_analysis, example_inputs, analysis, leaf_modules, "plan", frontend)
     targeted = target_macs is not None or target_params is not None or target_latency is not None
     if targeted and ratios:
         raise SNPError("give either ratios or a target (target_macs / target_params / target_latency), not both")
@@ -272,10 +283,12 @@ def _prunes_residual(analysis: Analysis, p: PruningPlan) -> bool:
 
 def apply(model_or_analysis, plan: PruningPlan, example_inputs=None, *, verify: bool = True,
           analysis: Analysis | None = None, leaf_modules=(), compensate: bool = False, calibration=None,
-          ridge: float | None = DEFAULT_RIDGE, progress: bool | None = None) -> fx.GraphModule:
+          ridge: float | None = DEFAULT_RIDGE, progress: bool | None = None,
+          frontend: str = "auto") -> fx.GraphModule:
     """Rewrite the model into a smaller GraphModule following ``plan``.
 
-    ``apply(model, plan, example_inputs)`` analyzes the model first; ``apply(analysis, plan)``
+    ``apply(model, plan, example_inputs)`` analyzes the model first (``frontend`` as in
+    ``analyze``; use the one the plan was made with); ``apply(analysis, plan)``
     reuses an ``Analysis`` from ``analyze`` (so does the ``analysis=`` keyword).  Every option
     is keyword-only.
 
@@ -296,7 +309,7 @@ def apply(model_or_analysis, plan: PruningPlan, example_inputs=None, *, verify: 
     """
     if not isinstance(plan, PruningPlan):
         raise SNPError(f"plan must be a PruningPlan, got {type(plan).__name__}")
-    a = _analysis_of(model_or_analysis, example_inputs, analysis, leaf_modules, "apply")
+    a = _analysis_of(model_or_analysis, example_inputs, analysis, leaf_modules, "apply", frontend)
     keep = keep_mask(a, plan)
     pruned = rewrite(a, keep)
     pruned.eval()

@@ -143,3 +143,23 @@ def test_efficientvit_msra_cascaded_heads():
     assert [g.width for g in a.prunable("residual")] == [32, 64]  # batch-norm streams, found by their adds
     for seed in (0, 1):
         check_mask_equivalence(a, {"qk": 0.5, "v": 0.25, "ffn": 0.3, "residual": 0.25 * seed}, seed)
+
+
+def test_torchvision_swin_frontend_by_findings():
+    """torchvision's Swin: fx keeps `shifted_window_attention` whole (wrapped), so no attention site is
+    seen in the fx graph; auto takes the exported graph, where every window attention is a site; the
+    front-end can be chosen in plan and apply too."""
+    from torchvision.models.swin_transformer import SwinTransformer
+    torch.manual_seed(0)
+    model = randomize_constants(SwinTransformer(patch_size=[4, 4], embed_dim=16, depths=[1, 1], num_heads=[2, 2],
+                                                window_size=[4, 4], num_classes=5).eval())
+    x = torch.randn(2, 3, 32, 32)
+    assert snp_fx.analyze(model, x, frontend="fx").sites == []
+    a = snp_fx.analyze(model, x)
+    assert a.gm.meta["snp_frontend"] == "export" and len(a.prunable("qk")) == 2 and len(a.prunable("v")) == 2
+    for seed in (0, 1):
+        check_mask_equivalence(a, {"qk": 0.5, "v": 0.25, "ffn": 0.3, "heads": 0.5 * seed}, seed)
+    p = snp_fx.plan(model, x, ratios={"qk": 0.5}, frontend="fx")
+    assert not any(k.endswith(".qk") for k in p.groups)  # the fx graph, as asked
+    pruned = snp_fx.apply(model, snp_fx.plan(a, ratios={"qk": 0.5}), x, frontend="export")
+    assert sum(p.numel() for p in pruned.parameters()) < sum(p.numel() for p in model.parameters())
