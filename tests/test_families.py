@@ -163,3 +163,17 @@ def test_torchvision_swin_frontend_by_findings():
     assert not any(k.endswith(".qk") for k in p.groups)  # the fx graph, as asked
     pruned = snp_fx.apply(model, snp_fx.plan(a, ratios={"qk": 0.5}), x, frontend="export")
     assert sum(p.numel() for p in pruned.parameters()) < sum(p.numel() for p in model.parameters())
+
+
+def test_torchvision_maxvit_upper_case_einsum():
+    """torchvision's MaxViT writes its attention as einsum('BGHID,BGHJD->BGHIJ') (5-D, upper case):
+    block and grid attention of every stage are sites."""
+    from torchvision.models.maxvit import MaxVit
+    torch.manual_seed(0)
+    model = randomize_constants(MaxVit(input_size=(32, 32), stem_channels=16, partition_size=2, block_channels=[16, 32],
+                                       block_layers=[1, 1], head_dim=8, stochastic_depth_prob=0.0,
+                                       num_classes=5).eval())
+    a = snp_fx.analyze(model, torch.randn(2, 3, 32, 32))
+    assert len(a.prunable("qk")) == 4 and len(a.prunable("v")) == 4, str(a)
+    for seed in (0, 1):
+        check_mask_equivalence(a, {"qk": 0.5, "v": 0.25, "ffn": 0.3, "heads": 0.5 * seed}, seed)

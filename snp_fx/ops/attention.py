@@ -143,7 +143,7 @@ class Einsum(OpFamily):
         eq = args[0].replace(" ", "")
         ops_ = args[1:] if not isinstance(args[1], (list, tuple)) else args[1]
         nodes = n.args[1:] if not isinstance(n.args[1], (list, tuple)) else n.args[1]
-        m = re.fullmatch(r"([a-z]+),([a-z]+)->([a-z]*)", eq)
+        m = re.fullmatch(r"([a-zA-Z]+),([a-zA-Z]+)->([a-zA-Z]*)", eq)
         sa, sb, so = m.groups() if m else ("", "", "")
         con = [c for c in sa if c in sb and c not in so]
         fa = [c for c in sa if c not in sb]
