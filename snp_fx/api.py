@@ -14,8 +14,9 @@ from .compensate import DEFAULT_RIDGE
 from .compensate import compensate as _compensate
 from .errors import RewriteError, SNPError, SNPFXError, brief
 from .importance import DEFAULT_GAMMA, check_importance, check_selection, compute_scores, name_of
-from .planning import (PruningPlan, check_ratios, check_target, keep_mask, make_plan, paper_ratios,
-                   plan_for_target)
+from .planning import (UNIFORM_STEP, PruningPlan, check_ratios, check_target, check_uniform,
+                       check_uniform_ratios, keep_mask, make_plan, paper_ratios, plan_for_target,
+                       uniform_ratios_for_target)
 from .report import time_interleaved
 from .rewrite import rewrite
 from .trace import export, normalize_inputs, trace
@@ -173,7 +174,7 @@ def plan(model_or_analysis, example_inputs=None, *, ratios=None, importance="snp
          gamma: int = DEFAULT_GAMMA, progress: bool | None = None, target_macs=None, target_params=None,
          round_to=1, heads: bool = False, scores=None, selection="score",
          preset: str | None = None, hardware: str | None = None, target_latency=None,
-         frontend: str = "auto") -> PruningPlan:
+         frontend: str = "auto", uniform: bool = False) -> PruningPlan:
     """Which channels to keep in every group, as a JSON-serialisable PruningPlan.
 
     ``plan(model, example_inputs, ratios=...)`` analyzes the model first (``frontend`` and
@@ -203,9 +204,17 @@ def plan(model_or_analysis, example_inputs=None, *, ratios=None, importance="snp
     ``preset``: a name from ``PRESETS`` ("best", "paper") filling the options left at their defaults.
     ``hardware``: "cpu" or "cuda": the widths that hardware runs fastest (``HARDWARE``) as
     ``round_to`` when it is left at 1.
+    ``uniform``: the same widths in every layer, as a standard model config states them (what
+    ``snp_fx.to_hf`` writes): ratios per kind only; with a MACs / parameter target one ratio for
+    whole heads and FFN neurons is bisected; rotary attention keeps its head dim; FFN and
+    residual widths are multiples of 8 (``round_to`` left at 1).
     ``progress``: tqdm bars (None: when stderr is a terminal).
     """
     round_to = hardware_round_to(hardware, round_to)
+    if uniform:
+        round_to = UNIFORM_STEP if round_to == 1 else round_to
+        if target_latency is not None:
+            raise SNPError("uniform=True plans for target_macs or target_params, not target_latency")
     check_importance(importance)
     check_selection(selection)
     opts = _preset(preset, importance=importance, selection=selection)
@@ -215,15 +224,23 @@ def plan(model_or_analysis, example_inputs=None, *, ratios=None, importance="snp
     if targeted and ratios:
         raise SNPError("give either ratios or a target (target_macs / target_params / target_latency), not both")
     if targeted:
-        check_target(a, target_macs, target_params, round_to, target_latency=target_latency, heads=heads)
+        check_target(a, target_macs, target_params, round_to, target_latency=target_latency, heads=heads or uniform)
     else:
         if isinstance(ratios, str) or hasattr(ratios, "__fspath__"):
             ratios = paper_ratios(a, ratios)
         ratios = {} if ratios is None else ratios
         check_ratios(a, ratios)
+        if uniform:
+            check_uniform_ratios(a, ratios)
     sc = scores if scores is not None else compute_scores(a, importance, calibration, gamma, seed, progress,
                                                           selection=selection)
-    if targeted:
+    if uniform:
+        if targeted:
+            ratios = uniform_ratios_for_target(a, sc, target_macs, target_params, round_to)
+        p = make_plan(a, ratios, sc, round_to=round_to)
+        check_uniform(a, p)
+        p.meta["uniform"] = True
+    elif targeted:
         p = plan_for_target(a, sc, target_macs, target_params, round_to=round_to, heads=heads,
                             target_latency=target_latency)
         if target_latency is not None:
@@ -360,7 +377,8 @@ def prune(model, example_inputs, *, ratios=None, importance="snp", verify: bool 
           leaf_modules=(), frontend: str = "auto", seed: int = 0, calibration=None, gamma: int = DEFAULT_GAMMA,
           progress: bool | None = None, target_macs=None, target_params=None, round_to=1,
           heads: bool = False, selection="score", compensate: bool = False,
-          preset: str | None = None, hardware: str | None = None, target_latency=None) -> fx.GraphModule:
+          preset: str | None = None, hardware: str | None = None, target_latency=None,
+          uniform: bool = False) -> fx.GraphModule:
     """Analyze, plan and rewrite in one call (arguments as in ``plan`` and ``apply``).
 
     ``preset="best"``: exact q/k selection and least-squares compensation (see ``PRESETS``).
@@ -379,7 +397,7 @@ def prune(model, example_inputs, *, ratios=None, importance="snp", verify: bool 
         p = plan(a, ratios=ratios, importance=importance, seed=seed, calibration=calibration,
                  gamma=gamma, progress=progress, target_macs=target_macs, target_params=target_params,
                  round_to=round_to, heads=heads, scores=sc, selection=selection, hardware=hardware,
-                 target_latency=target_latency)
+                 target_latency=target_latency, uniform=uniform)
         sc = p.scores
         try:
             return apply(model, p, example_inputs, verify=verify, analysis=a, compensate=compensate,

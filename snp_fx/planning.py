@@ -506,3 +506,72 @@ def _heads_droppable(analysis: Analysis, g: Group) -> bool:
     """Whether plan_for_target(heads=True) may remove heads of ``g``'s site."""
     qk, v = analysis.groups.get(f"{g.site}.qk"), analysis.groups.get(f"{g.site}.v")
     return qk is not None and v is not None and qk.prunable and v.prunable and qk.heads == v.heads > 1
+
+
+# ---------------------------------------------------------------------------
+# uniform plans: the same widths in every layer, as a standard model config states them
+# ---------------------------------------------------------------------------
+
+UNIFORM_STEP = 8  # kept FFN / residual widths in a uniform plan: multiples of 8 unless round_to says otherwise
+
+
+def check_uniform_ratios(analysis: Analysis, ratios: dict) -> None:
+    """Ratios a uniform plan takes: per kind only; per-head q/k and v widths only where no rotary
+    embedding ties the q/k channels to frequencies (a standard config has one head dim and one
+    frequency table for all heads), and then the same ratio for both (one head dim)."""
+    named = [k for k in ratios if k not in KINDS]
+    if named:
+        raise SNPError(f"uniform=True takes ratios per kind ({list(KINDS)}), not per group: {named[:3]}")
+    if any(ratios.get(k, 0) for k in ("qk", "v")):
+        if any(g.unit_channels > 1 for g in analysis.groups.values() if g.kind == "qk"):
+            raise SNPError("uniform=True keeps the head dim of rotary attention whole (a standard config has "
+                           "one rotary frequency table per head dim): prune 'heads', 'ffn' and 'residual' instead")
+        if ratios.get("qk", 0) != ratios.get("v", 0):
+            raise SNPError("uniform=True keeps one head dim for q/k and v: give 'qk' and 'v' the same ratio")
+
+
+def uniform_ratios_for_target(analysis: Analysis, scores, target_macs=None, target_params=None,
+                              round_to=UNIFORM_STEP, tolerance: float = 0.01) -> dict:
+    """One ratio r for whole heads and FFN neurons, {"heads": r, "ffn": r}, bisected so the
+    uniform plan meets the MACs or parameter budget (from below, within ``tolerance``)."""
+    measure, unit, dense, target = _budget(analysis, target_macs, target_params, None, heads=True)
+    lo, hi = 0.0, 0.95
+    ratios = {"heads": hi, "ffn": hi}
+    if measure(analysis, keep_mask(analysis, make_plan(analysis, ratios, scores, round_to))) > target:
+        raise SNPError(f"target {_show(target, unit)} is below what a uniform plan removing 95% of the heads "
+                       "and FFN neurons allows; raise the target")
+    for _ in range(30):
+        mid = (lo + hi) / 2
+        got = measure(analysis, keep_mask(analysis, make_plan(analysis, {"heads": mid, "ffn": mid}, scores, round_to)))
+        lo, hi = (mid, hi) if got > target else (lo, mid)
+        if got <= target and got >= target * (1 - tolerance):
+            return {"heads": mid, "ffn": mid}
+    return {"heads": hi, "ffn": hi}
+
+
+def check_uniform(analysis: Analysis, plan: PruningPlan) -> None:
+    """Raise unless every layer keeps the same widths: per site the same head count and head width
+    (q/k = v), every FFN group the same width."""
+    def kept(kind):
+        out = {}
+        for name, g in analysis.groups.items():
+            if g.kind != kind or (kind == "ffn" and not g.prunable):  # the model head is no layer's
+                continue
+            entry = plan.groups.get(name)
+            if g.classes.dim() == 2:
+                heads = entry["keep"] if entry else [list(range(g.width))] * g.heads
+                widths = {len(h) * g.unit_channels for h in heads if h}
+                out[name] = (sum(1 for h in heads if h), widths.pop() if len(widths) == 1 else widths)
+            else:
+                out[name] = len(entry["keep"]) if entry else g.width
+        return out
+    for kind in ("qk", "v", "ffn"):
+        values = kept(kind)
+        if len(set(map(str, values.values()))) > 1:
+            raise SNPError(f"the plan is not uniform: {kind} widths differ between layers "
+                           f"({dict(list(values.items())[:4])}); plan with uniform=True")
+    qk, v = kept("qk"), kept("v")
+    if qk and v and next(iter(qk.values()))[1] != next(iter(v.values()))[1]:
+        raise SNPError(f"the plan is not uniform: q/k keeps {next(iter(qk.values()))[1]} channels per head, "
+                       f"v {next(iter(v.values()))[1]}; a standard config has one head dim")
+

@@ -101,3 +101,42 @@ def test_calibration_batches_of_other_sizes_on_an_exported_graph():
     longer = {k: torch.cat([v, v], dim=1) for k, v in inputs.items()}
     with pytest.raises(snp_fx.SNPError, match="specialised to the example inputs' shapes"):
         snp_fx.importance.compute_scores(a, "snp", [longer], progress=False)
+
+
+@pytest.mark.parametrize("name", ["llama", "qwen2"])
+def test_uniform_plan_to_hf_round_trip(name, tmp_path):
+    """uniform=True keeps one width per kind in every layer; to_hf writes a folder that
+    AutoModelForCausalLM.from_pretrained loads with the pruned sizes and the pruned model's logits."""
+    from oracles import sharpen
+    torch.manual_seed(0)
+    model, inputs = MODELS[name]()
+    sharpen(model.eval())
+    pruned = snp_fx.prune(model, inputs, ratios={"heads": 0.5, "ffn": 0.3, "residual": 0.25}, uniform=True,
+                          progress=False)
+    snp_fx.to_hf(pruned, model, tmp_path / "out")
+    loaded = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "out").eval()
+    c = loaded.config
+    assert (c.hidden_size, c.intermediate_size, c.num_attention_heads, c.num_key_value_heads, c.head_dim) == \
+        (48, 88, 2, 1, 16)  # residual 64 -> 48, FFN 128 * 0.7 -> 88 (multiples of 8), one kv group of two
+    with torch.no_grad():
+        assert relative_error(loaded(**inputs).logits, pruned(**inputs).logits) < 1e-5
+    assert loaded.generate(inputs["input_ids"][:1], max_new_tokens=4, do_sample=False).shape == (1, 11)
+    p = snp_fx.plan(model, inputs, target_params=0.6, uniform=True, progress=False)
+    assert p.meta["uniform"] and set(p.meta["ratios"]) == {"heads", "ffn"}
+
+
+def test_to_hf_refuses_what_a_standard_config_cannot_state(tmp_path):
+    model, inputs, a = analysis("llama")
+    with pytest.raises(snp_fx.SNPError, match="keeps the head dim of rotary attention whole"):
+        snp_fx.plan(a, ratios={"qk": 0.5}, uniform=True)
+    with pytest.raises(snp_fx.SNPError, match="per kind"):
+        snp_fx.plan(a, ratios={"model.layers.0.mlp.gate_proj": 0.5}, uniform=True)
+    ratios = {"model.layers.0.mlp.gate_proj": 0.5}  # one layer's FFN only
+    pruned = snp_fx.apply(a, snp_fx.plan(a, ratios=ratios))
+    with pytest.raises(snp_fx.SNPError, match="intermediate_size differs between layers"):
+        snp_fx.to_hf(pruned, model, tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+    for ratios in ({"qk": 0.5}, {"qk": 0.5, "v": 0.5}):  # q/k per head: no standard config states it
+        pruned = snp_fx.apply(a, snp_fx.plan(a, ratios=ratios))  # (with v too the weights fit; the logits differ)
+        with pytest.raises(snp_fx.SNPError, match="plan with uniform=True"):
+            snp_fx.to_hf(pruned, model, tmp_path / "out")
