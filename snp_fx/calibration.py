@@ -6,6 +6,11 @@ least-squares compensation statistics (compensate.py) — read the batches here:
 inputs (``graph_runs``), moves them to the model's device and calls ``run(inputs)`` under
 ``torch.inference_mode``, with a tqdm bar when asked.  A batch the model does not run on
 becomes one SNPError naming the batch; an empty iterable is an SNPError too.
+
+Every statistic gathered from the batches is a sum, so calibration spreads over processes: when a
+``torch.distributed`` process group is initialised, each rank streams its own shard of the data and
+``all_reduce_sums`` adds the sums of all ranks (gloo on CPU, NCCL on GPU) before anything is decided
+from them; every rank then makes the same plan and weights.
 """
 from __future__ import annotations
 
@@ -84,6 +89,26 @@ def graph_runs(analysis, batch, placeholders: list[str]) -> list[tuple]:
     n = factors.pop()
     split = {i: x.chunk(n, 0) for i, x, _ in pairs}
     return [tuple(split[i][c] if i in split else x for i, x in enumerate(inputs)) for c in range(n)]
+
+
+def distributed() -> bool:
+    """Whether a torch.distributed process group of more than one rank is running."""
+    import torch.distributed as dist
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def all_reduce_sums(tensors: list[torch.Tensor]) -> None:
+    """Add each tensor over the ranks of the default process group, in place (no-op on one process).
+    NCCL reduces CUDA tensors only: CPU sums travel through the GPU there."""
+    if not distributed():
+        return
+    import torch.distributed as dist
+    on_gpu = dist.get_backend() == "nccl"
+    for t in tensors:
+        work = t.cuda() if on_gpu and not t.is_cuda else t
+        dist.all_reduce(work, op=dist.ReduceOp.SUM)
+        if work is not t:
+            t.copy_(work)
 
 
 def default_calibration(analysis) -> list:

@@ -211,12 +211,20 @@ def collect_stats(analysis, consumers: list[Consumer], calibration, progress: bo
     [sum x x^T, sum x, rows, [the same over the first half of every run's rows]] of its input.
     Independent of the plan: reusable for many.
     ``progress``: a tqdm bar (None: when stderr is a terminal)."""
-    from .calibration import stream
+    from .calibration import all_reduce_sums, distributed, stream
 
     reader = _InputStats(analysis.gm, consumers)
     stream(analysis, calibration, lambda inputs: reader.run(*inputs), desc="snp_fx compensation",
            progress=progress, empty_hint=" (a generator already used for the scores is empty: pass a list "
                                          "or a DataLoader)")
+    if distributed():  # each rank's shard of the data (torch.distributed): sum the statistics
+        for node in dict.fromkeys(c.node for c in consumers):  # the same order on every rank
+            s = reader.stats[node]
+            fold = [x if isinstance(x, torch.Tensor) else torch.zeros_like(y) for x, y in zip(s[3][:2], s[:2])]
+            sums = [s[0], s[1], torch.tensor(float(s[2]), dtype=torch.float64),
+                    *fold, torch.tensor(float(s[3][2]), dtype=torch.float64)]
+            all_reduce_sums(sums)
+            reader.stats[node] = [sums[0], sums[1], int(sums[2]), [sums[3], sums[4], int(sums[5])]]
     return reader.stats
 
 

@@ -10,7 +10,7 @@ import torch
 import torch.fx as fx
 
 from ..calibration import as_inputs as _as_inputs  # noqa: F401  (moved to snp_fx.calibration)
-from ..calibration import graph_runs, stream  # noqa: F401
+from ..calibration import all_reduce_sums, graph_runs, stream  # noqa: F401
 from ..errors import SNPError
 from .snp import qk_pair_scores
 
@@ -142,6 +142,7 @@ def calibrate_qk(analysis, calibration, gamma: int, progress: bool | None = None
             reader.run(*inputs)
 
     stream(analysis, calibration, run, desc="snp_fx calibration", progress=progress)
+    all_reduce_sums(acc + energy + gram)  # each rank's shard of the data (torch.distributed), summed
     if grams:
         return rows, acc, energy, gram
     return rows, acc, energy
