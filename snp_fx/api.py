@@ -121,14 +121,14 @@ def _source_meta(model: torch.nn.Module, example_inputs) -> dict:
 
 
 def _copy(model: torch.nn.Module) -> torch.nn.Module:
-    """A deep copy, also of models holding cached tensors made with autograd (timm's EfficientViT
-    caches its attention biases after an eval forward): those are copied detached."""
-    try:
-        return copy.deepcopy(model)
-    except RuntimeError as e:
-        if "graph leaves" not in str(e):
-            raise
-    memo, todo = {}, [vars(m) for m in model.modules()]
+    """A copy to trace and analyse that shares the parameters: nothing in snp_fx writes to them
+    (the rewrite slices into new tensors), and a second copy of a large model's weights would
+    double the memory pruning needs.  Modules and buffers are copied (a forward may update a
+    buffer in place: a static KV cache, running statistics); tensors a model caches with autograd
+    history (timm's EfficientViT caches its attention biases after an eval forward) are copied
+    detached."""
+    memo = {id(p): p for p in model.parameters()}
+    todo = [vars(m) for m in model.modules()]
     while todo:
         v = todo.pop()
         if isinstance(v, torch.Tensor) and v.grad_fn is not None:

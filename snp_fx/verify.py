@@ -37,13 +37,21 @@ def masked_reference(analysis: Analysis, keep: torch.Tensor, exact_norms: bool =
     channels are replaced by versions that count kept channels only: then
     residual pruning is exactly equivalent too.  Raises ValueError when some
     other op normalises over removed channels.
+
+    Graph attributes (get_attr: torch.export graphs) are zeroed as the reference runs, by a multiply
+    with a 0/1 mask per pruned dim, so it holds no second copy of the weights; module parameters
+    (fx graphs) are zeroed copies.
     """
     gm = analysis.gm
-    attrs = {}
+    attrs, masks = {}, {}
     for node in gm.graph.nodes:
         if node.op == "get_attr":
             t = operator.attrgetter(node.target)(gm)
-            attrs[node.target] = _zeroed(analysis, node.target, t, keep) if isinstance(t, torch.Tensor) else t
+            attrs[node.target] = t
+            if isinstance(t, torch.Tensor) and t.is_floating_point():
+                masks[node.name] = _dim_masks(analysis, node.target, t, keep)
+            elif isinstance(t, torch.Tensor):
+                attrs[node.target] = _zeroed(analysis, node.target, t, keep)
         elif node.op == "call_module":
             mod = copy.deepcopy(gm.get_submodule(node.target))
             for name, p in list(mod.named_parameters(recurse=False)):
@@ -54,9 +62,33 @@ def masked_reference(analysis: Analysis, keep: torch.Tensor, exact_norms: bool =
     graph._codegen = copy.deepcopy(gm.graph._codegen)
     env: dict = {}
     graph.output(graph.graph_copy(gm.graph, env))
+    for old, new in list(env.items()):
+        for d, m in enumerate(masks.get(old.name, ())):
+            name = f"_snp_mask_{len(attrs)}"
+            attrs[name] = m
+            users = list(new.users)
+            with graph.inserting_after(new):
+                mask = graph.get_attr(name)
+            with graph.inserting_after(mask):
+                new_ = graph.call_function(torch.mul, (new, mask))
+            for u in users:
+                u.replace_input_with(new, new_)
+            env[old] = new = new_
     if exact_norms:
         _mask_norms(analysis, keep, gm, graph, env, attrs)
     return fx.GraphModule(attrs, graph)
+
+
+def _dim_masks(analysis, name, t: torch.Tensor, keep) -> list[torch.Tensor]:
+    """0/1 masks of ``t``'s dtype, one per dim with removed channels, shaped to broadcast
+    along that dim; empty when nothing of ``t`` is removed."""
+    out = []
+    for d, m in enumerate(analysis.channels.dim_masks(name, t.shape, keep)):
+        if not bool(m.all()):
+            shape = [1] * t.dim()
+            shape[d] = t.shape[d]
+            out.append(m.to(device=t.device, dtype=t.dtype).reshape(shape))
+    return out
 
 
 class _Masker:
