@@ -38,18 +38,18 @@ def masked_reference(analysis: Analysis, keep: torch.Tensor, exact_norms: bool =
     residual pruning is exactly equivalent too.  Raises ValueError when some
     other op normalises over removed channels.
 
-    Graph attributes (get_attr: torch.export graphs) are zeroed as the reference runs, by a multiply
-    with a 0/1 mask per pruned dim, so it holds no second copy of the weights; module parameters
-    (fx graphs) are zeroed copies.
+    Graph attributes (get_attr: torch.export graphs) are zeroed as the reference runs, each right
+    before its first use, so it holds no second copy of the weights; module parameters (fx graphs)
+    are zeroed copies.
     """
     gm = analysis.gm
-    attrs, masks = {}, {}
+    attrs, zeroed = {}, {}  # get_attr node -> (dim, removed indices) to zero as the reference runs
     for node in gm.graph.nodes:
         if node.op == "get_attr":
             t = operator.attrgetter(node.target)(gm)
             attrs[node.target] = t
             if isinstance(t, torch.Tensor) and t.is_floating_point():
-                masks[node.name] = _dim_masks(analysis, node.target, t, keep)
+                zeroed[node.name] = _removed(analysis, node.target, t, keep)
             elif isinstance(t, torch.Tensor):
                 attrs[node.target] = _zeroed(analysis, node.target, t, keep)
         elif node.op == "call_module":
@@ -62,33 +62,35 @@ def masked_reference(analysis: Analysis, keep: torch.Tensor, exact_norms: bool =
     graph._codegen = copy.deepcopy(gm.graph._codegen)
     env: dict = {}
     graph.output(graph.graph_copy(gm.graph, env))
+    order = {n: i for i, n in enumerate(graph.nodes)}
     for old, new in list(env.items()):
-        for d, m in enumerate(masks.get(old.name, ())):
-            name = f"_snp_mask_{len(attrs)}"
-            attrs[name] = m
-            users = list(new.users)
-            with graph.inserting_after(new):
-                mask = graph.get_attr(name)
-            with graph.inserting_after(mask):
-                new_ = graph.call_function(torch.mul, (new, mask))
-            for u in users:
-                u.replace_input_with(new, new_)
-            env[old] = new = new_
+        removed = zeroed.get(old.name)
+        if not removed or not new.users:
+            continue
+        # zeroed right before the first use (exported graphs fetch every weight at the top: zeroed
+        # there, all the zeroed copies would be alive at once); fx frees it after the last use
+        users = list(new.users)
+        with graph.inserting_before(min(users, key=order.__getitem__)):
+            out = new
+            for i, (d, idx) in enumerate(removed):
+                name = f"_snp_removed_{len(attrs)}"
+                attrs[name] = idx
+                index = graph.get_attr(name)
+                # a copy with the removed slices zeroed, then zeroed in place along the other dims
+                out = graph.call_function(torch.index_fill, (out, d, index, 0.0)) if i == 0 else \
+                    graph.call_method("index_fill_", (out, d, index, 0.0))
+        for u in users:
+            u.replace_input_with(new, out)
+        env[old] = out
     if exact_norms:
         _mask_norms(analysis, keep, gm, graph, env, attrs)
     return fx.GraphModule(attrs, graph)
 
 
-def _dim_masks(analysis, name, t: torch.Tensor, keep) -> list[torch.Tensor]:
-    """0/1 masks of ``t``'s dtype, one per dim with removed channels, shaped to broadcast
-    along that dim; empty when nothing of ``t`` is removed."""
-    out = []
-    for d, m in enumerate(analysis.channels.dim_masks(name, t.shape, keep)):
-        if not bool(m.all()):
-            shape = [1] * t.dim()
-            shape[d] = t.shape[d]
-            out.append(m.to(device=t.device, dtype=t.dtype).reshape(shape))
-    return out
+def _removed(analysis, name, t: torch.Tensor, keep) -> list[tuple[int, torch.Tensor]]:
+    """(dim, indices removed along it) for every dim of ``t`` with removed channels."""
+    masks = analysis.channels.dim_masks(name, t.shape, keep)
+    return [(d, (~m).nonzero().flatten().to(t.device)) for d, m in enumerate(masks) if not bool(m.all())]
 
 
 class _Masker:

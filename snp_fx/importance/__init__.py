@@ -159,34 +159,43 @@ def norm_scores(analysis, params, p: int) -> torch.Tensor:
 
 def producer_rows(analysis, params, classes: torch.Tensor) -> torch.Tensor:
     """(n, F): for each class, the weight rows (all producers, concatenated) that create it."""
-    flat = classes.reshape(-1)
+    flat = classes.reshape(-1).tolist()
     feats = []
-    for name, dim in analysis.channels.producers:
+    for name, dim, pos in _producer_index(analysis):
         t = params.get(name)
-        ids = analysis.channels.param_ids.get(name)
-        if t is None or ids is None:
-            continue
-        cls = analysis.channels.class_of[ids[dim]]
-        pos = {c: i for i, c in enumerate(cls.tolist())}
-        if not all(c in pos for c in flat.tolist()):
+        if t is None or flat[0] not in pos or not all(c in pos for c in flat):
             continue
         rows = t.detach().cpu().movedim(dim, 0).reshape(t.shape[dim], -1)
-        feats.append(rows[torch.tensor([pos[c] for c in flat.tolist()])])
+        feats.append(rows[torch.tensor([pos[c] for c in flat])])
     if not feats:
-        return torch.zeros(flat.numel(), 1)
+        return torch.zeros(len(flat), 1)
     return torch.cat(feats, 1)
+
+
+def _producer_index(analysis) -> list[tuple[str, int, dict]]:
+    """Per producing weight: (name, dim, {class: row}), built once per analysis (a scan per group
+    would be quadratic in depth)."""
+    if getattr(analysis, "_producer_index", None) is None:
+        ch = analysis.channels
+        analysis._producer_index = [
+            (name, dim, {c: i for i, c in enumerate(ch.class_of[ch.param_ids[name][dim]].tolist())})
+            for name, dim in ch.producers if name in ch.param_ids]
+    return analysis._producer_index
 
 
 def residual_tss_average(analysis, params, group) -> torch.Tensor:
     """The authors' policy: per layer L2 norm of each channel / layer total, averaged over layers."""
     n = analysis.channels.num_units
-    in_group = torch.zeros(n, dtype=torch.bool)
-    in_group[group.classes] = True
-    total = torch.zeros(n, dtype=torch.float64)
-    count = torch.zeros(n, dtype=torch.float64)
+    where = torch.full((n,), -1, dtype=torch.long)  # class -> its position in the group
+    where[group.classes] = torch.arange(group.classes.numel())
+    total = torch.zeros(group.classes.numel(), dtype=torch.float64)
+    count = torch.zeros_like(total)
 
-    def add_layer(sq_by_class: torch.Tensor):
-        l2 = sq_by_class.sqrt() * in_group
+    def add_layer(cls: torch.Tensor, sq: torch.Tensor):
+        """A layer's squared weights ``sq`` summed onto its channels' classes ``cls``."""
+        at = where[cls]
+        inside = at >= 0
+        l2 = torch.zeros_like(total).index_add_(0, at[inside], sq[inside].double()).sqrt()
         s = l2.sum()
         if s > 0:
             total.add_(l2 / s)
@@ -196,21 +205,23 @@ def residual_tss_average(analysis, params, group) -> torch.Tensor:
         t = params.get(name)
         if t is None:
             continue
-        t = t.detach().cpu().pow(2)
+        sq = None
         for d, ids in enumerate(ids_per_dim):
             cls = analysis.channels.class_of[ids]
-            if not bool(in_group[cls].any()):
+            if not bool((where[cls] >= 0).any()):
                 continue
+            sq = t.detach().cpu().pow(2) if sq is None else sq
             other = [i for i in range(t.dim()) if i != d]
-            per = t.sum(other, dtype=torch.float64) if other else t.double()
-            add_layer(torch.zeros(n, dtype=torch.float64).index_add_(0, cls, per))
+            add_layer(cls, sq.sum(other, dtype=torch.float64) if other else sq)
     for name, ids in analysis.channels.elem_ids.items():
         t = params.get(name)
         cls = analysis.channels.class_of[ids.reshape(-1)]
-        if t is None or not bool(in_group[cls].any()):
+        if t is None or not bool((where[cls] >= 0).any()):
             continue
-        add_layer(torch.zeros(n, dtype=torch.float64).index_add_(0, cls, t.detach().double().cpu().pow(2).reshape(-1)))
-    return total / count.clamp_min(1)
+        add_layer(cls, t.detach().cpu().double().pow(2).reshape(-1))
+    out = torch.zeros(n, dtype=torch.float64)
+    out[group.classes] = total / count.clamp_min(1)
+    return out
 
 
 def compute_scores(analysis, importance="snp", calibration=None, gamma: int = DEFAULT_GAMMA,
