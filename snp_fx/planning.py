@@ -532,21 +532,55 @@ def check_uniform_ratios(analysis: Analysis, ratios: dict) -> None:
 
 def uniform_ratios_for_target(analysis: Analysis, scores, target_macs=None, target_params=None,
                               round_to=UNIFORM_STEP, tolerance: float = 0.01) -> dict:
-    """One ratio r for whole heads and FFN neurons, {"heads": r, "ffn": r}, bisected so the
-    uniform plan meets the MACs or parameter budget (from below, within ``tolerance``)."""
+    """Ratios {"heads": r_h, "ffn": r_f} of a uniform plan that meets the MACs or parameter budget
+    (from below, within ``tolerance``): one ratio for both, bisected; then the kept head count moved
+    up to one that divides the hidden size (configs such as transformers' LlamaConfig require it)
+    and the FFN ratio bisected again."""
     measure, unit, dense, target = _budget(analysis, target_macs, target_params, None, heads=True)
-    lo, hi = 0.0, 0.95
-    ratios = {"heads": hi, "ffn": hi}
-    if measure(analysis, keep_mask(analysis, make_plan(analysis, ratios, scores, round_to))) > target:
+    value = lambda ratios: measure(analysis, keep_mask(analysis, make_plan(analysis, ratios, scores, round_to)))  # noqa: E731
+
+    def bisect(ratios_at) -> dict | None:
+        lo, hi = 0.0, 0.95
+        if value(ratios_at(hi)) > target:
+            return None
+        for _ in range(30):
+            mid = (lo + hi) / 2
+            got = value(ratios_at(mid))
+            if target * (1 - tolerance) <= got <= target:
+                return ratios_at(mid)
+            lo, hi = (mid, hi) if got > target else (lo, mid)
+        return ratios_at(hi)
+
+    ratios = bisect(lambda r: {"heads": r, "ffn": r})
+    if ratios is None:
         raise SNPError(f"target {_show(target, unit)} is below what a uniform plan removing 95% of the heads "
                        "and FFN neurons allows; raise the target")
-    for _ in range(30):
-        mid = (lo + hi) / 2
-        got = measure(analysis, keep_mask(analysis, make_plan(analysis, {"heads": mid, "ffn": mid}, scores, round_to)))
-        lo, hi = (mid, hi) if got > target else (lo, mid)
-        if got <= target and got >= target * (1 - tolerance):
-            return {"heads": mid, "ffn": mid}
-    return {"heads": hi, "ffn": hi}
+    counts = _head_counts(analysis)
+    if counts is None:
+        return ratios
+    total, allowed = counts
+    kept = _keep_count(total, ratios["heads"], "heads", strict=False)
+    for k in sorted((k for k in allowed if k >= kept), key=lambda k: k) + sorted(
+            (k for k in allowed if k < kept), reverse=True):
+        heads = 1 - (k - 0.5) / total if k < total else 0.0  # a ratio that rounds to k kept heads
+        found = bisect(lambda r: {"heads": heads, "ffn": r})
+        if found is not None:
+            return found
+    return ratios
+
+
+def _head_counts(analysis: Analysis):
+    """(head rows per site, the kept counts whose query heads divide the hidden size), when every
+    site has the same head rows; None otherwise.  With grouped-query attention a q/k head row is a
+    kv head with its query heads: query heads = rows * (hidden / (rows * head dim))."""
+    qk = [g for g in analysis.groups.values() if g.kind == "qk" and g.prunable]
+    res = [g for g in analysis.groups.values() if g.kind == "residual"]
+    if not qk or len({(g.heads, g.width) for g in qk}) != 1 or len(res) != 1:
+        return None
+    rows, dim = qk[0].heads, qk[0].width * qk[0].unit_channels
+    hidden = res[0].width
+    per_row = hidden // (rows * dim) if hidden % (rows * dim) == 0 else 1
+    return rows, [k for k in range(1, rows + 1) if hidden % (k * per_row) == 0]
 
 
 def check_uniform(analysis: Analysis, plan: PruningPlan) -> None:

@@ -135,3 +135,19 @@ def test_custom_transformer_passes_on_a_small_model():
     assert "softmax" not in targets
     assert not any(isinstance(m, torch.nn.Dropout) for n, m in gm.named_modules() if n in
                    {x.target for x in gm.graph.nodes if x.op == "call_module"})
+
+
+def test_prune_llm():
+    out = run_example("prune_llm.py", "--tokens", "8", "--prompt", "8", "--target-params", "0.6")
+    assert "a LlamaForCausalLM loaded with from_pretrained" in out
+    dense, pruned = table_row(out, "parameters")[1:3]
+    assert float(pruned.split(" M")[0]) < float(dense.removesuffix(" M"))
+    assert percent(pruned) == pytest.approx(60, abs=2)  # the target, met from below within the tolerance
+    ffn = table_row(out, "intermediate_size")[1:3]
+    assert int(ffn[1]) < int(ffn[0]) and int(ffn[1]) % 8 == 0
+    heads, kv = (tuple(map(int, table_row(out, k)[1:3])) for k in ("num_attention_heads", "num_key_value_heads"))
+    assert 256 % heads[1] == 0 and heads[1] // kv[1] == heads[0] // kv[0]  # the config's own rules
+    for model in ("dense", "pruned"):
+        for cache in ("yes", "no"):
+            assert any(line.startswith(f"| {model} | {cache} |") for line in out.splitlines())
+    assert len(re.findall(r"^greedy tokens, (dense|pruned): +\[(\d+, ){7}\d+\]$", out, re.M)) == 2

@@ -1,4 +1,5 @@
 """Hugging Face transformers models (small configs, random init) through the torch.export front-end."""
+import copy
 import warnings
 
 import pytest
@@ -140,3 +141,30 @@ def test_to_hf_refuses_what_a_standard_config_cannot_state(tmp_path):
         pruned = snp_fx.apply(a, snp_fx.plan(a, ratios=ratios))  # (with v too the weights fit; the logits differ)
         with pytest.raises(snp_fx.SNPError, match="plan with uniform=True"):
             snp_fx.to_hf(pruned, model, tmp_path / "out")
+
+
+def test_to_hf_generates_with_a_kv_cache_like_the_masked_dense_model(tmp_path):
+    """A uniform plan written by to_hf generates with transformers' own KV cache (key/value widths
+    follow the kept kv heads): 32 greedy tokens equal those of the dense model with the removed
+    weight slices zeroed, generating with its cache too."""
+    from oracles import sharpen
+    from snp_fx.planning import keep_mask
+    from snp_fx.verify import _zeroed
+    torch.manual_seed(0)
+    model, inputs = MODELS["llama"]()
+    sharpen(model.eval(), seed=3)
+    a = snp_fx.analyze(model, inputs)
+    plan = snp_fx.plan(a, ratios={"heads": 0.5, "ffn": 0.5}, uniform=True)
+    snp_fx.to_hf(snp_fx.apply(a, plan), model, tmp_path / "out")
+    pruned = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "out").eval()
+    masked = copy.deepcopy(model)
+    keep = keep_mask(a, plan)
+    with torch.no_grad():
+        for name, p in masked.named_parameters():
+            p.copy_(_zeroed(a, name, p, keep))
+    prompt = inputs["input_ids"][:1]
+    opts = dict(max_new_tokens=32, do_sample=False, use_cache=True)
+    tokens = pruned.generate(prompt, **opts)
+    assert torch.equal(tokens, masked.generate(prompt, **opts))
+    assert not torch.equal(tokens, model.generate(prompt, **opts))  # the pruning did change the model
+    assert pruned.config.num_key_value_heads == 1
