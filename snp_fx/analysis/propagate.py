@@ -257,4 +257,9 @@ def propagate(gm: fx.GraphModule, inputs: tuple):
     prop = Propagator(gm)
     with torch.no_grad():
         prop.run(*inputs)
-    return Analysis(gm, prop, inputs)
+    try:
+        return Analysis(gm, prop, inputs)
+    except SNPFXError:
+        raise
+    except Exception as e:  # the model ran: grouping the channels failed, which is ours, not the user's
+        raise InternalError(f"snp_fx bug: grouping the channels failed: {brief(e)}; please report this model") from e

@@ -19,6 +19,7 @@ from .. import labels as L
 from ..analysis.groups import Site
 from ..kernels import padded_sdpa
 from ..labels import FROZEN, NONE
+from .movement import perm_args
 from .registry import Args, OpFamily, op_key, register
 
 
@@ -126,7 +127,9 @@ def weight_operand(p, node):
     while isinstance(node, fx.Node) and node.op != "get_attr":
         key = op_key(node, p.modules) if node.op.startswith("call_") else None
         key = node.args[1] if key == "getattr" else key  # fx's w.T
-        if key not in ("numpy_T", "T", "t", "transpose", "permute") or len(p.shapes.get(node.name) or ()) != 2:
+        if key not in ("numpy_T", "T", "t", "transpose", "permute") or len(p.shapes.get(node.name) or ()) != 2 or \
+                key == "permute" and perm_args(node) != [1, 0] or \
+                key == "transpose" and (len(node.args) < 3 or node.args[1] % 2 == node.args[2] % 2):
             return None
         transposed, node = not transposed, node.args[0]
     if not isinstance(node, fx.Node):

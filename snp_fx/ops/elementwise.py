@@ -145,7 +145,7 @@ class Shape(OpFamily):
 UNARY = register(Unary(), names=[
     "gelu", "relu", "relu_", "silu", "sigmoid", "tanh", "hardswish", "hardsigmoid", "mish",
     "elu", "leaky_relu", "softplus", "relu6", "hardtanh", "dropout", "dropout_", "identity",
-    "float", "half", "bfloat16", "double", "to", "type", "type_as", "detach", "neg",
+    "float", "half", "bfloat16", "double", "to", "type", "type_as", "detach", "data", "neg",
     "exp", "sqrt", "rsqrt", "abs", "bitwise_not", "logical_not", "sin", "cos", "erf", "square", "reciprocal",
     "_to_copy", "native_dropout", "lift_fresh_copy", "pow_scalar",
     "contiguous_", "log", "sign", "floor", "round", "nan_to_num",

@@ -100,6 +100,8 @@ class AlongDim(OpFamily):
 
     def propagate(self, p, n, key, args, kwargs, result):
         lab, x = p.lab(n.args[0]), args[0]
+        if any(isinstance(p.lab(a), torch.Tensor) for a in list(n.args[1:]) + list(n.kwargs.values())):
+            return p.refuse(n, f"{n.name}: `{key}` with a second tensor", result)  # diff(x, prepend=t)
         pos = 2 if key in ("topk", "diff") else 1  # topk(x, k, dim), diff(x, n, dim), sort(x, dim), cumsum(x, dim)
         dim = kwargs.get("dim", args[pos] if len(args) > pos and not isinstance(args[pos], bool) else -1)
         lab = lab.reshape((1,) * (x.dim() - lab.dim()) + tuple(lab.shape))
