@@ -50,6 +50,10 @@ class SeparateQKVAttention(nn.Module):
             attn = torch.bmm(q.reshape(B * self.h, N, self.dqk),
                              k.reshape(B * self.h, N, self.dqk).transpose(1, 2)).view(B, self.h, N, N)
             attn = attn * self.scale
+        elif self.form == "baddbmm":  # Bloom's: a position bias (ALiBi) added in the same op
+            bias = torch.arange(N, dtype=x.dtype).view(1, 1, N) * -0.1
+            attn = torch.baddbmm(bias, q.reshape(B * self.h, N, self.dqk), k.reshape(B * self.h, N, self.dqk)
+                                 .transpose(1, 2), alpha=self.scale).view(B, self.h, N, N)
         elif self.form == "sdpa":
             out = nn.functional.scaled_dot_product_attention(q, k, v, scale=self.sdpa_scale)
             return self.proj(out.transpose(1, 2).reshape(B, N, self.h * self.dv))

@@ -133,3 +133,15 @@ def test_float64_model(model):
     m = model.double()
     pruned = snp_fx.prune(m, X.double(), ratios={"qk": 0.5, "v": 0.5, "ffn": 0.5})
     assert next(pruned.parameters()).dtype == torch.float64
+
+
+def test_a_failure_after_the_model_ran_is_not_blamed_on_the_model(model, monkeypatch):
+    """Grouping channels runs after the model ran on the inputs: its failure is snp_fx's (InternalError)."""
+    from snp_fx.analysis import result
+
+    def broken(self, *args):
+        raise RuntimeError("Boolean value of Tensor with more than one value is ambiguous")
+    monkeypatch.setattr(result.Analysis, "__init__", broken)
+    with pytest.raises(snp_fx.InternalError, match="grouping the channels failed") as e:
+        snp_fx.analyze(model, X)
+    assert not isinstance(e.value, snp_fx.SNPError)

@@ -81,7 +81,8 @@ def test_multihead_attention_is_pruned_through_export(heads, residual):
 
 
 class GroupedHidden(torch.nn.Module):
-    """An FFN whose hidden channels are viewed in groups: per-group counts must match."""
+    """An FFN whose hidden channels are viewed in groups and computed on so: per-group counts must
+    match (a view only moved on, e.g. flattened back, is gathered from its source instead)."""
 
     def __init__(self):
         super().__init__()
@@ -91,7 +92,7 @@ class GroupedHidden(torch.nn.Module):
         self.out = torch.nn.Linear(32, 3)
 
     def forward(self, x):
-        h = torch.relu(self.fc1(x)).view(x.shape[0], 4, 16).flatten(1)
+        h = torch.relu(self.fc1(x).view(x.shape[0], 4, 16)).flatten(1)
         return self.out(torch.relu(self.other(self.fc2(h))))
 
 

@@ -117,6 +117,22 @@ def _elementwise(s, y):
     return (F.gelu(y) * s.gain + s.offset - y.sigmoid()) / 2 + torch.zeros_like(y)
 
 
+def _elementwise_more(s, y):
+    """Element-wise max / min of two tensors (T5's bucket code), multiply, clamp bounds, in-place fills."""
+    z = torch.max(y, torch.multiply(y, s.gain)) - torch.min(y, F.gelu(y)) * torch.zeros_like(y).fill_(0.5)
+    return z.clamp_min(-2.0).clamp(max=s.gain) + torch.empty_like(y).zero_()
+
+
+def _along_dim(s, y):
+    """topk / sort / cumsum along tokens, not along channels."""
+    return y.topk(y.shape[1], dim=1).values + y.sort(dim=1).values * 0.5 + y.cumsum(1) * 0.1
+
+
+def _transposed_weight(s, y):
+    """x @ W.T with W a parameter (Falcon's linear layers): a linear map, not an attention product."""
+    return y @ s.w.T
+
+
 def _factory(s, y):
     return y + torch.arange(y.shape[1], dtype=y.dtype)[:, None] * torch.ones(1)
 
@@ -198,6 +214,11 @@ ROWS = [
     ("unary", lambda: Sandwich(lambda s, y: F.gelu(y).relu_()), _tokens, {"fx": ops.Unary, "export": ops.Unary}, FFN),
     ("elementwise", lambda: Sandwich(_elementwise), _tokens, {"fx": ops.Binary, "export": ops.Binary}, FFN),
     ("like", lambda: Sandwich(_elementwise), _tokens, {"fx": ops.Like, "export": ops.Like}, FFN),
+    ("elementwise_more", lambda: Sandwich(_elementwise_more), _tokens, {"fx": ops.Reduce, "export": ops.Binary},
+     FFN),
+    ("along_dim", lambda: Sandwich(_along_dim), _tokens, {"fx": ops.AlongDim, "export": ops.AlongDim}, FFN),
+    ("transposed_weight", lambda: _with(w=torch.randn(H, H) * 0.3)(_transposed_weight), _tokens,
+     {"fx": ops.Matmul, "export": ops.Matmul}, FFN),
     ("factory", lambda: Sandwich(_factory), _tokens, {"fx": ops.Factory, "export": ops.Factory}, FFN),
     ("shape", lambda: Sandwich(_reshape), _tokens, {"fx": ops.Shape}, FFN),
     ("assert", lambda: Sandwich(_asserted), _tokens, {"fx": ops.Ignore}, FFN),
@@ -228,6 +249,8 @@ ROWS = [
     ("matmul", lambda: _vit("matmul"), lambda: torch.randn(2, 3, 32, 32), {"fx": ops.Matmul, "export": ops.Matmul},
      {"qk": 0.5, "v": 0.25, "heads": 0.5}),
     ("bmm", lambda: _vit("bmm"), lambda: torch.randn(2, 3, 32, 32), {"fx": ops.Matmul, "export": ops.Matmul},
+     {"qk": 0.5, "v": 0.25}),
+    ("baddbmm", lambda: _vit("baddbmm"), lambda: torch.randn(2, 3, 32, 32), {"fx": ops.Baddbmm, "export": ops.Baddbmm},
      {"qk": 0.5, "v": 0.25}),
     ("einsum", lambda: _vit("einsum"), lambda: torch.randn(2, 3, 32, 32), {"fx": ops.Einsum, "export": ops.Einsum},
      {"qk": 0.5, "v": 0.25}),
@@ -319,3 +342,69 @@ def test_a_failing_rule_is_an_internal_error_naming_node_and_rule():
     with pytest.raises(snp_fx.InternalError, match="BrokenRule.*broken_act") as e:
         snp_fx.analyze(model, _tokens())  # not retried with torch.export, not blamed on the inputs
     assert not isinstance(e.value, snp_fx.SNPError) and e.value.rule == "BrokenRule"
+
+
+class InterleavedQKV(nn.Module):
+    """Bloom's fused qkv: the projection's rows are (heads, 3, head_dim), q/k/v interleaved per head."""
+
+    def __init__(self, dim=16, heads=2, hd=8, take="select"):
+        super().__init__()
+        self.h, self.hd, self.take = heads, hd, take
+        self.qkv, self.proj = nn.Linear(dim, heads * 3 * hd), nn.Linear(heads * hd, dim)
+        self.fc1, self.fc2 = nn.Linear(dim, 32), nn.Linear(32, dim)
+
+    def forward(self, x):
+        B, N, _ = x.shape
+        qkv = self.qkv(x).view(B, N, self.h, 3, self.hd)
+        q, k, v = qkv.unbind(3) if self.take == "unbind" else (qkv[..., 0, :], qkv[..., 1, :], qkv[..., 2, :])
+        q, k, v = (t.transpose(1, 2) for t in (q, k, v))
+        attn = (q @ k.transpose(-2, -1) * self.hd ** -0.5).softmax(-1)
+        x = x + self.proj((attn @ v).transpose(1, 2).reshape(B, N, -1))
+        return x + self.fc2(F.gelu(self.fc1(x)))
+
+
+@pytest.mark.parametrize("frontend", ["fx", "export"])
+@pytest.mark.parametrize("take", ["select", "unbind"])
+def test_interleaved_fused_qkv_keeps_different_qk_and_v_widths(frontend, take):
+    """q/k and v keep different widths: the (heads, 3, head_dim) view cannot exist pruned, so each
+    of q, k, v is gathered from the pruned projection; the result equals the masked original."""
+    torch.manual_seed(0)
+    a = snp_fx.analyze(InterleavedQKV(take=take).eval(), torch.randn(2, 5, 16), frontend=frontend)
+    assert len(a.sites) == 1 and a.prunable("qk") and a.prunable("v")
+    for seed in (0, 1):
+        pruned, plan = check_mask_equivalence(a, {"qk": 0.5, "v": 0.25, "ffn": 0.5}, seed)
+        widths = {e["kind"]: len(e["keep"][0]) for e in plan.groups.values() if e["kind"] in ("qk", "v")}
+        assert widths["qk"] != widths["v"]  # the case the view cannot hold
+        (w,) = [p for name, p in pruned.named_parameters() if name.startswith("qkv") and p.dim() == 2]
+        assert w.shape[0] == 2 * (2 * widths["qk"] + widths["v"])
+
+
+class Router(nn.Module):
+    """An MoE router: top experts of the gate's logits, over the gate's own channels."""
+
+    def __init__(self):
+        super().__init__()
+        self.gate, self.fc1, self.fc2 = nn.Linear(C, 4), nn.Linear(C, H), nn.Linear(H, C)
+
+    def forward(self, x):
+        weights, idx = self.gate(x).softmax(-1).topk(2, dim=-1)
+        return x + self.fc2(F.gelu(self.fc1(x))) * weights.sum(-1, keepdim=True) + idx.float().mean()
+
+
+@pytest.mark.parametrize("frontend", ["fx", "export"])
+def test_topk_over_channels_is_refused(frontend):
+    a = snp_fx.analyze(Router().eval(), _tokens(), frontend=frontend)
+    (gate,) = [g for g in a.groups.values() if g.width == 4]  # the gate's experts
+    assert not gate.prunable and "`topk` over channels" in gate.reason
+    assert a.prunable("ffn")
+    check_mask_equivalence(a, FFN, 0)
+
+
+def test_max_of_two_tensors_is_elementwise_max_over_a_dim_a_reduction():
+    """aten.max.other is element-wise (Binary, by overload); aten.max.dim is a reduction."""
+    def node(op):
+        g = torch.fx.Graph()
+        return g.call_function(op, (g.placeholder("x"), 1))
+    assert isinstance(ops.family_of(node(torch.ops.aten.max.other), {})[1], ops.Binary)
+    assert isinstance(ops.family_of(node(torch.ops.aten.min.other), {})[1], ops.Binary)
+    assert isinstance(ops.family_of(node(torch.ops.aten.max.dim), {})[1], ops.Reduce)

@@ -199,7 +199,12 @@ class Propagator(fx.Interpreter):
         if key == "getattr":  # x.shape, x.dtype, ...
             if n.args[1] == "shape":
                 self.taint[n.name] = self.dim_taint(n.args[0])
-            return None
+            if not isinstance(result, torch.Tensor):
+                return None
+            lab = self.lab(n.args[0])
+            if isinstance(args[0], tuple) and isinstance(lab, (list, tuple)):  # a field: x.topk(k).values
+                return next(x for x, v in zip(lab, args[0]) if v is result)
+            key, family = n.args[1], ops.family_of_key(n.args[1])  # a tensor attribute: x.T is a movement
         # tainted channel counts used as values (not as sizes) pin those channels
         if not family.sizes_ok:
             for t in self.tainted(list(n.args) + list(n.kwargs.values())):
@@ -252,4 +257,9 @@ def propagate(gm: fx.GraphModule, inputs: tuple):
     prop = Propagator(gm)
     with torch.no_grad():
         prop.run(*inputs)
-    return Analysis(gm, prop, inputs)
+    try:
+        return Analysis(gm, prop, inputs)
+    except SNPFXError:
+        raise
+    except Exception as e:  # the model ran: grouping the channels failed, which is ours, not the user's
+        raise InternalError(f"snp_fx bug: grouping the channels failed: {brief(e)}; please report this model") from e

@@ -4,11 +4,11 @@
     elementwise.py  activations, casts, arithmetic with broadcasting, factories, shape queries
     movement.py     reshape / permute / cat / flatten ..., probed python helpers, pad
     indexing.py     getitem / slice / select / narrow / split / index_select ...
-    reduction.py    sum / mean / ... over a dim, softmax
+    reduction.py    sum / mean / ... over a dim, topk / sort / cumsum, softmax
     linear.py       Linear, addmm (Conv1D), Embedding
     conv.py         convolutions (dense, depthwise, grouped, transposed), pooling
     norms.py        LayerNorm, GroupNorm, BatchNorm
-    attention.py    matmul / bmm / einsum / scaled_dot_product_attention
+    attention.py    matmul / bmm / baddbmm / einsum / scaled_dot_product_attention
 
 Adding an op is one family (or one ``register`` line) in one of these files, or a new file here
 (every module of this package is imported, so its ``register`` calls run), plus one row in
@@ -22,11 +22,11 @@ from .registry import (UNKNOWN, Args, OpFamily, family_of, family_of_key, kind_o
 from .elementwise import Binary, Factory, Ignore, Like, Shape, Unary  # noqa: E402 - registers on import
 from .movement import WRAPPED, Flatten, Move, Pad, Reshape, Wrapped, moves_data_only  # noqa: E402
 from .indexing import Index  # noqa: E402
-from .reduction import Reduce, Softmax  # noqa: E402
+from .reduction import Reduce, Softmax, AlongDim  # noqa: E402
 from .linear import Addmm, Embedding, Linear  # noqa: E402
 from .conv import Conv, Convolution, ConvTranspose, Pool  # noqa: E402
 from .norms import BatchNorm, GroupNorm, LayerNorm  # noqa: E402
-from .attention import SDPA, Einsum, Matmul  # noqa: E402
+from .attention import SDPA, Baddbmm, Einsum, Matmul  # noqa: E402
 
 for _m in pkgutil.iter_modules(__path__):  # families in files of their own (rms_norm.py, ...)
     importlib.import_module(f"{__name__}.{_m.name}")
@@ -34,5 +34,5 @@ for _m in pkgutil.iter_modules(__path__):  # families in files of their own (rms
 __all__ = ["OpFamily", "register_op", "register", "family_of", "family_of_key", "kind_of", "module_family",
            "op_key", "signature", "Args", "UNKNOWN", "WRAPPED", "moves_data_only",
            "Unary", "Like", "Binary", "Ignore", "Factory", "Shape", "Move", "Reshape", "Flatten", "Index",
-           "Wrapped", "Pad", "Reduce", "Softmax", "Linear", "Addmm", "Embedding", "Conv", "ConvTranspose",
-           "Convolution", "Pool", "LayerNorm", "GroupNorm", "BatchNorm", "Matmul", "Einsum", "SDPA"]
+           "Wrapped", "Pad", "Reduce", "Softmax", "AlongDim", "Linear", "Addmm", "Embedding", "Conv", "ConvTranspose",
+           "Convolution", "Pool", "LayerNorm", "GroupNorm", "BatchNorm", "Matmul", "Baddbmm", "Einsum", "SDPA"]

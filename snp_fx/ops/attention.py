@@ -9,15 +9,18 @@ columns with q's channels in every head.
 from __future__ import annotations
 
 import math
+import operator
 import re
 
 import torch
+import torch.fx as fx
 
 from .. import labels as L
 from ..analysis.groups import Site
 from ..kernels import padded_sdpa
 from ..labels import FROZEN, NONE
-from .registry import Args, OpFamily, register
+from .movement import perm_args
+from .registry import Args, OpFamily, op_key, register
 
 
 def contract(p, n, la, lb, out_rank):
@@ -117,20 +120,68 @@ def contract_table(p, la, lb, a_table, out_rank):
     return L.reduce(out.reshape((1,) * (out_rank - out.dim()) + tuple(out.shape)))
 
 
+def weight_operand(p, node):
+    """(name, parameter, transposed) if ``node`` is a 2-d parameter, as stored or transposed
+    (``x @ self.weight.T``: Falcon's linear layers), else None."""
+    transposed = False
+    while isinstance(node, fx.Node) and node.op != "get_attr":
+        key = op_key(node, p.modules) if node.op.startswith("call_") else None
+        key = node.args[1] if key == "getattr" else key  # fx's w.T
+        if key not in ("numpy_T", "T", "t", "transpose", "permute") or len(p.shapes.get(node.name) or ()) != 2 or \
+                key == "permute" and perm_args(node) != [1, 0] or \
+                key == "transpose" and (len(node.args) < 3 or node.args[1] % 2 == node.args[2] % 2):
+            return None
+        transposed, node = not transposed, node.args[0]
+    if not isinstance(node, fx.Node):
+        return None
+    w = operator.attrgetter(node.target)(p.module)
+    return (node.target, w, transposed) if isinstance(w, torch.nn.Parameter) and w.dim() == 2 else None
+
+
 class Matmul(OpFamily):
-    """matmul / bmm / mm: q @ k^T makes a site, attn @ v names its values."""
+    """matmul / bmm / mm: q @ k^T makes a site, attn @ v names its values; x @ W with W a
+    parameter (stored or transposed) is a linear layer."""
     kind = "matmul"
 
     def propagate(self, p, n, key, args, kwargs, result):
         a, b = args[0], args[1]
         if a.dim() < 2 or b.dim() < 2:
             return p.refuse(n, f"{n.name}: matmul with a vector", result)
-        out = contract(p, n, p.lab(n.args[0]), p.lab(n.args[1]), result.dim())
+        w, x_lab = weight_operand(p, n.args[1]), p.lab(n.args[0])
+        if w is not None and len(L.varying_dims(x_lab)) <= 1 and x_lab.shape[:-1].numel() == 1:
+            name, weight, transposed = w
+            ids = p.pids(name, weight)
+            k_ids, out_ids = (ids[1], ids[0]) if transposed else (ids[0], ids[1])
+            p.space.union(k_ids, x_lab.reshape(-1))
+            p.producers.append((name, out_ids))
+            if not transposed:
+                p.producer_dim[name] = 1
+            return out_ids.reshape((1,) * (result.dim() - 1) + (-1,))
+        out = contract(p, n, x_lab, p.lab(n.args[1]), result.dim())
         _set_operands(p, n, lambda args, kwargs: (args[0], args[1].transpose(-1, -2)))
         return out
 
     def macs(self, c, n, key):
         return math.prod(c.new(n.name)) * c.new(n.args[0].name)[-1]
+
+
+class Baddbmm(Matmul):
+    """baddbmm(input, b1, b2, beta, alpha) = beta * input + alpha * b1 @ b2 (Bloom: ALiBi + q @ k^T)."""
+    kind = "baddbmm"
+
+    def propagate(self, p, n, key, args, kwargs, result):
+        a = Args(n, args, kwargs)
+        out = contract(p, n, p.lab(a["batch1"]), p.lab(a["batch2"]), result.dim())
+        _set_operands(p, n, lambda args, kwargs: (Args(n, args, kwargs).value("batch1"),
+                                                  Args(n, args, kwargs).value("batch2").transpose(-1, -2)))
+        bias = p.lab(a["input"])
+        if isinstance(bias, torch.Tensor):
+            out = p.elementwise([(out, tuple(result.shape)), (bias, tuple(a.value("input").shape))],
+                                tuple(result.shape))
+        return out
+
+    def macs(self, c, n, key):
+        return math.prod(c.new(n.name)) * c.new(Args(n)["batch1"].name)[-1]
 
 
 class Einsum(OpFamily):
@@ -239,5 +290,6 @@ def _set_operands(p, n, fn):
 
 
 register(Matmul(), names=["matmul", "bmm", "mm"])
+register(Baddbmm(), names=["baddbmm"])
 register(Einsum(), names=["einsum"])
 register(SDPA(), names=["scaled_dot_product_attention", "padded_sdpa"])

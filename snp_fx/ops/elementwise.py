@@ -145,9 +145,9 @@ class Shape(OpFamily):
 UNARY = register(Unary(), names=[
     "gelu", "relu", "relu_", "silu", "sigmoid", "tanh", "hardswish", "hardsigmoid", "mish",
     "elu", "leaky_relu", "softplus", "relu6", "hardtanh", "dropout", "dropout_", "identity",
-    "float", "half", "bfloat16", "double", "to", "type", "type_as", "detach", "neg",
+    "float", "half", "bfloat16", "double", "to", "type", "type_as", "detach", "data", "neg",
     "exp", "sqrt", "rsqrt", "abs", "bitwise_not", "logical_not", "sin", "cos", "erf", "square", "reciprocal",
-    "clamp", "clamp_", "clip", "_to_copy", "native_dropout", "lift_fresh_copy", "pow_scalar",
+    "_to_copy", "native_dropout", "lift_fresh_copy", "pow_scalar",
     "contiguous_", "log", "sign", "floor", "round", "nan_to_num",
     "normalize",  # x / ||x|| over a dim: a removed (zero) channel adds nothing to the norm
     "unary",      # module kind
@@ -156,9 +156,11 @@ UNARY = register(Unary(), names=[
             nn.Tanh, nn.Hardswish, nn.Hardsigmoid, nn.Mish, nn.LeakyReLU, nn.ELU, nn.Softplus, nn.ReLU6,
             nn.Hardtanh])
 register(Like(), names=["zeros_like", "ones_like", "empty_like", "full_like", "rand_like", "randn_like",
-                        "new_zeros_like"])
+                        "new_zeros_like",
+                        "zero_", "fill_", "zero", "fill"])  # x.zero_(), x.fill_(v): x's layout, new values
 register(Binary(), names=[
-    "add", "add_", "iadd", "sub", "sub_", "isub", "rsub", "mul", "mul_", "imul", "truediv",
+    "add", "add_", "iadd", "sub", "sub_", "isub", "rsub", "mul", "mul_", "imul", "multiply", "truediv",
+    "clamp", "clamp_", "clip", "clamp_min", "clamp_max",  # bounds may be tensors
     "div", "div_", "itruediv", "pow", "maximum", "minimum", "where", "masked_fill",
     "addcmul", "lerp", "floordiv", "mod", "eq", "ne", "lt", "gt", "le", "ge", "and_", "or_",
     "__and__", "__or__", "bitwise_and", "bitwise_or", "logical_and", "logical_or"])

@@ -17,7 +17,7 @@ import torch.fx as fx
 
 from .. import labels as L
 from ..labels import NONE, Irregular, kept_sequence
-from .registry import OpFamily, op_key, register
+from .registry import OpFamily, family_of, op_key, register
 
 
 class Move(OpFamily):
@@ -157,10 +157,10 @@ def moves_data_only(fn, args, kwargs) -> bool:
 
 WRAPPED = Wrapped()
 register(Move(), names=[
-    "permute", "transpose", "t", "squeeze", "unsqueeze", "contiguous", "expand_as", "view_as", "reshape_as",
+    "permute", "transpose", "t", "numpy_T", "T", "mT", "squeeze", "unsqueeze", "contiguous", "expand_as", "view_as", "reshape_as",
     "cat", "concat", "concatenate", "stack", "roll", "flip", "repeat", "repeat_interleave", "movedim",
     "swapaxes", "swapdims", "clone", "alias", "tile", "move"], modules=[torch.nn.Flatten, torch.nn.Unflatten])
-register(Reshape(), names=["reshape", "view", "_unsafe_view", "expand", "unflatten"])
+register(Reshape(), names=["reshape", "view", "_unsafe_view", "expand", "broadcast_to", "unflatten"])
 register(Flatten(), names=["flatten"])
 register(Pad(), names=["pad", "constant_pad_nd"])
 
@@ -177,7 +177,8 @@ def fix_sizes(r, node, new, key):
     try:
         sizes = r.new_sizes(lab, shape)
     except Irregular:
-        if key in ("reshape", "view", "unflatten") and split_fused(r, node, new, key):
+        if key in ("reshape", "view", "_unsafe_view", "unflatten") and (
+                split_fused(r, node, new, key) or gather_takes(r, node, new)):
             return
         raise
     if key == "unflatten":
@@ -337,6 +338,117 @@ def split_fused(r, node, new, key) -> bool:
         r.env[user] = outs[i]
         r.skip.add(user)
     return True
+
+
+def gather_takes(r, node, new) -> bool:
+    """A reshape whose pruned result cannot exist (a fused qkv laid out (heads, 3, head_dim): q/k
+    and v rows interleave per head and keep different widths) of a source with channels on its
+    last dim only: every regular tensor taken from it (select / slice / index / unbind ...,
+    through any movement) is gathered from the pruned source instead, its kept channels in its
+    own order (index_select, or a slice where contiguous), then unflattened to its pruned shape.
+    The positions are found by replaying the original ops on a probe of channel positions."""
+    src = node.args[0]
+    if not isinstance(src, fx.Node):
+        return False
+    src_lab, src_shape = r.a.labels.get(src.name), r.a.shapes.get(src.name)
+    if not isinstance(src_lab, torch.Tensor) or not isinstance(src_shape, tuple) or \
+            L.varying_dims(src_lab) != [src_lab.dim() - 1]:
+        return False
+    k = len(src_shape) - 1  # leading dims (batch, tokens) that every take keeps as they are
+    region, takes, todo = [node], [], [node]
+    while todo:
+        for u in list(todo.pop().users):
+            if u in region or u in takes:
+                continue
+            if not isinstance(r.a.labels.get(u.name), (torch.Tensor, list, tuple)) or \
+                    not isinstance(family_of(u, r.modules)[1], Move):
+                return False
+            if isinstance(r.a.labels[u.name], torch.Tensor) and _regular(r, u):
+                if tuple(r.a.shapes[u.name][:k]) != tuple(src_shape[:k]) or \
+                        r.ragged_of(u) not in (None, len(r.a.shapes[u.name]) - 1 - _inner_pad(r.a.labels[u.name])):
+                    return False  # the leading dims moved, or the pruned layout is not row-major
+                takes.append(u)
+            else:
+                region.append(u)
+                todo.append(u)
+    probe = {src: torch.arange(src_shape[-1]).expand(src_shape).contiguous()}
+    try:
+        for n in sorted(region + takes, key=_order(r)):
+            probe[n] = _replay(r, n, probe)
+    except Exception:  # noqa: BLE001 - an op the probe cannot replay: not this form
+        return False
+    lab = src_lab.reshape(-1)
+    kept_src = r.keep[lab.clamp(min=0)] | (lab < 0)
+    rank = torch.cumsum(kept_src.long(), 0) - 1  # position of each kept channel in the pruned source
+    parts = []
+    for t in takes:
+        pos, shape, t_lab = probe[t], list(r.a.shapes[t.name]), r.a.labels[t.name]
+        first = pos[(0,) * k]
+        t_lab = L.expand(t_lab.reshape((1,) * (len(shape) - t_lab.dim()) + tuple(t_lab.shape)), shape)[(0,) * k]
+        sel = first[r.keep[t_lab.clamp(min=0)] | (t_lab < 0)]  # row-major: the pruned tensor's own order
+        if not bool((pos == first).all()) or not bool(kept_src[sel].all()):
+            return False  # the leading dims are moved, or a kept entry reads a removed channel
+        parts.append((t, rank[sel], r.new_sizes(r.a.labels[t.name], shape)[k:]))
+    r.graph.erase_node(new)
+    for t, idx, sizes in parts:
+        x = r.env[src]
+        if idx.numel() and torch.equal(idx, torch.arange(int(idx[0]), int(idx[0]) + idx.numel())):
+            if idx.numel() != int(kept_src.sum()):
+                x = r.graph.call_method("narrow", (x, -1, int(idx[0]), idx.numel()))
+        else:
+            name, i = f"snp_take_{t.name}", 0
+            while name in r.attrs or hasattr(r.gm, name):  # a model pruned before has its own
+                name, i = f"snp_take_{t.name}_{i}", i + 1
+            r.attrs[name] = idx
+            x = r.graph.call_function(torch.index_select, (x, -1, r.graph.get_attr(name)))
+        r.env[t] = r.graph.call_method("unflatten", (x, -1, tuple(sizes))) if len(sizes) != 1 else x
+    r.fused.add(node)
+    r.skip.update(region[1:] + takes)
+    return True
+
+
+def _inner_pad(lab) -> int:
+    """How many dims after a label tensor's innermost varying one (0 when it varies on its last)."""
+    var = L.varying_dims(lab)
+    return lab.dim() - 1 - var[-1] if var else 0
+
+
+def _regular(r, n) -> bool:
+    try:
+        r.new_sizes(r.a.labels[n.name], r.a.shapes[n.name])
+        return True
+    except Irregular:
+        return False
+
+
+def _order(r):
+    pos = {n: i for i, n in enumerate(r.gm.graph.nodes)}
+    return lambda n: pos[n]
+
+
+def _replay(r, n, probe):
+    """``n`` run on probe values: reshapes to the shape it had, the rest as they are, with any
+    other tensor argument (an index) computed from constants."""
+    key = op_key(n, r.modules)
+    x = probe[n.args[0]]
+    if key in ("reshape", "view", "_unsafe_view", "unflatten", "flatten"):
+        return x.reshape(r.a.shapes[n.name])
+    if key in ("expand", "broadcast_to"):
+        return x.expand(r.a.shapes[n.name])
+    args, kwargs = fx.node.map_arg((n.args[1:], n.kwargs), lambda a: probe[a] if a in probe else _constant(r, a))
+    if n.op == "call_method":
+        return getattr(x, n.target)(*args, **kwargs)
+    return n.target(x, *args, **kwargs)
+
+
+def _constant(r, n):
+    """The value of a node computed from parameters and literals only (an index tensor)."""
+    if n.op == "get_attr":
+        return operator.attrgetter(n.target)(r.gm)
+    if n.op != "call_function":
+        raise Irregular(f"`{n.name}` is not a constant")
+    args, kwargs = fx.node.map_arg((n.args, n.kwargs), lambda a: _constant(r, a))
+    return n.target(*args, **kwargs)
 
 
 def early(r, n: fx.Node) -> fx.Node:

@@ -2,10 +2,12 @@
 from __future__ import annotations
 
 import torch
+import torch.fx as fx
 import torch.nn as nn
 
 from .. import labels as L
 from ..labels import NONE, map_struct
+from .elementwise import Binary
 from .registry import OpFamily, register
 
 # reductions a zero channel does not change: removing a channel equals zeroing it
@@ -22,10 +24,18 @@ def _dims(node):
     return None if dim is None else [dim] if isinstance(dim, int) else list(dim)
 
 
+def _two_tensors(a, node, key) -> bool:
+    """max(a, b) / min(a, b) (``a``: the analysis): the element-wise overload, not a reduction."""
+    other = node.args[1] if len(node.args) > 1 else node.kwargs.get("other")
+    return key in ("max", "min") and isinstance(other, fx.Node) and isinstance(a.shapes.get(other.name), tuple)
+
+
 class Reduce(OpFamily):
     kind = "reduce"
 
     def propagate(self, p, n, key, args, kwargs, result):
+        if key in ("max", "min") and isinstance(args[1] if len(args) > 1 else kwargs.get("other"), torch.Tensor):
+            return BINARY.propagate(p, n, key, args, kwargs, result)  # element-wise, like maximum
         lab = p.lab(n.args[0])
         x = args[0]
         first = 2 if key in ("norm", "linalg_vector_norm") else 1  # norm(x, p, dim, keepdim)
@@ -49,8 +59,12 @@ class Reduce(OpFamily):
         return map_struct(result, lambda r: L.reduce(out.reshape((1,) * (r.dim() - out.dim()) + tuple(out.shape)))
                           if isinstance(r, torch.Tensor) and r.dim() >= out.dim() else None)
 
+    def rewrite(self, r, node, new, key):
+        if _two_tensors(r.a, node, key):
+            BINARY.rewrite(r, node, new, key)
+
     def masked(self, m, node, key):
-        if key in ZERO_NEUTRAL or not self._reduces_channels(m, node):
+        if key in ZERO_NEUTRAL or _two_tensors(m.a, node, key) or not self._reduces_channels(m, node):
             return  # sums over removed (zero) channels are exact already
         mask = m.last_dim_mask(node)
         if mask is None:
@@ -78,6 +92,24 @@ class Reduce(OpFamily):
         return any(lab.shape[d % rank] > 1 for d in dims)
 
 
+class AlongDim(OpFamily):
+    """topk / sort / cumsum / diff along one dim (an MoE router's top experts, positions from a
+    mask): the results are laid out like the input; along a channel dim they mix or pick
+    channels by value, which removing one would change."""
+    kind = "along_dim"
+
+    def propagate(self, p, n, key, args, kwargs, result):
+        lab, x = p.lab(n.args[0]), args[0]
+        if any(isinstance(p.lab(a), torch.Tensor) for a in list(n.args[1:]) + list(n.kwargs.values())):
+            return p.refuse(n, f"{n.name}: `{key}` with a second tensor", result)  # diff(x, prepend=t)
+        pos = 2 if key in ("topk", "diff") else 1  # topk(x, k, dim), diff(x, n, dim), sort(x, dim), cumsum(x, dim)
+        dim = kwargs.get("dim", args[pos] if len(args) > pos and not isinstance(args[pos], bool) else -1)
+        lab = lab.reshape((1,) * (x.dim() - lab.dim()) + tuple(lab.shape))
+        if dim % x.dim() in L.varying_dims(lab):
+            return p.refuse(n, f"{n.name}: `{key}` over channels", result)
+        return map_struct(result, lambda r: lab if isinstance(r, torch.Tensor) else None)
+
+
 class Softmax(OpFamily):
     """Normalisation over ``dim``: not the same as zeroing if that is a channel dim."""
     kind = "softmax"
@@ -97,6 +129,9 @@ class Softmax(OpFamily):
             raise ValueError(f"`{node.name}` ({key}) normalises over removed channels")
 
 
+BINARY = Binary()
+register(BINARY, targets=[torch.ops.aten.max.other, torch.ops.aten.min.other])  # by overload (torch.export)
 register(Reduce(), names=["sum", "mean", "amax", "amin", "max", "min", "var", "std", "norm", "logsumexp", "prod",
                           "all", "any", "linalg_vector_norm"])
+register(AlongDim(), names=["topk", "sort", "argsort", "cumsum", "cumprod", "diff"])
 register(Softmax(), names=["softmax", "log_softmax", "_softmax", "_log_softmax"], modules=[nn.Softmax])
