@@ -27,9 +27,23 @@ def decoder(config_cls, model_cls="AutoModelForCausalLM", **cfg):
     return build
 
 
+def encoder(config_cls, model_cls, inputs, **cfg):
+    """A builder: (model, keyword inputs) for an encoder (text or vision)."""
+    def build():
+        return getattr(transformers, model_cls)(config_cls(**{**TINY, **cfg})), inputs
+    return build
+
+
+MASK = torch.tensor([[1] * 7, [1] * 5 + [0] * 2])
+PIXELS = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+
 # family -> (builder, attention layers expected)
 FAMILIES = {
     "llama": (decoder(transformers.LlamaConfig, num_key_value_heads=2), 2),
+    # the pooling head's nn.MultiheadAttention is a cross-attention (a learned probe attends to the
+    # tokens): a third site, its q/k/v weights rows of in_proj_weight
+    "siglip_vision": (encoder(transformers.SiglipVisionConfig, "SiglipVisionModel", {"pixel_values": PIXELS},
+                              image_size=32, patch_size=8), 3),
 }
 
 _cache = {}

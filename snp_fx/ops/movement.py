@@ -112,8 +112,9 @@ def indexing_ok(n, key, args, kwargs, lab) -> bool:
         else:  # roll(x, shifts, dims)
             dims = kwargs.get("dims", args[2] if key == "roll" and len(args) > 2 else None)
         if key in ("repeat", "tile", "repeat_interleave"):
+            reps = args[1] if len(args) == 2 and isinstance(args[1], (list, tuple)) else args[1:]  # aten: a list
             return not var or key == "repeat" and all(
-                r == 1 for i, r in enumerate(args[1:]) if (i + lab.dim() - len(args[1:])) in var)
+                r == 1 for i, r in enumerate(reps) if (i + lab.dim() - len(reps)) in var)
         if dims is None:
             return not var
         dims = [dims] if isinstance(dims, int) else dims
