@@ -40,6 +40,15 @@ PIXELS = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(0))
 # family -> (builder, attention layers expected)
 FAMILIES = {
     "llama": (decoder(transformers.LlamaConfig, num_key_value_heads=2), 2),
+    # disentangled attention: the position terms q @ pos_key^T and k @ pos_query^T pair the q/k
+    # channels again (v3 shares the q/k projections; v2-style separate pos_key_proj / pos_query_proj
+    # join the q/k classes); the per-head position keys are repeated over batch x heads
+    "deberta_v3": (encoder(transformers.DebertaV2Config, "DebertaV2Model", {"input_ids": IDS, "attention_mask": MASK},
+                           relative_attention=True, pos_att_type=["p2c", "c2p"], share_att_key=True,
+                           position_buckets=16, norm_rel_ebd="layer_norm", position_biased_input=False), 2),
+    "deberta_v2_pos_proj": (encoder(transformers.DebertaV2Config, "DebertaV2Model",
+                                    {"input_ids": IDS, "attention_mask": MASK}, relative_attention=True,
+                                    pos_att_type=["p2c", "c2p"], share_att_key=False, max_relative_positions=16), 2),
     # the pooling head's nn.MultiheadAttention is a cross-attention (a learned probe attends to the
     # tokens): a third site, its q/k/v weights rows of in_proj_weight
     "siglip_vision": (encoder(transformers.SiglipVisionConfig, "SiglipVisionModel", {"pixel_values": PIXELS},

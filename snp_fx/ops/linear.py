@@ -65,11 +65,20 @@ def _param_rows(p, w_node, w):
     return (src.target, rows) if bool(torch.isin(rows, ids[0]).all()) else None
 
 
-def _last_dim_input(p, n, x_lab, what):
-    """The input's labels along its last dim; frozen if it carries channels elsewhere."""
+def _last_dim_input(p, n, x_lab, what, in_ids):
+    """The input's labels along its last dim, coupled with the weight's input channels ``in_ids``.
+
+    An input whose labels vary along other dims too is frozen, but for a small parameter still
+    coupled to nothing (one unit per element: DeBERTa's relative position embeddings fed to the
+    projections): each of its columns joins its input channel, so no row goes on its own."""
+    from .attention import is_table
     if any(d != x_lab.dim() - 1 for d in L.varying_dims(x_lab)):
-        p.freeze_all(n, f"{n.name}: {what} input carries channels outside its last dim")
-        return L.constant(FROZEN, 1)
+        if x_lab.shape[-1] == in_ids.numel() and is_table(p, x_lab):
+            p.space.union(x_lab, in_ids)
+        x_lab = L.reduce(p.space.canon(x_lab))
+        if any(d != x_lab.dim() - 1 for d in L.varying_dims(x_lab)):
+            p.freeze_all(n, f"{n.name}: {what} input carries channels outside its last dim")
+            return L.constant(FROZEN, 1)
     return x_lab.reshape(-1)
 
 
@@ -93,7 +102,7 @@ class Linear(OpFamily):
             in_ids = p.param_ids[w_name][1]
         else:
             out_ids, in_ids = p.pids(w_name, w)
-        p.space.union(in_ids, _last_dim_input(p, n, p.lab(n.args[0]), "linear"))
+        p.space.union(in_ids, _last_dim_input(p, n, p.lab(n.args[0]), "linear", in_ids))
         if b is not None and n.op == "call_module":
             p.space.union(p.pids(n.target + ".bias", b)[0], out_ids)
         elif b is not None:  # a bias node, a parameter or computed (BEiT's cat of q/k/v biases): align it
@@ -127,7 +136,7 @@ class Addmm(OpFamily):
             return p.refuse(n, f"{n.name}: addmm with a computed weight", result)
         w_name = a.param("mat2")
         in_ids, out_ids = p.pids(w_name, a.value("mat2"))
-        p.space.union(in_ids, _last_dim_input(p, n, p.lab(a["mat1"]), "addmm"))
+        p.space.union(in_ids, _last_dim_input(p, n, p.lab(a["mat1"]), "addmm", in_ids))
         bias, b_name = a.value("input"), a.param("input")
         if b_name:
             p.space.union(p.pids(b_name, bias)[0], out_ids)
