@@ -196,13 +196,14 @@ class CrossAttention(nn.Module):
 @pytest.mark.parametrize("seed", [0, 1])
 def test_multihead_attention_as_cross_attention(same_kv, seed):
     """The q, k, v weights are rows of in_proj_weight taken by split / chunk: the linears on them
-    make the parameter's rows, the rewrite prunes those rows and renumbers the split."""
+    make the parameter's rows, the rewrite prunes those rows and renumbers the split.  The query
+    stream and the memory meet in in_proj's columns: the residual stream is pruned through both."""
     torch.manual_seed(seed)
     model = sharpen(randomize_norms(CrossAttention(same_kv=same_kv).eval(), seed))
     a = snp_fx.analyze(model, (torch.randn(2, 5, 16), torch.randn(2, 7, 16)))
     assert len(a.sites) == 2 and len(a.prunable("qk")) == 2 and len(a.prunable("v")) == 2, a.reasons()
     assert len(a.prunable("ffn")) == 2, a.reasons()
-    ratios = {"qk": 0.5, "v": 0.25 + 0.25 * seed, "ffn": 0.5, "heads": 0.25 * seed}
+    ratios = {"qk": 0.5, "v": 0.25 + 0.25 * seed, "ffn": 0.5, "heads": 0.25 * seed, "residual": 0.25 * seed}
     pruned, plan = check_mask_equivalence(a, ratios, seed)
     assert pruned.get_parameter("attn.0.in_proj_weight").shape[0] < 3 * 32  # the rows are gone
     assert_sensitive(a, keep_mask(a, plan), pruned)
