@@ -84,3 +84,12 @@ def test_mask_equivalence_and_sensitivity(name, seed):
     ratios = {"qk": 0.5, "v": 0.25 + 0.25 * seed, "ffn": 0.5}
     pruned, plan = check_mask_equivalence(a, ratios, seed)
     assert_sensitive(a, keep_mask(a, plan), pruned)
+
+
+@pytest.mark.parametrize("name", ["deberta_v3", "deberta_v2_pos_proj", "siglip_vision"])
+def test_whole_heads(name):
+    """Removing whole heads shrinks the merged batch x heads dim: DeBERTa's repeated position keys
+    and its gather indices (relative positions expanded over batch x heads) follow."""
+    model, inputs, a, layers = analysis(name)
+    for seed in (0, 1):
+        check_mask_equivalence(a, {"qk": 0.25, "v": 0.5, "ffn": 0.5, "heads": 0.5}, seed)
