@@ -1,12 +1,14 @@
 """Hand-written transformers: every attention form, random widths and random plans."""
 import pytest
 import torch
+import torch.nn as nn
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import snp_fx
-from models import BlockSpec, MHATransformer, PlainViT, randomize_norms
-from oracles import check_mask_equivalence
+from models import BlockSpec, MHATransformer, Mlp, PlainViT, randomize_norms
+from oracles import assert_sensitive, check_mask_equivalence, sharpen
+from snp_fx.planning import keep_mask
 
 FORMS = ["matmul", "matmul_after", "einsum", "bmm", "sdpa"]
 
@@ -165,3 +167,44 @@ def test_model_holding_an_autograd_cache_is_copied_not_refused():
     assert sum(p.numel() for p in pruned.parameters()) < sum(p.numel() for p in model.parameters())
     assert model.cache["scaled_pos"].grad_fn is not None
     assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+
+
+class CrossAttention(nn.Module):
+    """A DETR-style decoder: queries attend to a memory through nn.MultiheadAttention (its in_proj
+    weight is sliced into w_q and w_k, w_v), then an FFN.  ``same_kv``: key and value are one tensor."""
+
+    def __init__(self, dim=32, heads=4, hidden=64, depth=2, same_kv=True):
+        super().__init__()
+        self.same_kv = same_kv
+        self.embed = nn.Linear(16, dim)
+        self.mem = nn.Linear(16, dim)
+        self.mem_v = nn.Linear(16, dim)
+        self.attn = nn.ModuleList(nn.MultiheadAttention(dim, heads, batch_first=True) for _ in range(depth))
+        self.norms = nn.ModuleList(nn.LayerNorm(dim) for _ in range(depth))
+        self.mlps = nn.ModuleList(Mlp(dim, hidden) for _ in range(depth))
+        self.head = nn.Linear(dim, 5)
+
+    def forward(self, x, memory):
+        x, k = self.embed(x), self.mem(memory)
+        v = k if self.same_kv else self.mem_v(memory)
+        for attn, norm, mlp in zip(self.attn, self.norms, self.mlps):
+            x = x + attn(norm(x), k, v)[0]
+            x = x + mlp(x)
+        return self.head(x.mean(1))
+
+
+@pytest.mark.parametrize("same_kv", [True, False])
+@pytest.mark.parametrize("seed", [0, 1])
+def test_multihead_attention_as_cross_attention(same_kv, seed):
+    """The q, k, v weights are rows of in_proj_weight taken by split / chunk: the linears on them
+    make the parameter's rows, the rewrite prunes those rows and renumbers the split.  The query
+    stream and the memory meet in in_proj's columns: the residual stream is pruned through both."""
+    torch.manual_seed(seed)
+    model = sharpen(randomize_norms(CrossAttention(same_kv=same_kv).eval(), seed))
+    a = snp_fx.analyze(model, (torch.randn(2, 5, 16), torch.randn(2, 7, 16)))
+    assert len(a.sites) == 2 and len(a.prunable("qk")) == 2 and len(a.prunable("v")) == 2, a.reasons()
+    assert len(a.prunable("ffn")) == 2, a.reasons()
+    ratios = {"qk": 0.5, "v": 0.25 + 0.25 * seed, "ffn": 0.5, "heads": 0.25 * seed, "residual": 0.25 * seed}
+    pruned, plan = check_mask_equivalence(a, ratios, seed)
+    assert pruned.get_parameter("attn.0.in_proj_weight").shape[0] < 3 * 32  # the rows are gone
+    assert_sensitive(a, keep_mask(a, plan), pruned)

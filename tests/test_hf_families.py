@@ -28,16 +28,20 @@ def decoder(config_cls, model_cls="AutoModelForCausalLM", tiny=TINY, inputs=None
     return build
 
 
-def encoder(config_cls, model_cls, tiny=TINY, **cfg):
-    """A builder for an encoder (no cache argument)."""
+def encoder(config_cls, model_cls, tiny=TINY, inputs=None, **cfg):
+    """A builder for an encoder, text or vision (no cache argument); ``inputs``: its keyword inputs
+    (default: the token ids)."""
     def build():
-        return getattr(transformers, model_cls)(config_cls(**{**tiny, **cfg})), {"input_ids": IDS}
+        return getattr(transformers, model_cls)(config_cls(**{**tiny, **cfg})), inputs or {"input_ids": IDS}
     return build
 
 
 T5 = dict(d_model=64, d_kv=16, d_ff=128, num_layers=2, num_heads=4, vocab_size=100, relative_attention_num_buckets=8)
 BLOOM = dict(hidden_size=64, n_layer=2, n_head=4, vocab_size=100)
 FALCON = {k: v for k, v in TINY.items() if k != "intermediate_size"}  # Falcon's FFN is 4 * hidden
+MASK = torch.tensor([[1] * 7, [1] * 5 + [0] * 2])
+TEXT = {"input_ids": IDS, "attention_mask": MASK}
+PIXELS = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(0))
 
 # family -> (builder, attention sites expected)
 FAMILIES = {
@@ -50,6 +54,19 @@ FAMILIES = {
                                 new_decoder_architecture=True, num_kv_heads=2), 2),
     "bloom": (decoder(transformers.BloomConfig, "BloomForCausalLM", BLOOM), 2),
     "mpnet": (encoder(transformers.MPNetConfig, "MPNetModel"), 2),
+    # disentangled attention: the position terms q @ pos_key^T and k @ pos_query^T pair the q/k
+    # channels again (v3 shares the q/k projections; v2-style separate pos_key_proj / pos_query_proj
+    # join the q/k classes); the per-head position keys are repeated over batch x heads
+    "deberta_v3": (encoder(transformers.DebertaV2Config, "DebertaV2Model", inputs=TEXT,
+                           relative_attention=True, pos_att_type=["p2c", "c2p"], share_att_key=True,
+                           position_buckets=16, norm_rel_ebd="layer_norm", position_biased_input=False), 2),
+    "deberta_v2_pos_proj": (encoder(transformers.DebertaV2Config, "DebertaV2Model", inputs=TEXT,
+                                    relative_attention=True, pos_att_type=["p2c", "c2p"], share_att_key=False,
+                                    max_relative_positions=16), 2),
+    # the pooling head's nn.MultiheadAttention is a cross-attention (a learned probe attends to the
+    # tokens): a third site, its q/k/v weights rows of in_proj_weight
+    "siglip_vision": (encoder(transformers.SiglipVisionConfig, "SiglipVisionModel", inputs={"pixel_values": PIXELS},
+                              image_size=32, patch_size=8), 3),
 }
 FFN_LAYERS = {"t5": 4}  # FFNs where there are fewer than attention sites
 
@@ -82,3 +99,12 @@ def test_mask_equivalence_and_sensitivity(name, seed):
     ratios = {"qk": 0.5, "v": 0.25 + 0.25 * seed, "ffn": 0.5}
     pruned, plan = check_mask_equivalence(a, ratios, seed)
     assert_sensitive(a, keep_mask(a, plan), pruned)
+
+
+@pytest.mark.parametrize("name", ["deberta_v3", "deberta_v2_pos_proj", "siglip_vision"])
+def test_whole_heads(name):
+    """Removing whole heads shrinks the merged batch x heads dim: DeBERTa's repeated position keys
+    and its gather indices (relative positions expanded over batch x heads) follow."""
+    model, inputs, a, layers = analysis(name)
+    for seed in (0, 1):
+        check_mask_equivalence(a, {"qk": 0.25, "v": 0.5, "ffn": 0.5, "heads": 0.5}, seed)

@@ -163,6 +163,16 @@ def _functional_linear(s, y):
     return F.linear(y, s.w)
 
 
+def _sliced_linear(s, y):
+    """Weights that are rows of one parameter (nn.MultiheadAttention's in_proj as cross-attention)."""
+    return F.linear(y, s.w[:H]) * F.linear(y, s.w.chunk(2)[1])
+
+
+def _repeat(s, y):
+    """repeat along the channel dim: the copies keep the same channels."""
+    return y.repeat(1, 1, 2).unflatten(-1, (2, H)).mean(2)
+
+
 def _with(**params):
     """A Sandwich-making factory with extra parameters on it."""
     def make(mid):
@@ -223,6 +233,7 @@ ROWS = [
     ("shape", lambda: Sandwich(_reshape), _tokens, {"fx": ops.Shape}, FFN),
     ("assert", lambda: Sandwich(_asserted), _tokens, {"fx": ops.Ignore}, FFN),
     ("move", lambda: Sandwich(_movement), _tokens, {"fx": ops.Move, "export": ops.Move}, FFN),
+    ("repeat", lambda: Sandwich(_repeat), _tokens, {"fx": ops.Move, "export": ops.Move}, FFN),
     ("reshape", lambda: Sandwich(_reshape), _tokens, {"fx": ops.Reshape, "export": ops.Reshape}, FFN),
     ("flatten", lambda: Sandwich(_reshape), _tokens, {"fx": ops.Flatten}, FFN),
     ("index", lambda: Sandwich(_indexing), _tokens, {"fx": ops.Index, "export": ops.Index}, FFN),
@@ -231,6 +242,8 @@ ROWS = [
     ("pad", lambda: Sandwich(_pad), _tokens, {"fx": ops.Pad, "export": ops.Pad}, FFN),
     ("reduce_softmax", lambda: Sandwich(_reduce), _tokens, {"fx": ops.Softmax, "export": ops.Reduce}, FFN),
     ("linear", lambda: _with(w=torch.randn(H, H) * 0.3)(_functional_linear), _tokens,
+     {"fx": ops.Linear, "export": ops.Linear}, FFN),
+    ("linear_sliced_weight", lambda: _with(w=torch.randn(2 * H, H) * 0.3)(_sliced_linear), _tokens,
      {"fx": ops.Linear, "export": ops.Linear}, FFN),
     ("addmm", AddmmFFN, _tokens, {"fx": ops.Addmm, "export": ops.Addmm}, FFN),
     ("embedding", lambda: Tokens(nn.LayerNorm(C)), _ids, {"fx": ops.Embedding, "export": ops.Embedding},

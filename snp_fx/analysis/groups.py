@@ -51,7 +51,7 @@ class Group:
         return self.classes.shape[-1]
 
 
-PROJECTION_NAMES = ("qkv", "query", "q", "q_proj", "c_attn", "in_proj")  # a site is named after its module
+PROJECTION_NAMES = ("qkv", "query", "q", "q_proj", "c_attn", "in_proj", "query_proj")  # a site is named after its module
 
 
 def build_groups(channels, sites: list[Site], producers: list[tuple[str, torch.Tensor]]) -> dict[str, Group]:

@@ -223,6 +223,8 @@ class Propagator(fx.Interpreter):
         if not (isinstance(result, torch.Tensor) and result.is_floating_point() and result.dim() > 0):
             return self.full(NONE, result)
         soft = not isinstance(result, torch.nn.Parameter)  # a buffer or constant
+        if result.dim() == 2 and not soft and ops.linear.sliced_weight_rows(n):
+            return self.pids(n.target, result)[0].reshape(-1, 1)  # rows taken as linear weights
         if result.numel() <= ELEMENT_ID_LIMIT:
             if n.target not in self.elem_ids:
                 self.elem_ids[n.target] = self.space.new(result.numel(), soft).reshape(result.shape)

@@ -39,8 +39,10 @@ def contract(p, n, la, lb, out_rank):
         q, k = la[..., 0, :], lb[..., :, 0]
         qb, kb = torch.broadcast_tensors(q, k)
         p.space.union(qb, kb)
-        site = Site(node=n.name, kind="matmul", q=q, k=k, producers_before=len(p.producers))
-        p.sites.append(site)
+        site = _site_of_pairs(p, qb)
+        if site is None:
+            site = Site(node=n.name, kind="matmul", q=q, k=k, producers_before=len(p.producers))
+            p.sites.append(site)
         flat_q = qb.reshape(-1, qb.shape[-1])
         flat_k = kb.reshape(-1, kb.shape[-1])
         dep = p.space.dependent([torch.cat([a, b]) for a, b in zip(flat_q, flat_k)])
@@ -72,6 +74,19 @@ def contract(p, n, la, lb, out_rank):
         p.space.freeze(cb[both], f"{n.name}: product of two channel tensors")
     out = torch.where(dep_a | (ca < 0), cb, ca)
     return L.reduce(out.reshape((1,) * (out_rank - out.dim()) + tuple(out.shape)))
+
+
+def _site_of_pairs(p, q):
+    """The site whose q/k pairs these are already (DeBERTa's position terms q @ pos_key^T and
+    k @ pos_query^T pair the same channels per head as q @ k^T): one more term of its scores."""
+    mine = L.rows(p.space.canon(q))
+    if not p.sites or bool((mine <= 0).any()) or torch.unique(mine).numel() != mine.numel():
+        return None  # only channels of their own (not frozen to an input, not shared by heads)
+    mine = {tuple(r) for r in mine.tolist()}
+    for site in reversed(p.sites):
+        if {tuple(r) for r in L.rows(p.space.canon(site.q)).tolist()} == mine:
+            return site
+    return None
 
 
 def _note_v(p, n, dep, other, v):

@@ -14,13 +14,24 @@ import torch.fx as fx
 
 from .. import labels as L
 from ..labels import Irregular
+from .elementwise import gather_operands
 from .movement import Move
 from .registry import register
 
 
 class Index(Move):
     """getitem / select / slice / narrow / split / chunk / index_select / index: positions on a
-    pruned dim are renumbered in the kept channels; a gather along one is refused."""
+    pruned dim are renumbered in the kept channels; a gather along one is refused.  A gather's
+    index without channels (DeBERTa's relative positions, expanded over batch x heads) is cut to
+    the kept slices of the other dims, like a constant operand of an elementwise op."""
+
+    def propagate(self, p, n, key, args, kwargs, result):
+        out = super().propagate(p, n, key, args, kwargs, result)
+        index = n.args[2] if len(n.args) > 2 else n.kwargs.get("index")
+        lab = p.lab(index) if isinstance(index, fx.Node) else None
+        if key == "gather" and isinstance(lab, torch.Tensor) and not L.varying_dims(lab):  # the rewrite leaves it whole
+            p.gathered[n.name] = [index.name]
+        return out
 
     def rewrite(self, r, node, new, key):
         src = r.a.labels.get(getattr(node.args[0], "name", None)) if node.args else None
@@ -33,6 +44,8 @@ class Index(Move):
             if d in L.varying_dims(lab) and count_kept(r, lab, shape, d, 0, shape[d]) != shape[d]:
                 if key != "index_select" or not remap_index(r, node, lab, d):
                     raise Irregular(f"`{key}` along a pruned dim")
+            if node.name in r.a.gathered:
+                gather_operands(r, node, new)
         elif key == "narrow":
             fix_narrow(r, node, new)
         elif key in ("slice", "select") and isinstance(src, torch.Tensor):

@@ -91,7 +91,7 @@ class Pad(OpFamily):
 
 
 def indexing_ok(n, key, args, kwargs, lab) -> bool:
-    """False if the op gathers or reorders along a channel dim (roll, flip, repeat, a reversed slice)."""
+    """False if the op gathers or reorders along a channel dim (roll, flip, repeat_interleave, a reversed slice)."""
     var = set(L.varying_dims(lab))
     if key == "getitem":
         idx = args[1] if isinstance(args[1], tuple) else (args[1],)
@@ -111,9 +111,12 @@ def indexing_ok(n, key, args, kwargs, lab) -> bool:
             dims = kwargs.get("dims", list(args[1:]) if len(args) > 2 else args[1] if len(args) > 1 else None)
         else:  # roll(x, shifts, dims)
             dims = kwargs.get("dims", args[2] if key == "roll" and len(args) > 2 else None)
-        if key in ("repeat", "tile", "repeat_interleave"):
-            return not var or key == "repeat" and all(
-                r == 1 for i, r in enumerate(args[1:]) if (i + lab.dim() - len(args[1:])) in var)
+        if key in ("repeat", "tile"):
+            # tiles whole copies: run on the labels it is exact, and its counts are no sizes
+            # (DeBERTa repeats per-head position keys over the merged batch x heads dim)
+            return True
+        if key == "repeat_interleave":
+            return not var
         if dims is None:
             return not var
         dims = [dims] if isinstance(dims, int) else dims
