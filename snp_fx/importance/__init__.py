@@ -38,6 +38,7 @@ import torch
 
 from ..calibration import default_calibration
 from ..errors import SNPError
+from ..precision import wide
 from .calibrate import calibrate_qk
 from .exact import exact_keep
 from .snp import geometric_median_scores, redundancy_scores
@@ -196,7 +197,7 @@ def residual_tss_average(analysis, params, group) -> torch.Tensor:
         t = params.get(name)
         if t is None:
             continue
-        t = t.detach().cpu().pow(2)
+        t = wide(t.detach().cpu()).pow(2)  # float16 squares of small weights underflow
         for d, ids in enumerate(ids_per_dim):
             cls = analysis.channels.class_of[ids]
             if not bool(in_group[cls].any()):
