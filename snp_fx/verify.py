@@ -5,20 +5,31 @@
   with the removed weight slices zeroed (the reference is built from the
   original graph and parameters, not from the rewrite).
 
-Usable from users' own tests: ``snp_fx.verify.mask_equivalence(...)``.
+Usable from users' own tests: ``snp_fx.verify.mask_equivalence(...)``, and
+``check(...)`` for the error with the tolerance ``snp_fx.apply`` holds it to (``tolerance``:
+1e-4 in float32; from the measured rounding error in float16 / bfloat16).
 """
 from __future__ import annotations
 
 import copy
 import operator
+import warnings
 
 import torch
 import torch.fx as fx
 import torch.nn as nn
-from torch.utils._pytree import tree_leaves
+from torch.utils._pytree import tree_leaves, tree_map
 
 from . import ops
 from .analysis import Analysis
+from .errors import brief
+from .precision import lowest
+
+# The self-check's tolerance: the largest relative error between the pruned model and the masked
+# original (see ``tolerance``).
+TOLERANCE = 1e-4   # float32 and wider: many times the rounding error of the models measured (1e-7..1e-6)
+NOISE_FACTOR = 3   # narrower dtypes: this many times the reference's own rounding error
+FALLBACK_EPS = 4   # that rounding error when it cannot be measured: this many eps of the dtype
 
 
 def _zeroed(analysis, name, t: torch.Tensor, keep) -> torch.Tensor:
@@ -30,20 +41,23 @@ def _zeroed(analysis, name, t: torch.Tensor, keep) -> torch.Tensor:
     return out
 
 
-def masked_reference(analysis: Analysis, keep: torch.Tensor, exact_norms: bool = False) -> fx.GraphModule:
+def masked_reference(analysis: Analysis, keep: torch.Tensor, exact_norms: bool = False,
+                     dtype: torch.dtype | None = None) -> fx.GraphModule:
     """The original graph with every removed parameter slice set to zero.
 
     With ``exact_norms``, LayerNorms and channel means over partly removed
     channels are replaced by versions that count kept channels only: then
     residual pruning is exactly equivalent too.  Raises ValueError when some
-    other op normalises over removed channels.
+    other op normalises over removed channels.  ``dtype``: the reference computes
+    in that floating dtype (its parameters, buffers and the dtypes the graph names).
     """
     gm = analysis.gm
     attrs = {}
     for node in gm.graph.nodes:
         if node.op == "get_attr":
             t = operator.attrgetter(node.target)(gm)
-            attrs[node.target] = _zeroed(analysis, node.target, t, keep) if isinstance(t, torch.Tensor) else t
+            attrs[node.target] = _zeroed(analysis, node.target, t, keep) if isinstance(t, torch.Tensor) \
+                else copy.deepcopy(t) if isinstance(t, nn.Module) else t  # its own: ``dtype`` converts it
         elif node.op == "call_module":
             mod = copy.deepcopy(gm.get_submodule(node.target))
             for name, p in list(mod.named_parameters(recurse=False)):
@@ -56,7 +70,13 @@ def masked_reference(analysis: Analysis, keep: torch.Tensor, exact_norms: bool =
     graph.output(graph.graph_copy(gm.graph, env))
     if exact_norms:
         _mask_norms(analysis, keep, gm, graph, env, attrs)
-    return fx.GraphModule(attrs, graph)
+    if dtype is not None:
+        def cast(v):
+            return dtype if isinstance(v, torch.dtype) and v.is_floating_point else v
+        for n in graph.nodes:
+            n.args, n.kwargs = fx.node.map_aggregate(n.args, cast), fx.node.map_aggregate(n.kwargs, cast)
+    ref = fx.GraphModule(attrs, graph)
+    return ref.to(dtype) if dtype is not None else ref
 
 
 class _Masker:
@@ -135,3 +155,49 @@ def mask_equivalence(analysis: Analysis, keep: torch.Tensor, pruned: nn.Module, 
     """
     ref = masked_reference(analysis, keep, exact_norms).eval()
     return relative_error(pruned(*inputs), ref(*inputs))
+
+
+def _cast(inputs, dtype):
+    return tree_map(lambda x: x.to(dtype) if isinstance(x, torch.Tensor) and x.is_floating_point() else x, inputs)
+
+
+@torch.no_grad()
+def tolerance(analysis: Analysis, keep: torch.Tensor, inputs: tuple, exact_norms: bool = False,
+              expected=None) -> float:
+    """The largest relative error ``check`` (and ``snp_fx.apply``'s self-check) lets through.
+
+    float32 and wider: ``TOLERANCE`` (1e-4).  A model or inputs in float16 / bfloat16: the
+    pruned model and the masked reference round differently (other matrix sizes, other
+    summation orders), each by about the reference's own rounding error, measured here: the
+    relative error of the masked reference in the model's dtype (``expected``, its outputs on
+    ``inputs`` if given) against the same reference in float32.  The tolerance is
+    ``NOISE_FACTOR`` (3) times that, and at least ``TOLERANCE``.  Measured on timm ViTs and
+    Llamas (2-12 layers, random plans, float16 and bfloat16): pruned vs reference 0-1.4 times
+    the rounding error; one kept q/k unit swapped for a removed one in sharp attention: 5-200
+    times (tests/test_dtypes.py).
+    """
+    low = lowest(analysis.gm, inputs)
+    if low is None:
+        return TOLERANCE
+    if expected is None:
+        expected = masked_reference(analysis, keep, exact_norms).eval()(*inputs)
+    try:
+        wide = masked_reference(analysis, keep, exact_norms, dtype=torch.float32).eval()
+        noise = relative_error(expected, wide(*_cast(inputs, torch.float32)))
+    except Exception as e:  # noqa: BLE001  (say, an op with no float32 kernel: fall back to the dtype's eps)
+        noise = FALLBACK_EPS * torch.finfo(low).eps
+        warnings.warn(f"snp_fx: the check's float32 reference does not run ({brief(e)}); the rounding "
+                      f"error of {low} is taken as {noise:.1e}", stacklevel=3)
+    return max(TOLERANCE, NOISE_FACTOR * noise)
+
+
+@torch.no_grad()
+def check(analysis: Analysis, keep: torch.Tensor, pruned: nn.Module, inputs: tuple,
+          exact_norms: bool = False) -> tuple[float, float]:
+    """(error, tolerance): ``mask_equivalence``'s relative error on ``inputs`` and the largest one
+    that passes (``tolerance``: 1e-4 in float32, from the rounding error in float16 / bfloat16)."""
+    ref = masked_reference(analysis, keep, exact_norms).eval()
+    expected = ref(*inputs)
+    del ref
+    err = relative_error(pruned(*inputs), expected)
+    return err, tolerance(analysis, keep, inputs, exact_norms, expected)
