@@ -117,6 +117,15 @@ def test_best_preset_and_macs_target_in_bfloat16(name):
                if isinstance(t, torch.Tensor) and t.is_floating_point())
 
 
+def test_float32_calibration_for_a_bfloat16_model():
+    """Calibration batches (a float32 DataLoader) are cast to the example inputs' dtype."""
+    model, x = build("small vit", torch.bfloat16)
+    calibration = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(torch.randn(6, 3, 64, 64)),
+                                              batch_size=2)
+    pruned = snp_fx.prune(model, x, ratios=RATIOS, calibration=calibration, preset="best", progress=False)
+    assert {p.dtype for p in pruned.parameters() if p.is_floating_point()} == {torch.bfloat16}
+
+
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_statistics_accumulate_in_float32(dtype):
     """Scores from the weights alone (v / FFN redundancy, residual norms) of a float16 / bfloat16
