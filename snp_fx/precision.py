@@ -24,8 +24,10 @@ def wide(t: torch.Tensor) -> torch.Tensor:
     return t.float() if is_low(t.dtype) else t
 
 
-def lowest(module: torch.nn.Module, inputs=()) -> torch.dtype | None:
-    """The narrowest floating dtype below float32 among ``module``'s tensors and ``inputs`` (None: none)."""
-    ts = [*module.parameters(), *module.buffers(), *tree_leaves(inputs)]
+def lowest(*things) -> torch.dtype | None:
+    """The narrowest floating dtype below float32 among the tensors of ``things`` (modules: their
+    parameters and buffers; else nested tensors), None if there is none."""
+    ts = [t for x in things for t in ([*x.parameters(), *x.buffers()] if isinstance(x, torch.nn.Module)
+                                      else tree_leaves(x))]
     low = {t.dtype for t in ts if isinstance(t, torch.Tensor) and is_low(t.dtype)}
     return max(low, key=lambda d: torch.finfo(d).eps) if low else None

@@ -159,3 +159,24 @@ def test_cli_writes_a_model_in_the_dtype(dtype, tmp_path, capsys):
     p32 = snp_fx.apply(tiny_vit(), snp_fx.PruningPlan.from_json(loaded.meta["snp_plan"]), x)
     with torch.no_grad():
         assert verify.relative_error(loaded(x.to(getattr(torch, dtype))).float(), p32(x)) < 1e-2
+
+
+def test_load_allows_another_machines_rounding_in_bfloat16(tmp_path, monkeypatch):
+    """snp_fx.load checks the rebuilt model's outputs against the saved ones: in bfloat16 another
+    machine's rounding (here: outputs moved by 1%) passes, another model (by 50%) does not."""
+    from snp_fx import io
+
+    def make():
+        return build("small vit", torch.bfloat16)[0]
+    x = build("small vit", torch.bfloat16)[1]
+    snp_fx.save(snp_fx.prune(make(), x, ratios=RATIOS, progress=False), tmp_path)
+    run = io._run
+    g = torch.Generator().manual_seed(0)
+    for by, ok in ((0.01, True), (0.5, False)):
+        monkeypatch.setattr(io, "_run", lambda *a: [t * (1 + by * torch.randn(t.shape, generator=g)).to(t.dtype)
+                                                    for t in run(*a)])
+        if ok:
+            snp_fx.load(tmp_path, make)
+        else:
+            with pytest.raises(io.SavedModelError, match="outputs differ"):
+                snp_fx.load(tmp_path, make)
