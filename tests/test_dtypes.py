@@ -13,7 +13,7 @@ import snp_fx
 from hf_models import llama
 from oracles import assert_sensitive, sharpen
 from snp_fx import verify
-from snp_fx.cost import count_macs
+from snp_fx.cost import count_macs, count_params
 from snp_fx.errors import RewriteError
 from snp_fx.importance import compute_scores
 from snp_fx.importance.snp import qk_pair_scores
@@ -88,6 +88,19 @@ def test_prune_keeps_the_dtype_and_the_check_sees_a_swap(name, dtype):
         assert verify.relative_error(cast(pruned(*a.inputs), torch.float32), exact) < tol
     # a kept q/k unit swapped for a removed one: mask equivalence fails at this tolerance
     assert_sensitive(a, keep, pruned, tolerance=tol)
+
+
+@pytest.mark.parametrize("name", ["small vit", "llama"])
+def test_residual_pruning_in_bfloat16(name):
+    """The reference's masked norms (kept channels only) compute in float32 as torch's own norms do."""
+    model, inputs = build(name, torch.bfloat16)
+    a = snp_fx.analyze(model, inputs)
+    plan = snp_fx.plan(a, ratios={**RATIOS, "residual": 0.25}, progress=False)
+    pruned = snp_fx.apply(a, plan)
+    assert {p.dtype for p in pruned.parameters() if p.is_floating_point()} == {torch.bfloat16}
+    err, tol = verify.check(a, keep_mask(a, plan), pruned, a.inputs, exact_norms=True)
+    assert err < tol, (err, tol)
+    assert count_params(pruned) < count_params(model)
 
 
 @pytest.mark.parametrize("name", ["vit", "llama"])
