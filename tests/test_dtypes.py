@@ -193,3 +193,22 @@ def test_load_allows_another_machines_rounding_in_bfloat16(tmp_path, monkeypatch
         else:
             with pytest.raises(io.SavedModelError, match="outputs differ"):
                 snp_fx.load(tmp_path, make)
+
+
+def test_cli_prunes_a_bfloat16_checkpoint_in_float32(tmp_path, capsys):
+    """A Hugging Face checkpoint stored in bfloat16 loads in bfloat16; the CLI prunes and checks it
+    in float32 and writes the dtype asked for (--dtype, default float32)."""
+    from safetensors.torch import load_file
+
+    from snp_fx.cli import main
+    transformers = pytest.importorskip("transformers")
+    cfg = transformers.BertConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                                  intermediate_size=64, vocab_size=50)
+    transformers.BertModel(cfg).to(torch.bfloat16).save_pretrained(tmp_path / "bert")
+    for dtype in ("float32", "bfloat16"):
+        out = tmp_path / dtype
+        assert main(["prune", str(tmp_path / "bert"), "--ratios", "qk=0.5,ffn=0.5", "--seq-len", "8",
+                     "--no-latency", "--dtype", dtype, "--out", str(out)]) == 0
+        written = load_file(str(out / "model.safetensors"))
+        assert {v.dtype for v in written.values() if v.is_floating_point()} == {getattr(torch, dtype)}
+    capsys.readouterr()
