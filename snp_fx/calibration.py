@@ -4,8 +4,9 @@ Both consumers of calibration data — the q/k scores (importance/calibrate.py) 
 least-squares compensation statistics (compensate.py) — read the batches here:
 ``stream(analysis, calibration, run, desc=..., progress=...)`` turns every batch into graph
 inputs (``graph_runs``), moves them to the model's device (floating ones in the example inputs'
-dtype) and calls ``run(inputs)`` under ``torch.inference_mode``, with a tqdm bar when asked.  A batch the model does not run on
-becomes one SNPError naming the batch; an empty iterable is an SNPError too.
+dtype) and calls ``run(inputs)`` under ``torch.inference_mode``, with a tqdm bar when asked.
+A batch the model does not run on becomes one SNPError naming the batch; an empty iterable is
+an SNPError too.
 """
 from __future__ import annotations
 
