@@ -3,9 +3,10 @@
 Both consumers of calibration data — the q/k scores (importance/calibrate.py) and the
 least-squares compensation statistics (compensate.py) — read the batches here:
 ``stream(analysis, calibration, run, desc=..., progress=...)`` turns every batch into graph
-inputs (``graph_runs``), moves them to the model's device and calls ``run(inputs)`` under
-``torch.inference_mode``, with a tqdm bar when asked.  A batch the model does not run on
-becomes one SNPError naming the batch; an empty iterable is an SNPError too.
+inputs (``graph_runs``), moves them to the model's device (floating ones in the example inputs'
+dtype) and calls ``run(inputs)`` under ``torch.inference_mode``, with a tqdm bar when asked.
+A batch the model does not run on becomes one SNPError naming the batch; an empty iterable is
+an SNPError too.
 
 Every statistic gathered from the batches is a sum, so calibration spreads over processes: when a
 ``torch.distributed`` process group is initialised, each rank streams its own shard of the data and
@@ -111,6 +112,15 @@ def all_reduce_sums(tensors: list[torch.Tensor]) -> None:
             t.copy_(work)
 
 
+def _like(x, example, device):
+    """A calibration input on the graph's device; floating, in the floating dtype of the example
+    input it stands for (a float32 DataLoader for a bfloat16 model)."""
+    if not isinstance(x, torch.Tensor):
+        return x
+    same = isinstance(example, torch.Tensor) and example.is_floating_point() and x.is_floating_point()
+    return x.to(device, example.dtype if same else None)
+
+
 def default_calibration(analysis) -> list:
     """The example inputs as a one-batch calibration set."""
     return [analysis.inputs if len(analysis.inputs) > 1 else analysis.inputs[0]]
@@ -130,7 +140,8 @@ def stream(analysis, calibration: Iterable, run: Callable[[tuple], object], *, d
     with torch.inference_mode():
         for b, batch in enumerate(_bar(calibration, desc, progress)):
             for inputs in graph_runs(analysis, batch, placeholders):
-                inputs = tuple(x.to(device) if isinstance(x, torch.Tensor) else x for x in inputs)
+                ex = analysis.inputs
+                inputs = tuple(_like(x, ex[i] if i < len(ex) else None, device) for i, x in enumerate(inputs))
                 try:
                     run(inputs)
                 except SNPFXError:

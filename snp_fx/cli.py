@@ -482,8 +482,8 @@ def cmd_prune(args) -> int:
     src = load_model(args.model, args.pretrained, args.checkpoint, args.tokenizer)
     data = prepare_data(args, src)
     leaves = resolve_leaves(src.model, args.leaf_modules)
-    model = src.model.to(device)
-    x = _on(data.example, device)
+    model = src.model.to(device, torch.float32)  # pruned and checked in float32 (a Hugging Face
+    x = _on(data.example, device)                # checkpoint loads in its stored dtype), written in --dtype
     t = time.perf_counter()
     _status(f"analyzing ({args.frontend} frontend)")
     analysis = api.analyze(model, x, leaf_modules=leaves, frontend=args.frontend)

@@ -44,6 +44,7 @@ import torch.fx as fx
 
 from . import ops
 from .errors import SNPError
+from .precision import wide
 
 DEFAULT_RIDGE = None  # chosen per layer on held-out rows (see the module docstring)
 FIXED_RIDGE = 1e-3    # what a fixed ridge was by default: lam = ridge * mean variance of the kept inputs
@@ -112,7 +113,7 @@ class _InputStats(fx.Interpreter):
         if c is not None:
             args, kwargs = self.fetch_args_kwargs_from_env(n)
             x = args[c.x_pos]
-            x = x.reshape(-1, x.shape[-1])
+            x = wide(x.reshape(-1, x.shape[-1]))  # float16 / bfloat16 inputs: Gram sums in float32
             if c.node not in self.stats:  # [sum x x^T, sum x, rows, the same over the first halves]
                 self.stats[c.node] = [0, 0, 0, [0, 0, 0]]
             s = self.stats[c.node]
@@ -120,7 +121,7 @@ class _InputStats(fx.Interpreter):
             # tokens, channels) inputs whole samples; a one-row run goes to the smaller side
             h = x.shape[0] // 2 if x.shape[0] > 1 else int(s[3][2] <= s[2] - s[3][2])
             for part, into in ((x[:h], (s, s[3])), (x[h:], (s,))):
-                gram = (part.T @ part).double().cpu()  # the long sum in the input precision, accumulated in double
+                gram = (part.T @ part).double().cpu()  # the long sum in the input precision (float32 at least), accumulated in double
                 total = part.sum(0, dtype=torch.float64).cpu()
                 for acc in into:
                     acc[0] = acc[0] + gram

@@ -29,12 +29,20 @@ from torch.utils._pytree import tree_leaves
 from . import api
 from .errors import RewriteError, SNPError
 from .planning import PruningPlan
-from .verify import relative_error
+from .precision import lowest
+from .verify import FALLBACK_EPS, NOISE_FACTOR, relative_error
 
 FORMAT = "snp_fx.saved/1"
 MANIFEST = "snp_fx.json"
 FILES = ("model.safetensors", "plan.json", "inputs.safetensors", "outputs.safetensors")
 TOLERANCE = 1e-4  # outputs of the rebuilt model vs the saved ones (other machines may round differently)
+
+
+def _tolerance(outputs) -> float:
+    """``TOLERANCE``; for float16 / bfloat16 outputs, two roundings of that dtype apart, by the
+    self-check's rule with its fallback rounding error (snp_fx.verify: 3 x 4 eps)."""
+    low = lowest(outputs)
+    return TOLERANCE if low is None else max(TOLERANCE, NOISE_FACTOR * FALLBACK_EPS * torch.finfo(low).eps)
 
 
 class SavedModelError(SNPError):
@@ -201,7 +209,7 @@ def load(directory, model) -> fx.GraphModule:
     expected = [saved[str(i)] for i in range(len(saved))]
     got = _run(gm, manifest["inputs"]["form"], inputs)
     err = relative_error(got, expected)
-    if not err <= TOLERANCE:
+    if not err <= _tolerance(expected):
         raise SavedModelError(f"the rebuilt model's outputs differ from the saved ones (relative error {err:.2e}): "
                               "the model passed to load has the original's parameter shapes but computes "
                               "something else (another config or activation?); pass the model it was pruned from")

@@ -5,20 +5,31 @@
   with the removed weight slices zeroed (the reference is built from the
   original graph and parameters, not from the rewrite).
 
-Usable from users' own tests: ``snp_fx.verify.mask_equivalence(...)``.
+Usable from users' own tests: ``snp_fx.verify.mask_equivalence(...)``, and
+``check(...)`` for the error with the tolerance ``snp_fx.apply`` holds it to (``tolerance``:
+1e-4 in float32; from the measured rounding error in float16 / bfloat16).
 """
 from __future__ import annotations
 
 import copy
 import operator
+import warnings
 
 import torch
 import torch.fx as fx
 import torch.nn as nn
-from torch.utils._pytree import tree_leaves
+from torch.utils._pytree import tree_leaves, tree_map
 
 from . import ops
 from .analysis import Analysis
+from .errors import brief
+from .precision import lowest
+
+# The self-check's tolerance: the largest relative error between the pruned model and the masked
+# original (see ``tolerance``).
+TOLERANCE = 1e-4   # float32 and wider: many times the rounding error of the models measured (1e-7..1e-6)
+NOISE_FACTOR = 3   # narrower dtypes: this many times the reference's own rounding error
+FALLBACK_EPS = 4   # that rounding error when it cannot be measured: this many eps of the dtype
 
 
 def _zeroed(analysis, name, t: torch.Tensor, keep) -> torch.Tensor:
@@ -30,61 +41,78 @@ def _zeroed(analysis, name, t: torch.Tensor, keep) -> torch.Tensor:
     return out
 
 
-def masked_reference(analysis: Analysis, keep: torch.Tensor, exact_norms: bool = False) -> fx.GraphModule:
+def masked_reference(analysis: Analysis, keep: torch.Tensor, exact_norms: bool = False,
+                     dtype: torch.dtype | None = None) -> fx.GraphModule:
     """The original graph with every removed parameter slice set to zero.
 
     With ``exact_norms``, LayerNorms and channel means over partly removed
     channels are replaced by versions that count kept channels only: then
     residual pruning is exactly equivalent too.  Raises ValueError when some
-    other op normalises over removed channels.
+    other op normalises over removed channels.  ``dtype``: the reference computes
+    in that floating dtype (its parameters, buffers and the dtypes the graph names).
 
-    Graph attributes (get_attr: torch.export graphs) are zeroed as the reference runs, each right
-    before its first use, so it holds no second copy of the weights; module parameters (fx graphs)
-    are zeroed copies.
+    Graph attributes (get_attr: torch.export graphs) are converted and zeroed as the reference
+    runs, each right before its first use, so it holds no second copy of the weights (and never
+    touches the analysed model's, which it shares); module parameters (fx graphs) are zeroed copies.
     """
     gm = analysis.gm
-    attrs, zeroed = {}, {}  # get_attr node -> (dim, removed indices) to zero as the reference runs
+    attrs, lazy = {}, {}  # lazy: get_attr node -> (dim, removed indices) to zero as the reference runs
     for node in gm.graph.nodes:
         if node.op == "get_attr":
             t = operator.attrgetter(node.target)(gm)
             attrs[node.target] = t
             if isinstance(t, torch.Tensor) and t.is_floating_point():
-                zeroed[node.name] = _removed(analysis, node.target, t, keep)
+                lazy[node.name] = _removed(analysis, node.target, t, keep)
             elif isinstance(t, torch.Tensor):
                 attrs[node.target] = _zeroed(analysis, node.target, t, keep)
+            elif isinstance(t, nn.Module):
+                attrs[node.target] = copy.deepcopy(t).to(dtype) if dtype is not None else t
         elif node.op == "call_module":
             mod = copy.deepcopy(gm.get_submodule(node.target))
             for name, p in list(mod.named_parameters(recurse=False)):
                 setattr(mod, name, nn.Parameter(_zeroed(analysis, f"{node.target}.{name}", p, keep),
                                                 requires_grad=p.requires_grad))
-            attrs[node.target] = mod
+            attrs[node.target] = mod.to(dtype) if dtype is not None else mod
     graph = fx.Graph()
     graph._codegen = copy.deepcopy(gm.graph._codegen)
     env: dict = {}
     graph.output(graph.graph_copy(gm.graph, env))
+    _zero_as_used(graph, env, lazy, attrs, dtype)
+    if exact_norms:
+        _mask_norms(analysis, keep, gm, graph, env, attrs)
+    if dtype is not None:
+        def cast(v):
+            return dtype if isinstance(v, torch.dtype) and v.is_floating_point else v
+        for n in graph.nodes:
+            n.args, n.kwargs = fx.node.map_aggregate(n.args, cast), fx.node.map_aggregate(n.kwargs, cast)
+    return fx.GraphModule(attrs, graph)
+
+
+def _zero_as_used(graph: fx.Graph, env: dict, lazy: dict, attrs: dict, dtype) -> None:
+    """Convert (to ``dtype``) and zero the removed slices of each lazily handled attribute right before
+    its first use: exported graphs fetch every weight at the top, and zeroed there all the copies
+    would be alive at once; fx frees each after its last use."""
     order = {n: i for i, n in enumerate(graph.nodes)}
     for old, new in list(env.items()):
-        removed = zeroed.get(old.name)
-        if not removed or not new.users:
+        if old.name not in lazy or not new.users:
             continue
-        # zeroed right before the first use (exported graphs fetch every weight at the top: zeroed
-        # there, all the zeroed copies would be alive at once); fx frees it after the last use
+        removed = lazy[old.name]
+        if not removed and dtype is None:
+            continue
         users = list(new.users)
         with graph.inserting_before(min(users, key=order.__getitem__)):
-            out = new
-            for i, (d, idx) in enumerate(removed):
+            # a copy always (copy=True: a tensor already in ``dtype`` is not zeroed in place)
+            out = graph.call_method("to", (new, dtype), {"copy": True}) if dtype is not None else new
+            for d, idx in removed:
                 name = f"_snp_removed_{len(attrs)}"
                 attrs[name] = idx
                 index = graph.get_attr(name)
-                # a copy with the removed slices zeroed, then zeroed in place along the other dims
-                out = graph.call_function(torch.index_fill, (out, d, index, 0.0)) if i == 0 else \
+                # the first zeroing copies (unless the conversion did), the others work in place
+                out = graph.call_function(torch.index_fill, (out, d, index, 0.0)) if out is new else \
                     graph.call_method("index_fill_", (out, d, index, 0.0))
         for u in users:
             u.replace_input_with(new, out)
         env[old] = out
-    if exact_norms:
-        _mask_norms(analysis, keep, gm, graph, env, attrs)
-    return fx.GraphModule(attrs, graph)
 
 
 def _removed(analysis, name, t: torch.Tensor, keep) -> list[tuple[int, torch.Tensor]]:
@@ -169,3 +197,49 @@ def mask_equivalence(analysis: Analysis, keep: torch.Tensor, pruned: nn.Module, 
     """
     ref = masked_reference(analysis, keep, exact_norms).eval()
     return relative_error(pruned(*inputs), ref(*inputs))
+
+
+def _cast(inputs, dtype):
+    return tree_map(lambda x: x.to(dtype) if isinstance(x, torch.Tensor) and x.is_floating_point() else x, inputs)
+
+
+@torch.no_grad()
+def tolerance(analysis: Analysis, keep: torch.Tensor, inputs: tuple, exact_norms: bool = False,
+              expected=None) -> float:
+    """The largest relative error ``check`` (and ``snp_fx.apply``'s self-check) lets through.
+
+    float32 and wider: ``TOLERANCE`` (1e-4).  A model or inputs in float16 / bfloat16: the
+    pruned model and the masked reference round differently (other matrix sizes, other
+    summation orders), each by about the reference's own rounding error, measured here: the
+    relative error of the masked reference in the model's dtype (``expected``, its outputs on
+    ``inputs`` if given) against the same reference in float32.  The tolerance is
+    ``NOISE_FACTOR`` (3) times that, and at least ``TOLERANCE``.  Measured on timm ViTs and
+    Llamas (2-12 layers, random plans, float16 and bfloat16): pruned vs reference 0-1.4 times
+    the rounding error; one kept q/k unit swapped for a removed one in sharp attention: 5-200
+    times (tests/test_dtypes.py).
+    """
+    low = lowest(analysis.gm, inputs)
+    if low is None:
+        return TOLERANCE
+    if expected is None:
+        expected = masked_reference(analysis, keep, exact_norms).eval()(*inputs)
+    try:
+        wide = masked_reference(analysis, keep, exact_norms, dtype=torch.float32).eval()
+        noise = relative_error(expected, wide(*_cast(inputs, torch.float32)))
+    except Exception as e:  # noqa: BLE001  (say, an op with no float32 kernel: fall back to the dtype's eps)
+        noise = FALLBACK_EPS * torch.finfo(low).eps
+        warnings.warn(f"snp_fx: the check's float32 reference does not run ({brief(e)}); the rounding "
+                      f"error of {low} is taken as {noise:.1e}", stacklevel=3)
+    return max(TOLERANCE, NOISE_FACTOR * noise)
+
+
+@torch.no_grad()
+def check(analysis: Analysis, keep: torch.Tensor, pruned: nn.Module, inputs: tuple,
+          exact_norms: bool = False) -> tuple[float, float]:
+    """(error, tolerance): ``mask_equivalence``'s relative error on ``inputs`` and the largest one
+    that passes (``tolerance``: 1e-4 in float32, from the rounding error in float16 / bfloat16)."""
+    ref = masked_reference(analysis, keep, exact_norms).eval()
+    expected = ref(*inputs)
+    del ref
+    err = relative_error(pruned(*inputs), expected)
+    return err, tolerance(analysis, keep, inputs, exact_norms, expected)

@@ -38,6 +38,7 @@ import torch
 
 from ..calibration import default_calibration
 from ..errors import SNPError
+from ..precision import wide
 from .calibrate import calibrate_qk
 from .exact import exact_keep
 from .snp import geometric_median_scores, redundancy_scores
@@ -210,7 +211,7 @@ def residual_tss_average(analysis, params, group) -> torch.Tensor:
             cls = analysis.channels.class_of[ids]
             if not bool((where[cls] >= 0).any()):
                 continue
-            sq = t.detach().cpu().pow(2) if sq is None else sq
+            sq = wide(t.detach().cpu()).pow(2) if sq is None else sq  # float16 squares of small weights underflow
             other = [i for i in range(t.dim()) if i != d]
             add_layer(cls, sq.sum(other, dtype=torch.float64) if other else sq)
     for name, ids in analysis.channels.elem_ids.items():

@@ -16,6 +16,8 @@ import contextlib
 
 import torch
 
+from ..precision import wide
+
 
 @contextlib.contextmanager
 def one_thread():
@@ -42,6 +44,7 @@ def qk_pair_scores(q: torch.Tensor, k: torch.Tensor, gamma: int) -> tuple[torch.
     (eigenvalues s_j^2), so U_j . Rq_i = u_j . Q_i and
     v_j . K_i = (U_j^T Rq Gk)_i / s_j.  Rank-deficient slices fall back to QR.
     """
+    q, k = wide(q), wide(k)  # float16 / bfloat16 operands: the sums run in float32
     gq = (q.transpose(-1, -2) @ q).double()  # the N-long sums in the input precision: the hot part
     gk = (k.transpose(-1, -2) @ k).double()
     with one_thread():
@@ -93,7 +96,8 @@ def _direct_scores(q: torch.Tensor, k: torch.Tensor, gamma: int):
 
 def redundancy_scores(rows: torch.Tensor) -> torch.Tensor:
     """SNP's redundancy score of each row: sum over all rows l of (1 - |cos(row_r, row_l)|)."""
-    x = rows / rows.norm(dim=1, keepdim=True).clamp_min(1e-30)  # in the weights' precision
+    rows = wide(rows)
+    x = rows / rows.norm(dim=1, keepdim=True).clamp_min(1e-30)  # in the weights' precision (float32 at least)
     return x.shape[0] - (x @ x.T).abs_().sum(1, dtype=torch.float64)
 
 

@@ -12,6 +12,7 @@ import torch.nn as nn
 
 from .. import labels as L
 from ..labels import NONE
+from ..precision import wide
 from .registry import Args, OpFamily, register
 
 
@@ -48,20 +49,22 @@ def _standardize(x, k, dims, n, eps):
 
 
 def masked_layer_norm(x, normalized_shape, weight=None, bias=None, eps=1e-5, *unused, keep=None):
-    """LayerNorm whose statistics run over the kept channels only (removed ones are zero)."""
-    k = keep.to(x.dtype)
-    y = _standardize(x, k, -1, k.sum(), eps)
-    return y * (weight if weight is not None else 1) + (bias if bias is not None else 0)
+    """LayerNorm whose statistics run over the kept channels only (removed ones are zero); in
+    float32 for float16 / bfloat16 inputs, as torch's own layer_norm."""
+    xw = wide(x)
+    k = keep.to(xw.dtype)
+    y = _standardize(xw, k, -1, k.sum(), eps)
+    return (y * (weight if weight is not None else 1) + (bias if bias is not None else 0)).to(x.dtype)
 
 
 def masked_group_norm(x, num_groups, weight=None, bias=None, eps=1e-5, *unused, keep=None):
     """GroupNorm with one group, channels on dim 1, whose statistics run over the kept channels only."""
-    shape = (1, -1) + (1,) * (x.dim() - 2)
+    shape, dtype, x = (1, -1) + (1,) * (x.dim() - 2), x.dtype, wide(x)  # float32 at least, as group_norm
     k = keep.to(x.dtype).reshape(shape)
     y = _standardize(x, k, tuple(range(1, x.dim())), k.sum() * x[0, 0].numel(), eps)
     if weight is not None:
         y = y * weight.reshape(shape)
-    return y + bias.reshape(shape) if bias is not None else y
+    return (y + bias.reshape(shape) if bias is not None else y).to(dtype)
 
 
 class MaskedNorm(nn.Module):

@@ -7,6 +7,7 @@ import torch.nn as nn
 
 from .. import labels as L
 from ..labels import NONE, map_struct
+from ..precision import wide
 from .elementwise import Binary
 from .registry import OpFamily, register
 
@@ -15,8 +16,9 @@ ZERO_NEUTRAL = {"sum", "norm", "linalg_vector_norm"}
 
 
 def masked_mean(x, dim, keepdim=False, keep=None):
-    """Mean over the last dim counting kept channels only (removed ones are zero)."""
-    return x.sum(dim, keepdim=keepdim) / keep.to(x.dtype).sum()
+    """Mean over the last dim counting kept channels only (removed ones are zero); summed in
+    float32 for float16 / bfloat16 inputs, as torch's own mean."""
+    return (wide(x).sum(dim, keepdim=keepdim) / keep.sum()).to(x.dtype)
 
 
 def _dims(node):

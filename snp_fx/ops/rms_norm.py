@@ -9,16 +9,19 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
+from ..precision import wide
 from .norms import LayerNorm, mask_last_dim_norm
 from .registry import register
 
 
 def masked_rms_norm(x, normalized_shape, weight=None, eps=None, *unused, keep=None):
-    """RMSNorm whose mean square runs over the kept channels only (removed ones are zero)."""
+    """RMSNorm whose mean square runs over the kept channels only (removed ones are zero); in
+    float32 for float16 / bfloat16 inputs, as torch's own rms_norm."""
+    dtype, x = x.dtype, wide(x)
     k = keep.to(x.dtype)
-    eps = torch.finfo(x.dtype).eps if eps is None else eps
+    eps = torch.finfo(dtype).eps if eps is None else eps
     y = x * torch.rsqrt((x * x * k).sum(-1, keepdim=True) / k.sum() + eps)
-    return y * weight if weight is not None else y
+    return (y * weight if weight is not None else y).to(dtype)
 
 
 class RMSNorm(LayerNorm):
