@@ -150,19 +150,28 @@ def export(model: torch.nn.Module, example_inputs, dynamic: bool = True) -> fx.G
 def dynamic_shapes(model: torch.nn.Module, args: tuple, kwargs: dict) -> dict:
     """torch.export ``dynamic_shapes`` for ``model``'s inputs, by argument name: ``Dim.AUTO`` (dynamic
     unless the model's code needs the example's size) on the batch dim of every tensor input and on
-    the length dim of 2-d integer (token) inputs."""
+    the length dim of 2-d integer (token) inputs, up to ``config.max_position_embeddings`` where the
+    model has one."""
     from torch.export import Dim
+    # a Hugging Face model's position table bounds the length (GPT-2 reads past it, raising IndexError)
+    cfg = getattr(model, "config", None)
+    longest = next((v for v in (getattr(cfg, k, None) for k in ("max_position_embeddings", "n_positions"))
+                    if isinstance(v, int) and v > 1), None)
+    length = Dim.AUTO if longest is None else Dim.AUTO(max=longest)
 
     def spec(x):
         if not isinstance(x, torch.Tensor) or x.dim() == 0:
             return None
         tokens = x.dim() == 2 and not x.is_floating_point() and not x.is_complex()
-        return {0: Dim.AUTO, 1: Dim.AUTO} if tokens else {0: Dim.AUTO}
+        return {0: Dim.AUTO, 1: length} if tokens else {0: Dim.AUTO}
 
-    names = list(inspect.signature(model.forward).parameters)
-    if len(args) > len(names):
-        raise SNPError("more positional inputs than named arguments")
-    out = {names[i]: spec(a) for i, a in enumerate(args)}
+    out, params = {}, list(inspect.signature(model.forward).parameters.values())
+    for i, p in enumerate(params):
+        if p.kind == p.VAR_POSITIONAL:  # forward(self, *args): one tuple of specs
+            out[p.name] = tuple(spec(a) for a in args[i:])
+            break
+        if i < len(args):
+            out[p.name] = spec(args[i])
     out.update({k: spec(v) for k, v in kwargs.items()})
     return out
 
@@ -177,7 +186,8 @@ def _widen(inputs, ds: dict):
         return x.repeat(reps) if 2 in reps else x
     if isinstance(inputs, dict):
         return {k: widen(v, ds.get(k)) for k, v in inputs.items()}
-    return tuple(widen(x, spec) for x, spec in zip(inputs, ds.values()))
+    specs = [x for v in ds.values() for x in (v if isinstance(v, tuple) else (v,))]  # *args: a tuple
+    return tuple(widen(x, spec) for x, spec in zip(inputs, specs))
 
 
 def input_shapes(gm: fx.GraphModule, ranges) -> dict:

@@ -95,6 +95,10 @@ def test_a_shape_the_model_cannot_take_is_one_clear_error():
         pruned(**inputs_of(inputs, 2, 600))
     msg = str(e.value)
     assert "\n" not in msg and "(2, 600)" in msg and "exported for input_ids (d0, d1<=512)" in msg
+    model, inputs, a = analysis("gpt2")  # n_positions=32: the config bounds the length
+    pruned = rewrite(a, keep_mask(a, make_plan(a, RATIOS, random_scores(a, 0))))
+    with pytest.raises(snp_fx.SNPError, match=r"exported for input_ids \(d0, d1<=32\)"):
+        pruned(**inputs_of(inputs, 2, 40))
     model, inputs, a = analysis("vit")
     pruned = rewrite(a, keep_mask(a, make_plan(a, RATIOS, random_scores(a, 0))))
     with pytest.raises(snp_fx.SNPError, match=r"exported for pixel_values \(d0, 3, 32, 32\)"):
@@ -167,3 +171,30 @@ def test_pruned_timm_vit_runs_at_batch_3():
         assert out.shape == (3, 1000)
         assert relative_error(out, masked_reference(a, keep, exact_norms=True)(x)) < 1e-4
         assert relative_error(out, model(x)) > 1e-3
+
+
+class TwoInputs(torch.nn.Module):
+    """Positional inputs, one of them through ``*rest``."""
+
+    def __init__(self):
+        super().__init__()
+        self.up, self.down = torch.nn.Linear(8, 16), torch.nn.Linear(16, 8)
+
+    def forward(self, x, *rest):
+        return self.down(torch.relu(self.up(x + rest[0])))
+
+
+def test_positional_inputs_keep_their_batch_dynamic():
+    torch.manual_seed(0)
+    model = TwoInputs().eval()
+    x = (torch.randn(2, 5, 8), torch.randn(2, 5, 8))
+    a = snp_fx.analyze(model, x, frontend="export")
+    assert [d[0][1:] for d in a.gm.meta["snp_input_shapes"].values()] == [[1, None], [1, None]]
+    keep = keep_mask(a, make_plan(a, {"ffn": 0.5}, random_scores(a, 0)))
+    pruned = rewrite(a, keep)
+    y = (torch.randn(3, 5, 8), torch.randn(3, 5, 8))
+    with torch.no_grad():
+        assert relative_error(pruned(*y), masked_reference(a, keep)(*y)) < 1e-5
+        assert relative_error(pruned(*y), model(*y)) > 1e-3
+    with pytest.raises(snp_fx.SNPError, match=r"exported for x \(d0, 5, 8\)"):
+        pruned(torch.randn(3, 6, 8), torch.randn(3, 6, 8))  # floating 3-d inputs: the batch dim only
