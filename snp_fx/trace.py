@@ -207,13 +207,15 @@ def input_shapes(gm: fx.GraphModule, ranges) -> dict:
             r = ranges.get(expr)
             lo, hi = (int(r.lower), None if r.upper.is_infinite or r.upper > sys.maxsize else int(r.upper)) \
                 if r is not None else (0, None)
-            dims.append([str(expr), min(lo, 1), hi])  # size 1 runs as well (export assumes >= 2)
+            # export's own lower bound 2 is not checked (its guards neither): size 1 runs as well
+            dims.append([str(expr), lo if lo > 2 else min(lo, 1), hi])
         out[n.target] = dims
     return out
 
 
 def describe_shapes(shapes: dict) -> str:
-    """``input_ids (B, L <= 512), pixel_values (B, 3, 32, 32)``: what an exported graph takes."""
+    """``input_ids (d0, d1<=512), pixel_values (d2, 3, 32, 32)``: what an exported graph takes
+    (``d``: a dynamic size; inputs that share one share its name)."""
     names, parts = {}, []
     for name, dims in shapes.items():
         ds = []
