@@ -66,25 +66,28 @@ def as_inputs(batch, n_inputs: int, names: list[str]):
 def graph_runs(analysis, batch, placeholders: list[str]) -> list[tuple]:
     """The graph inputs of one calibration batch, as one or more runs.
 
-    An exported graph is specialised to the example inputs' shapes: a batch larger by a
-    whole multiple (the other dims equal) runs in chunks of the example batch size; any
-    other shape is refused, saying what to give instead."""
-    from .trace import normalize_inputs
+    An exported graph keeps batch and length dynamic where torch.export could (snp_fx.trace.export);
+    where it specialised a dim to the example's size, a batch larger by a whole multiple (the other
+    dims equal) runs in chunks of the example batch size; any other shape is refused, saying what
+    to give instead."""
+    from .trace import describe_shapes, normalize_inputs
     args, kwargs = as_inputs(batch, len(placeholders), placeholders)
     inputs = normalize_inputs(analysis.gm, kwargs if kwargs else args)
     if analysis.gm.meta.get("snp_frontend") != "export":
         return [inputs]
+    spec = analysis.gm.meta.get("snp_input_shapes", {})
     pairs = [(i, x, r) for i, (x, r) in enumerate(zip(inputs, analysis.inputs))
              if isinstance(x, torch.Tensor) and isinstance(r, torch.Tensor) and x.shape != r.shape]
-    if not pairs:
+    if all(_fits(x.shape, spec.get(placeholders[i])) for i, x, _ in pairs):
         return [inputs]
     factors = {x.shape[0] // r.shape[0] if x.dim() == r.dim() >= 1 and x.shape[1:] == r.shape[1:]
                and x.shape[0] % r.shape[0] == 0 else None for _, x, r in pairs}
     if len(factors) != 1 or None in factors:
         got = {placeholders[i] if i < len(placeholders) else i: tuple(x.shape) for i, x, _ in pairs}
-        want = {placeholders[i] if i < len(placeholders) else i: tuple(r.shape) for i, _, r in pairs}
+        want = describe_shapes(spec) if spec else {placeholders[i] if i < len(placeholders) else i: tuple(r.shape)
+                                                   for i, _, r in pairs}
         raise SNPError(f"calibration batch shapes {got} do not fit the exported graph, which torch.export "
-                       f"specialised to the example inputs' shapes {want}: give batches of those shapes "
+                       f"exported for {want} (d: a dynamic size): give batches of those shapes "
                        "(a whole multiple of the example batch size is split), or example inputs shaped "
                        "like the calibration batches")
     n = factors.pop()
@@ -119,6 +122,16 @@ def _like(x, example, device):
         return x
     same = isinstance(example, torch.Tensor) and example.is_floating_point() and x.is_floating_point()
     return x.to(device, example.dtype if same else None)
+
+
+def _fits(shape, dims) -> bool:
+    """``shape`` fits an exported input's dims (snp_fx.trace.input_shapes): the sizes that
+    were kept, and dynamic dims within their ranges (several inputs sharing a size are not
+    compared: a batch the graph cannot take fails in its guards)."""
+    if dims is None or len(shape) != len(dims):
+        return False
+    return all(s == d if isinstance(d, int) else d[1] <= s and (d[2] is None or s <= d[2])
+               for s, d in zip(shape, dims))
 
 
 def default_calibration(analysis) -> list:

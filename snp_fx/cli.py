@@ -269,8 +269,9 @@ def load_tokenizer(folder: str | None):
 
 
 def text_batches(tokenizer, lines: list[str], batch: int, seq_len: int) -> list[dict]:
-    """Keyword-input batches of exactly ``batch`` lines padded to ``seq_len`` tokens (an exported graph
-    is specialised to one shape); the last batch is filled up by repeating its last line."""
+    """Keyword-input batches of exactly ``batch`` lines padded to ``seq_len`` tokens (one shape: it also
+    fits a graph exported for the example's shapes only); the last batch is filled up by repeating its
+    last line."""
     out = []
     for i in range(0, len(lines), batch):
         chunk = lines[i:i + batch]
@@ -520,10 +521,13 @@ def cmd_prune(args) -> int:
         where = f"{torch.get_num_threads()} CPU threads" if device.type == "cpu" else str(device)
         stats["latency_note"] = (f"Latency: median of {args.repeats} interleaved forward passes, {batch}, "
                                  f"{args.dtype}, {where}, this machine")
-    if src.kind == "text" and analysis.gm.meta.get("snp_frontend") == "export":
+    if analysis.gm.meta.get("snp_input_shapes"):
+        from .trace import describe_shapes
         stats.setdefault("findings", []).append(
-            f"The pruned model takes inputs of the example's shape ({_batch_text(x)}): torch.export "
-            "specialises the graph to it")
+            f"The pruned model takes inputs {describe_shapes(analysis.gm.meta['snp_input_shapes'])} "
+            "(torch.export; d: dynamic sizes)" + (" exported for the example's shapes only: "
+                                                  f"{analysis.gm.meta['snp_static_reason']}"
+                                                  if analysis.gm.meta.get("snp_static_reason") else ""))
     outputs = {}
     if args.out:
         from . import plots

@@ -91,8 +91,9 @@ def test_rotary_pairs_and_kv_heads_go_together(name):
 
 
 def test_calibration_batches_of_other_sizes_on_an_exported_graph():
-    """torch.export specialises the graph to the example shapes: a calibration batch twice as large is
-    run in two halves (same scores as the halves given one by one); another length is refused clearly."""
+    """The exported graph keeps batch and length dynamic: calibration batches of other sizes and
+    lengths just run (a batch twice as large scores as its two halves given one by one); a length
+    beyond the model's maximum (BERT's 512 positions) is refused clearly."""
     model, inputs, a = analysis("bert")
     double = {k: torch.cat([v, v.flip(0)]) for k, v in inputs.items()}
     halves = [{k: v[:2] for k, v in double.items()}, {k: v[2:] for k, v in double.items()}]
@@ -100,7 +101,26 @@ def test_calibration_batches_of_other_sizes_on_an_exported_graph():
     s2 = snp_fx.importance.compute_scores(a, "snp", halves, progress=False)
     assert torch.allclose(s1.classes, s2.classes)
     longer = {k: torch.cat([v, v], dim=1) for k, v in inputs.items()}
-    with pytest.raises(snp_fx.SNPError, match="specialised to the example inputs' shapes"):
+    s3 = snp_fx.importance.compute_scores(a, "snp", [longer], progress=False)
+    assert not torch.allclose(s3.classes, s1.classes)  # really run at the other length
+    too_long = {k: v.repeat(1, 80)[:, :520] for k, v in inputs.items()}
+    with pytest.raises(snp_fx.SNPError, match=r"do not fit the exported graph.*<=512"):
+        snp_fx.importance.compute_scores(a, "snp", [too_long], progress=False)
+
+
+def test_calibration_batches_on_a_static_exported_graph():
+    """A graph exported for the example's shapes only: a batch larger by a whole multiple runs in
+    chunks of the example's size; another length is refused, saying what the graph takes."""
+    model, inputs, _ = analysis("bert")
+    a = snp_fx.api._analyze(snp_fx.trace.export(model, inputs, dynamic=False), inputs, ())
+    assert a.gm.meta["snp_input_shapes"] == {"input_ids": [2, 7], "attention_mask": [2, 7]}
+    double = {k: torch.cat([v, v.flip(0)]) for k, v in inputs.items()}
+    halves = [{k: v[:2] for k, v in double.items()}, {k: v[2:] for k, v in double.items()}]
+    s1 = snp_fx.importance.compute_scores(a, "snp", [double], progress=False)
+    s2 = snp_fx.importance.compute_scores(a, "snp", halves, progress=False)
+    assert torch.allclose(s1.classes, s2.classes)
+    longer = {k: torch.cat([v, v], dim=1) for k, v in inputs.items()}
+    with pytest.raises(snp_fx.SNPError, match=r"exported for input_ids \(2, 7\)"):
         snp_fx.importance.compute_scores(a, "snp", [longer], progress=False)
 
 

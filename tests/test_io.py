@@ -121,8 +121,9 @@ def test_hf_bert_keyword_inputs_round_trip(bert, monkeypatch):
     loaded = snp_fx.load(d, bert_factory(seed=7))
     assert same_state(loaded, pruned)
     other = {"input_ids": (IDS * 7 + 3) % 100, "attention_mask": torch.ones(2, 7, dtype=torch.long)}
+    longer = {"input_ids": torch.arange(33).reshape(3, 11) % 100, "attention_mask": torch.ones(3, 11, dtype=torch.long)}
     with torch.no_grad():
-        for inp in (inputs, other):  # exported graphs keep the example shapes
+        for inp in (inputs, other, longer):  # exported graphs keep batch and length dynamic
             a, b = loaded(**inp), pruned(**inp)
             assert torch.equal(a.last_hidden_state, b.last_hidden_state)
             assert torch.equal(a.pooler_output, b.pooler_output)

@@ -70,6 +70,12 @@ class Analysis:
             lines += ["", f"{title}:"]
             for g in gs:
                 lines.append(f"  {g.name:<40} width {g.width:>5}" + ("" if g.prunable else "  (unprunable)"))
+        shapes = self.gm.meta.get("snp_input_shapes")
+        if shapes:  # an exported graph: what shapes the pruned model takes
+            from ..trace import describe_shapes
+            lines += ["", f"Inputs (d: dynamic sizes): {describe_shapes(shapes)}"]
+            if self.gm.meta.get("snp_static_reason"):
+                lines.append(f"  exported for the example's shapes only: {self.gm.meta['snp_static_reason']}")
         lines += ["", "Unprunable:"]
         lines += [f"  {name:<40} {why}" for name, why in self.reasons().items()] or ["  (none)"]
         if self.unknown_ops:

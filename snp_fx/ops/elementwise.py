@@ -133,11 +133,11 @@ class Shape(OpFamily):
 
     def propagate(self, p, n, key, args, kwargs, result):
         t = p.dim_taint(n.args[0])
-        if key == "size" and len(args) > 1:
+        if key in ("size", "sym_size") and len(args) > 1:  # sym_size: torch.export's dynamic x.size(d)
             p.taint[n.name] = t[args[1]]
         elif key == "size":
             p.taint[n.name] = t
-        elif key == "numel" and any(x is not None for x in t):
+        elif key in ("numel", "sym_numel") and any(x is not None for x in t):
             p.freeze_all(n, f"{n.name}: numel() of a tensor with channels")
         return None
 
@@ -165,7 +165,7 @@ register(Binary(), names=[
     "addcmul", "lerp", "floordiv", "mod", "eq", "ne", "lt", "gt", "le", "ge", "and_", "or_",
     "__and__", "__or__", "bitwise_and", "bitwise_or", "logical_and", "logical_or"])
 register(Ignore(), names=["_assert_tensor_metadata", "_assert_async", "_assert_scalar",
-                          "sym_constrain_range_for_size", "module:GuardsFn", "_assert"])
+                          "sym_constrain_range_for_size", "module:GuardsFn", "module:ShapeGuard", "_assert"])
 register(Factory(), names=["zeros", "ones", "empty", "full", "arange", "rand", "randn", "new_zeros", "new_ones",
                            "new_empty", "new_full", "tensor", "linspace", "eye", "tril", "triu", "ones_like_"])
-register(Shape(), names=["size", "dim", "numel"])
+register(Shape(), names=["size", "dim", "numel", "sym_size", "sym_numel"])
