@@ -4,8 +4,8 @@
                                [--dtype float32|bfloat16] [--calib 8 --seq 512] [--preset best]
 
 Random init (no weights can be downloaded); TinyLlama-1.1B's shape is ``--layers 22 --hidden 2048
---heads 32 --kv-heads 4 --ffn 5632``.  Example inputs (what is traced and checked): the first
-calibration sequence; calibration: ``--calib`` sequences of ``--seq`` tokens, one per batch.  Peak RSS per stage is
+--heads 32 --kv-heads 4 --ffn 5632``.  Example inputs: one sequence of 16 tokens (what is traced
+and checked; the exported graph keeps the length dynamic); calibration: ``--calib`` sequences of ``--seq`` tokens, one per batch.  Peak RSS per stage is
 the process's high-water mark (reset before each stage through /proc/self/clear_refs), in GB and as a
 multiple of the weights' bytes.  Writes benchmarks/results/scale.json.
 """
@@ -72,9 +72,9 @@ def main():
     n_params = sum(p.numel() for p in model.parameters())
     weight_gb = sum(p.numel() * p.element_size() for p in model.parameters()) / 1e9
     g = torch.Generator().manual_seed(1)
+    x = {"input_ids": torch.randint(0, args.vocab, (1, 16), generator=g), "use_cache": False}
     calib = [{"input_ids": torch.randint(0, args.vocab, (1, args.seq), generator=g), "use_cache": False}
              for _ in range(args.calib)]
-    x = calib[0]
     a = stage("analyze", lambda: snp_fx.analyze(model, x))
     p = stage("plan (scores over the calibration set)",
               lambda: snp_fx.plan(a, target_params=args.target, calibration=calib, preset=args.preset, progress=False))
