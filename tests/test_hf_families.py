@@ -30,6 +30,16 @@ def decoder(config_cls, model_cls="AutoModelForCausalLM", **cfg):
 # family -> (builder, attention layers expected)
 FAMILIES = {
     "llama": (decoder(transformers.LlamaConfig, num_key_value_heads=2), 2),
+    # partial rotary: q/k of channel pairs (rotated) and single channels (passed through)
+    "phi": (decoder(transformers.PhiConfig, partial_rotary_factor=0.5), 2),
+    "gpt_neox": (decoder(transformers.GPTNeoXConfig, rotary_pct=0.25), 2),  # fused qkv (heads, 3, head_dim)
+    "gptj": (decoder(transformers.GPTJConfig, rotary_dim=8), 2),  # rotate-every-two pairs (2i, 2i + 1)
+    # interleaved rotary over the whole head: cos / sin built with repeat_interleave
+    "cohere": (decoder(transformers.CohereConfig, num_key_value_heads=2), 2),
+    # q/k norms: RMSNorm over each head (Qwen3, Gemma3) or the whole q / k width (OLMo2)
+    "qwen3": (decoder(transformers.Qwen3Config, num_key_value_heads=2, head_dim=16), 2),
+    "gemma3": (decoder(transformers.Gemma3TextConfig, num_key_value_heads=2, head_dim=16), 2),
+    "olmo2": (decoder(transformers.Olmo2Config, num_key_value_heads=2), 2),
 }
 
 _cache = {}
