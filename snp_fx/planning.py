@@ -107,15 +107,19 @@ def _pick_in_head(scores_obj, g: Group, h: int, k: int, ranking: torch.Tensor) -
     """Kept indices of head ``h``: the scores' own selector (exact q/k selection) when it has one
     for this group, else the top ``k`` of ``ranking``; in a group of mixed unit sizes, the top of
     each size (``split_by_size``)."""
-    if g.unit_sizes is not None:
+    select = None if isinstance(scores_obj, torch.Tensor) else getattr(scores_obj, "select", None)  # not Tensor.select
+    picked = select(g, h, k) if select is not None and g.kind == "qk" else None
+    if g.unit_sizes is not None and picked is not None and g.size_counts(h, picked) != split_by_size(g, k):
+        raise SNPError(f"selection for {g.name} head {h} returned {picked}: this group has channel pairs and "
+                       f"single channels, and every head keeps {split_by_size(g, k)} units of each size "
+                       "(snp_fx.planning.split_by_size)")
+    if g.unit_sizes is not None and picked is None:
         row = g.unit_sizes[h]
         picked = []
         for size, n in split_by_size(g, k).items():
             pos = (row == size).nonzero().flatten()
             picked += pos[_topk_sorted(ranking[pos], n)].tolist()
         return sorted(picked)
-    select = None if isinstance(scores_obj, torch.Tensor) else getattr(scores_obj, "select", None)  # not Tensor.select
-    picked = select(g, h, k) if select is not None and g.kind == "qk" else None
     return picked if picked is not None else _topk_sorted(ranking, k)
 
 
@@ -238,7 +242,7 @@ def keep_mask(analysis: Analysis, plan: PruningPlan) -> torch.Tensor:
                 layouts = {tuple(g.size_counts(h, idx).items()) for h, idx in rows if idx}
                 if len(layouts) > 1:
                     raise SNPError(f"plan group '{name}' keeps different counts of channel pairs and single "
-                                   f"channels per head {sorted(dict(x) for x in layouts)}; heads of one site "
+                                   f"channels per head {[dict(x) for x in sorted(layouts)]}; heads of one site "
                                    "must keep the same layout")
         else:
             rows = [(None, keep)]
