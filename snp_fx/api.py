@@ -360,8 +360,10 @@ def _check(a: Analysis, keep, pruned, p: PruningPlan):
     try:
         out = pruned(*a.inputs)
     except Exception as e:
-        raise RewriteError(f"the pruned graph does not run ({brief(e)}); please report this "
-                           "model; groups involved can be excluded with ratios={group: 0}") from e
+        node = _failing_node(pruned, a)  # named, so prune can leave that node's groups unpruned
+        raise RewriteError(f"the pruned graph does not run ({brief(e)}"
+                           f"{f' at `{node}`' if node else ''}); please report this "
+                           "model; groups involved can be excluded with ratios={group: 0}", node=node) from e
     residual = _prunes_residual(a, p)
     try:
         err, tol = _verify.check(a, keep, pruned, a.inputs, exact_norms=residual)
@@ -373,6 +375,32 @@ def _check(a: Analysis, keep, pruned, p: PruningPlan):
     if not err < tol:
         raise RewriteError(f"internal check failed: pruned output differs from the masked original "
                            f"(relative error {err:.2e}, tolerance {tol:.1e}); please report this model")
+
+
+def _failing_node(pruned: fx.GraphModule, a: Analysis) -> str | None:
+    """The node of the original graph whose copy fails first when ``pruned`` runs, if any."""
+    failed = []
+
+    class Finder(fx.Interpreter):
+        def run_node(self, n):
+            try:
+                return super().run_node(n)
+            except Exception:
+                failed.append(n.name)
+                raise
+
+    try:
+        Finder(pruned).run(*a.inputs)
+    except Exception:  # noqa: BLE001 - the failure is what we look for
+        pass
+    source = pruned.meta.get("snp_source_nodes", {})
+    todo = [n for n in pruned.graph.nodes if failed and n.name == failed[0]]
+    while todo:  # a node the rewrite inserted (a gather) stands for the original node it feeds
+        n = todo.pop(0)
+        if n.name in source:
+            return source[n.name]
+        todo += list(n.users)
+    return None
 
 
 def prune(model, example_inputs, *, ratios=None, importance="snp", verify: bool = True,

@@ -67,6 +67,9 @@ class UnitSpace:
         self.next_id = 1
         self.support: dict[int, set[int]] = {}
         self.sensitive: list[tuple[torch.Tensor, str]] = []
+        # normalised by a mean only: the rewrite divides by the original count, so removing is zeroing
+        # (q/k norms); a residual stream keeps its own semantics (mean over the kept channels)
+        self.rescaled: list[tuple[torch.Tensor, str]] = []
         self.frozen: list[tuple[torch.Tensor, str]] = []
         self._compressed = True
 
@@ -140,10 +143,10 @@ class UnitSpace:
             if ids.numel():
                 self.frozen.append((ids, reason))
 
-    def mark_sensitive(self, lab: torch.Tensor, reason: str) -> None:
+    def mark_sensitive(self, lab: torch.Tensor, reason: str, rescaled: bool = False) -> None:
         ids = torch.unique(lab[lab > 0])
         if ids.numel():
-            self.sensitive.append((ids, reason))
+            (self.rescaled if rescaled else self.sensitive).append((ids, reason))
 
     def dependent(self, groups: list[torch.Tensor]) -> torch.Tensor:
         """One new unit per entry of ``groups``, existing iff any unit in it does."""

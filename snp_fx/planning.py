@@ -87,11 +87,39 @@ def _topk_sorted(scores: torch.Tensor, k: int) -> list[int]:
     return sorted(idx.tolist())
 
 
+def split_by_size(g: Group, k: int) -> dict[int, int]:
+    """Units of each size that ``k`` kept units per head of a mixed group (``g.unit_sizes``) are made
+    of: in proportion to each size's count (largest remainders), and at least one of each size
+    where ``k`` allows, so every head keeps the same layout."""
+    have = g.size_counts(0, range(g.width))
+    exact = {s: k * n / g.width for s, n in have.items()}
+    out = {s: int(x) for s, x in exact.items()}
+    for s in sorted(have, key=lambda s: (out[s] - exact[s], -s))[:k - sum(out.values())]:
+        out[s] += 1
+    for s in have:
+        if out[s] == 0 and k >= len(have):
+            out[max(out, key=lambda t: (out[t], t))] -= 1
+            out[s] = 1
+    return out
+
+
 def _pick_in_head(scores_obj, g: Group, h: int, k: int, ranking: torch.Tensor) -> list[int]:
     """Kept indices of head ``h``: the scores' own selector (exact q/k selection) when it has one
-    for this group, else the top ``k`` of ``ranking``."""
+    for this group, else the top ``k`` of ``ranking``; in a group of mixed unit sizes, the top of
+    each size (``split_by_size``)."""
     select = None if isinstance(scores_obj, torch.Tensor) else getattr(scores_obj, "select", None)  # not Tensor.select
     picked = select(g, h, k) if select is not None and g.kind == "qk" else None
+    if g.unit_sizes is not None and picked is not None and g.size_counts(h, picked) != split_by_size(g, k):
+        raise SNPError(f"selection for {g.name} head {h} returned {picked}: this group has channel pairs and "
+                       f"single channels, and every head keeps {split_by_size(g, k)} units of each size "
+                       "(snp_fx.planning.split_by_size)")
+    if g.unit_sizes is not None and picked is None:
+        row = g.unit_sizes[h]
+        picked = []
+        for size, n in split_by_size(g, k).items():
+            pos = (row == size).nonzero().flatten()
+            picked += pos[_topk_sorted(ranking[pos], n)].tolist()
+        return sorted(picked)
     return picked if picked is not None else _topk_sorted(ranking, k)
 
 
@@ -210,6 +238,12 @@ def keep_mask(analysis: Analysis, plan: PruningPlan) -> torch.Tensor:
             if not widths:
                 raise SNPError(f"plan group '{name}' removes every head; keep at least one")
             rows = [(h, idx) for h, idx in enumerate(keep)]
+            if g.unit_sizes is not None and all(isinstance(i, int) and 0 <= i < g.width for r in keep for i in r):
+                layouts = {tuple(g.size_counts(h, idx).items()) for h, idx in rows if idx}
+                if len(layouts) > 1:
+                    raise SNPError(f"plan group '{name}' keeps different counts of channel pairs and single "
+                                   f"channels per head {[dict(x) for x in sorted(layouts)]}; heads of one site "
+                                   "must keep the same layout")
         else:
             rows = [(None, keep)]
             if not keep:

@@ -43,17 +43,17 @@ def widths_table(analysis, plan) -> str:
         entry = plan.groups.get(name)
         if g is None:
             return None, None, None
-        u = g.unit_channels  # widths in channels: rotary q/k keeps pairs of channels
+        # widths in channels: rotary q/k keeps pairs of channels (partial rotary: pairs and singles)
         if entry is None:
-            return g.heads, g.heads, g.width * u
-        kept = [len(k) for k in entry["keep"] if k]
-        return len(kept), g.heads, (kept[0] if kept else 0) * u
+            return g.heads, g.heads, g.channels(0, range(g.width))
+        kept = [(h, k) for h, k in enumerate(entry["keep"]) if k]
+        return len(kept), g.heads, g.channels(*kept[0]) if kept else 0
 
     lines = ["| attention site | heads | q/k width per head | v width per head |", "|---|---|---|---|"]
     for site in analysis.sites:
         h, H, qk = per_head(f"{site.name}.qk")
         _, _, v = per_head(f"{site.name}.v")
-        qk_dense = analysis.groups[f"{site.name}.qk"].width * analysis.groups[f"{site.name}.qk"].unit_channels
+        qk_dense = analysis.groups[f"{site.name}.qk"].channels(0, range(analysis.groups[f"{site.name}.qk"].width))
         v_dense = analysis.groups[f"{site.name}.v"].width if f"{site.name}.v" in analysis.groups else None
         lines.append(f"| {site.name} | {h}/{H} | {qk}/{qk_dense} | "
                      f"{'-' if v is None else f'{v}/{v_dense}'} |")
@@ -159,9 +159,11 @@ def block_widths(analysis, plan) -> tuple[list[dict], list[dict]]:
         qk = analysis.groups.get(f"{site.name}.qk")
         if qk is None:
             continue
-        h, w = kept_per_head(qk.name)
-        u = qk.unit_channels  # in channels, comparable with v and the head dim: rotary keeps pairs
-        row["heads"], row["qk"] = (h, qk.heads), (w * u, qk.width * u)
+        h, _ = kept_per_head(qk.name)
+        # in channels, comparable with v and the head dim: rotary keeps pairs (partial rotary: and singles)
+        entry = plan.groups.get(qk.name)
+        kept = next(((i, k) for i, k in enumerate(entry["keep"]) if k), (0, [])) if entry else (0, range(qk.width))
+        row["heads"], row["qk"] = (h, qk.heads), (qk.channels(*kept), qk.channels(0, range(qk.width)))
         v = analysis.groups.get(f"{site.name}.v")
         if v is not None:
             row["v"] = (kept_per_head(v.name)[1], v.width)
@@ -190,6 +192,12 @@ def _block_notes(analysis, listed: set) -> list[str]:
         notes.append(f"q/k ({where}): rotary embeddings tie q/k channels in pairs ({u} channels each), "
                      "kept or removed together, so q/k widths count channels in whole pairs and "
                      "need not match v's.")
+    partial = [s.name for s in analysis.sites
+               if getattr(analysis.groups.get(f"{s.name}.qk"), "unit_sizes", None) is not None]
+    if partial:
+        where = "every block" if len(partial) == len(analysis.sites) else ", ".join(partial)
+        notes.append(f"q/k ({where}): partial rotary embeddings tie the rotated channels in pairs and leave the "
+                     "rest single; every head keeps the same number of pairs and of single channels.")
     whole = [g for g in analysis.groups.values() if not g.prunable and g.name not in listed]
     if whole:
         notes.append("Left whole: " + "; ".join(f"{g.name}{_unprunable(False, g.reason)}" for g in whole[:8])

@@ -126,6 +126,7 @@ class _Rewriter:
         gm.delete_all_unused_submodules()
         gm.recompile()
         gm.meta = dict(getattr(self.gm, "meta", {}))
+        gm.meta["snp_source_nodes"] = {new.name: old.name for old, new in self.env.items()}  # for errors
         return gm
 
     def fix(self, node: fx.Node, new: fx.Node):

@@ -67,6 +67,18 @@ FAMILIES = {
     # tokens): a third site, its q/k/v weights rows of in_proj_weight
     "siglip_vision": (encoder(transformers.SiglipVisionConfig, "SiglipVisionModel", inputs={"pixel_values": PIXELS},
                               image_size=32, patch_size=8), 3),
+    # partial rotary: q/k of channel pairs (rotated) and single channels (passed through)
+    "phi": (decoder(transformers.PhiConfig, partial_rotary_factor=0.5), 2),
+    "gpt_neox": (decoder(transformers.GPTNeoXConfig, rotary_pct=0.25), 2),  # fused qkv (heads, 3, head_dim)
+    "stablelm": (decoder(transformers.StableLmConfig, num_key_value_heads=2), 2),  # a quarter of each head rotated
+    "gptj": (decoder(transformers.GPTJConfig, rotary_dim=8), 2),  # rotate-every-two pairs (2i, 2i + 1)
+    "codegen": (decoder(transformers.CodeGenConfig, rotary_dim=8), 2),  # fused qkv in model-parallel blocks
+    # interleaved rotary over the whole head: cos / sin built with repeat_interleave
+    "cohere": (decoder(transformers.CohereConfig, num_key_value_heads=2), 2),
+    # q/k norms: RMSNorm over each head (Qwen3, Gemma3) or the whole q / k width (OLMo2)
+    "qwen3": (decoder(transformers.Qwen3Config, num_key_value_heads=2, head_dim=16), 2),
+    "gemma3": (decoder(transformers.Gemma3TextConfig, num_key_value_heads=2, head_dim=16), 2),
+    "olmo2": (decoder(transformers.Olmo2Config, num_key_value_heads=2), 2),
 }
 FFN_LAYERS = {"t5": 4}  # FFNs where there are fewer than attention sites
 
@@ -108,3 +120,28 @@ def test_whole_heads(name):
     model, inputs, a, layers = analysis(name)
     for seed in (0, 1):
         check_mask_equivalence(a, {"qk": 0.25, "v": 0.5, "ffn": 0.5, "heads": 0.5}, seed)
+
+
+@pytest.mark.parametrize("name", ["phi", "gpt_neox", "stablelm", "gptj", "codegen"])
+def test_partial_rotary_keeps_pairs_and_singles_alike_in_every_head(name):
+    model, inputs, a, layers = analysis(name)
+    plan = snp_fx.plan(a, ratios={"qk": 0.5}, importance="l2")
+    for g in a.prunable("qk"):
+        assert g.unit_sizes is not None, g.name  # rotated pairs and pass-through singles
+        layouts = {tuple(g.size_counts(h, idx).items()) for h, idx in enumerate(plan.groups[g.name]["keep"])}
+        assert len(layouts) == 1 and len(dict(next(iter(layouts)))) == 2, layouts
+
+
+def test_qk_layer_norm_is_refused_cleanly():
+    # StableLM's per-head LayerNorm centres q and k: a removed (zero) channel becomes -mean / std,
+    # so removing is not zeroing; q/k stay whole, v and the FFN are still pruned exactly
+    FAMILIES["stablelm_qk_layernorm"] = (decoder(transformers.StableLmConfig, num_key_value_heads=2,
+                                                 qk_layernorm=True), 2)
+    try:
+        model, inputs, a, layers = analysis("stablelm_qk_layernorm")
+    finally:
+        del FAMILIES["stablelm_qk_layernorm"]
+    qk = [g for g in a.groups.values() if g.kind == "qk"]
+    assert len(qk) == layers and all(not g.prunable and "layer_norm" in g.reason for g in qk), a.reasons()
+    assert len(a.prunable("v")) == layers
+    check_mask_equivalence(a, {"v": 0.5, "ffn": 0.5}, 0)

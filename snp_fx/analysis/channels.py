@@ -40,6 +40,10 @@ class ChannelGraph:
         for ids, why in self.space.sensitive:
             for c in torch.unique(self.class_of[ids]).tolist():
                 self.sensitive.setdefault(c, why)
+        self.rescaled: dict[int, str] = {}  # normalised by means only (see Space.rescaled)
+        for ids, why in self.space.rescaled:
+            for c in torch.unique(self.class_of[ids]).tolist():
+                self.rescaled.setdefault(c, why)
         self.summed: set[int] = set()  # classes added to channels made elsewhere: a residual stream
         for lab in summed:
             self.summed.update(torch.unique(self.class_of[lab[lab > 0]]).tolist())

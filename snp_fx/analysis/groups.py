@@ -6,6 +6,7 @@ residual stream(s).  A group that cannot be pruned says why.
 """
 from __future__ import annotations
 
+import collections
 import dataclasses
 
 import networkx as nx
@@ -41,6 +42,23 @@ class Group:
     # channels per unit: 2 for q/k under rotary embeddings, which tie channels in pairs (i, i + d/2
     # or 2i, 2i + 1) that are kept or removed together; ``width`` counts units (pairs)
     unit_channels: int = 1
+    # channels per unit where they differ (heads, width): partial rotary embeddings make q/k of pairs
+    # (rotated channels) and singles (the pass-through rest); every head has the same counts of each
+    # size, and a plan keeps the same count of each size in every head (the heads' layouts stay equal)
+    unit_sizes: torch.Tensor | None = None
+
+    def size_counts(self, h: int, idx) -> dict[int, int]:
+        """How many units of each size positions ``idx`` of head ``h`` hold ({} without unit_sizes)."""
+        if self.unit_sizes is None:
+            return {}
+        row = self.unit_sizes[h] if self.unit_sizes.dim() == 2 else self.unit_sizes
+        return dict(sorted(collections.Counter(row[list(idx)].tolist()).items()))
+
+    def channels(self, h: int, idx) -> int:
+        """How many channels positions ``idx`` of head ``h`` hold."""
+        if self.unit_sizes is None:
+            return len(idx) * self.unit_channels
+        return sum(s * n for s, n in self.size_counts(h, idx).items())
 
     @property
     def heads(self) -> int:
@@ -91,10 +109,13 @@ def build_groups(channels, sites: list[Site], producers: list[tuple[str, torch.T
     for site in sites:
         qk = rows(channels.classes(site.q))
         pairs = [unique_ordered(row) for row in qk]  # rotary embeddings pair index i with i + d/2
-        unit_channels = 1
+        unit_channels, unit_sizes = 1, None
         if len({p.numel() for p in pairs}) == 1:
-            if qk.shape[-1] % pairs[0].numel() == 0:
-                unit_channels = qk.shape[-1] // pairs[0].numel()
+            sizes = torch.stack([(row.unsqueeze(0) == p.unsqueeze(1)).sum(1) for row, p in zip(qk, pairs)])
+            if bool((sizes == sizes[0, 0]).all()):
+                unit_channels = int(sizes[0, 0])
+            elif all(torch.equal(r.sort().values, sizes[0].sort().values) for r in sizes):
+                unit_sizes = sizes  # partial rotary: pairs and singles
             qk = torch.stack(pairs)
         mod = owner_module(torch.unique(qk), site.producers_before) or site.node
         mod = mod if mod.rsplit(".", 1)[-1] not in PROJECTION_NAMES \
@@ -105,7 +126,7 @@ def build_groups(channels, sites: list[Site], producers: list[tuple[str, torch.T
         else:
             seen_names[mod] = 0
         site.name = mod
-        g = Group(f"{mod}.qk", "qk", qk, site=mod, unit_channels=unit_channels)
+        g = Group(f"{mod}.qk", "qk", qk, site=mod, unit_channels=unit_channels, unit_sizes=unit_sizes)
         check(g, allow_sensitive=False)
         groups.append(g)
         for c in torch.unique(qk).tolist():
@@ -143,7 +164,7 @@ def build_groups(channels, sites: list[Site], producers: list[tuple[str, torch.T
         cls = cls[~torch.isin(cls, torch.tensor(sorted(used) or [-5]))]
         if cls.numel() == 0:
             continue
-        is_res = any(c in channels.sensitive or c in channels.summed for c in cls.tolist())
+        is_res = any(c in channels.sensitive or c in channels.rescaled or c in channels.summed for c in cls.tolist())
         name = producer_cls[members[0]][0].rsplit(".", 1)[0]
         pending.append(Group(name, "residual" if is_res else "ffn", cls))
         residual_count += is_res

@@ -35,7 +35,9 @@ class Move(OpFamily):
             return labs[0][args[1]]
         elif isinstance(args[0], torch.Tensor):
             lab0 = labs[0]
-            if not indexing_ok(n, key, args, kwargs, lab0):
+            # a constant's channels (a rotary table: repeat_interleave(freqs, 2)) may be moved at will:
+            # where it meets channels the rewrite gathers it whole (elementwise.gather_operands)
+            if not indexing_ok(n, key, args, kwargs, lab0) and not p.space.is_soft(lab0):
                 return p.refuse(n, f"{n.name}: `{key}` gathers along a channel dim", result)
             data_args[0] = L.expand(lab0, args[0].shape)
         else:

@@ -1,6 +1,8 @@
 """Reductions over a dim (sum is linear; mean / var / max are not) and softmax."""
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.fx as fx
 import torch.nn as nn
@@ -48,9 +50,19 @@ class Reduce(OpFamily):
         dims = [d % x.dim() for d in dims]
         var = L.varying_dims(lab)
         if [d for d in dims if d in var]:
-            if any(d not in dims for d in var):
+            rest = [d for d in var if d not in dims]
+            if rest and key != "mean" and key not in ZERO_NEUTRAL:
                 return p.refuse(n, f"{n.name}: `{key}` over some channel dims but not others", result)
-            if key not in ZERO_NEUTRAL:
+            if rest:
+                # a statistic per head (q/k norms over the head dim): the heads keep the same channels,
+                # so none goes alone and the statistic keeps its entry per head
+                first = lab
+                for d in rest:
+                    first = first.narrow(d, 0, 1)
+                p.space.union(lab, first)
+            if key == "mean":  # exact once the rewrite divides by the original count (see rewrite)
+                p.space.mark_sensitive(lab, f"{n.name}: `{key}` over channels", rescaled=True)
+            elif key not in ZERO_NEUTRAL:
                 p.space.mark_sensitive(lab, f"{n.name}: `{key}` over channels")
             out = L.constant(NONE, lab.dim())
         else:
@@ -62,12 +74,30 @@ class Reduce(OpFamily):
                           if isinstance(r, torch.Tensor) and r.dim() >= out.dim() else None)
 
     def rewrite(self, r, node, new, key):
+        """A mean over partly removed channels outside a residual stream becomes sum / original count
+        (the mean times kept / original): removing a channel is then zeroing it, as in the masked
+        original (q/k norms of Qwen3, Gemma3, OLMo2).  A residual stream's mean counts kept channels."""
         if _two_tensors(r.a, node, key):
             BINARY.rewrite(r, node, new, key)
+            return
+        if key != "mean" or not self._reduces_channels(r, node) or _in_residual(r.a, node):
+            return
+        x, dims = node.args[0], _dims(node)
+        shape, sizes = r.a.shapes[x.name], r.sizes_of(x)
+        dims = range(len(shape)) if dims is None else [d % len(shape) for d in dims]
+        before = math.prod(shape[d] for d in dims)
+        after = math.prod(sizes[d] for d in dims)
+        if after == before:
+            return
+        with r.graph.inserting_after(new):
+            scaled = r.graph.call_function(torch.ops.aten.mul.Tensor, (new, after / before))
+        r.env[node] = scaled
 
     def masked(self, m, node, key):
         if key in ZERO_NEUTRAL or _two_tensors(m.a, node, key) or not self._reduces_channels(m, node):
             return  # sums over removed (zero) channels are exact already
+        if key == "mean" and not _in_residual(m.a, node):
+            return  # the rewrite divides by the original count: exact against zeros already
         mask = m.last_dim_mask(node)
         if mask is None:
             return
@@ -86,7 +116,7 @@ class Reduce(OpFamily):
         if dims is None:
             return True
         x = node.args[0]
-        lab, shape = m.a.labels.get(x.name), m.shape_of(x)
+        lab, shape = m.a.labels.get(x.name), m.a.shapes[x.name]
         if not isinstance(lab, torch.Tensor):
             return False
         rank = len(shape)
@@ -110,6 +140,14 @@ class AlongDim(OpFamily):
         if dim % x.dim() in L.varying_dims(lab):
             return p.refuse(n, f"{n.name}: `{key}` over channels", result)
         return map_struct(result, lambda r: lab if isinstance(r, torch.Tensor) else None)
+
+
+def _in_residual(a, node) -> bool:
+    """Whether ``node`` reduces channels of a residual stream (or channels of no group)."""
+    lab = a.labels.get(node.args[0].name)
+    cls = torch.unique(a.channels.classes(lab[lab > 0])) if isinstance(lab, torch.Tensor) else torch.tensor([])
+    grouped = [g.classes.flatten() for g in a.groups.values() if g.kind != "residual"]
+    return not bool(cls.numel()) or not grouped or not bool(torch.isin(cls, torch.cat(grouped)).all())
 
 
 class Softmax(OpFamily):
