@@ -78,14 +78,16 @@ def main():
     a = stage("analyze", lambda: snp_fx.analyze(model, x))
     p = stage("plan (scores over the calibration set)",
               lambda: snp_fx.plan(a, target_params=args.target, calibration=calib, preset=args.preset, progress=False))
-    stage("apply (rewrite + check)" + (" + compensation" if args.preset == "best" else ""),
-          lambda: snp_fx.apply(a, p, compensate=args.preset == "best", calibration=calib, progress=False))
+    pruned = stage("apply (rewrite + check)" + (" + compensation" if args.preset == "best" else ""),
+                   lambda: snp_fx.apply(a, p, compensate=args.preset == "best", calibration=calib, progress=False))
+    kept = sum(q.numel() for q in pruned.parameters())
     total = sum(r["seconds"] for r in rows[1:])
     peak = max(r["peak_gb"] for r in rows[1:])
     rows.append({"stage": "prune (all but build)", "seconds": total, "peak_gb": peak, "after_gb": rss_gb("VmRSS")})
     for r in rows:
         r["peak_x_weights"] = r["peak_gb"] / weight_gb
     print(f"\n{n_params / 1e9:.3f} B parameters, {args.dtype}, weights {weight_gb:.2f} GB; "
+          f"pruned to {kept / 1e9:.3f} B ({kept / n_params:.1%}, target {args.target:.0%}); "
           f"{args.layers} layers, hidden {args.hidden}, heads {args.heads}/{args.kv_heads}, FFN {args.ffn}, "
           f"vocab {args.vocab}; calibration {args.calib} x {args.seq} tokens; {args.threads} threads; "
           f"load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores\n")

@@ -92,6 +92,7 @@ def analyze(model: torch.nn.Module, example_inputs, *, leaf_modules=(), frontend
             return _analyze(export(_copy(model).eval(), example_inputs), example_inputs, leaf_modules, source)
         except SNPError:
             raise first from None
+    release_memory()
     if frontend == "auto" and a.unknown_ops and not leaf_modules and a.gm.meta["snp_frontend"] == "fx":
         # ops the table does not know (often python helpers fx keeps whole, like torchvision's
         # shifted_window_attention): torch.export traces through them to ATen; keep whichever
@@ -110,6 +111,19 @@ def _findings(a: Analysis) -> tuple:
     prunable channel classes, then fewer ops not understood."""
     classes = sum(g.classes.numel() for g in a.prunable())
     return len(a.sites), classes, -len(a.unknown_ops)
+
+
+def release_memory() -> None:
+    """Hand freed memory back to the system: the analysis and the check allocate many mid-sized
+    label and activation tensors, which glibc keeps in its heap after they are freed (measured on a
+    1.1 B Llama: 1.2 GB of RSS after analysis, gone after malloc_trim).  No-op off glibc."""
+    import ctypes
+    import gc
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
 
 
 def _source_meta(model: torch.nn.Module, example_inputs) -> dict:
@@ -334,6 +348,7 @@ def apply(model_or_analysis, plan: PruningPlan, example_inputs=None, *, verify: 
     pruned.eval()
     if verify:
         _check(a, keep, pruned, plan)  # before compensation, which changes the kept weights
+        release_memory()
     if compensate:
         if calibration is None:
             calibration = default_calibration(a)
