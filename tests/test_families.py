@@ -177,3 +177,14 @@ def test_torchvision_maxvit_upper_case_einsum():
     assert len(a.prunable("qk")) == 4 and len(a.prunable("v")) == 4, str(a)
     for seed in (0, 1):
         check_mask_equivalence(a, {"qk": 0.5, "v": 0.25, "ffn": 0.3, "heads": 0.5 * seed}, seed)
+
+
+def test_swiftformer_additive_attention_is_a_site():
+    """SwiftFormer's additive attention scores tokens with q @ w_g, w_g a (dim, 1) parameter: a
+    per-token score paired with q's channels (a site), not a linear layer with one output channel
+    (x @ W is one for wider W: Falcon)."""
+    torch.manual_seed(0)
+    model = randomize_constants(timm.create_model("swiftformer_xs", pretrained=False, num_classes=5).eval())
+    a = snp_fx.analyze(model, torch.randn(1, 3, 64, 64))
+    assert len(a.sites) == 4 and len(a.prunable("qk")) == 4, str(a)
+    check_mask_equivalence(a, {"qk": 0.5, "ffn": 0.3}, 0)

@@ -163,7 +163,10 @@ class Matmul(OpFamily):
         if a.dim() < 2 or b.dim() < 2:
             return p.refuse(n, f"{n.name}: matmul with a vector", result)
         w, x_lab = weight_operand(p, n.args[1]), p.lab(n.args[0])
-        if w is not None and len(L.varying_dims(x_lab)) <= 1 and x_lab.shape[:-1].numel() == 1:
+        # one output column (x @ w_g, w_g (D, 1): SwiftFormer's additive attention) is a per-token
+        # score, paired with x's channels like q @ k^T (a site), not a layer with one output channel
+        if w is not None and w[1].shape[0 if w[2] else 1] > 1 and len(L.varying_dims(x_lab)) <= 1 \
+                and x_lab.shape[:-1].numel() == 1:
             name, weight, transposed = w
             ids = p.pids(name, weight)
             k_ids, out_ids = (ids[1], ids[0]) if transposed else (ids[0], ids[1])
