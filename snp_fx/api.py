@@ -68,8 +68,9 @@ def _preset(preset, **given):
 def analyze(model: torch.nn.Module, example_inputs, *, leaf_modules=(), frontend: str = "auto") -> Analysis:
     """Trace ``model`` and find its attention sites and coupled channel groups.
 
-    ``model`` is copied first, so nothing that happens here (even an error
-    halfway) can change it.  ``example_inputs``: a tensor, a tuple of
+    ``model`` is copied first (modules and buffers; the parameters are shared, never written:
+    ``analysis.gm`` holds the model's own weights, so train a pruned model, not the analysed
+    graph), so nothing that happens here (even an error halfway) can change it.  ``example_inputs``: a tensor, a tuple of
     positional tensors, or a dict of keyword inputs.  ``leaf_modules``: module
     classes or qualified names kept whole (not traced into).  ``frontend``: "auto"
     (torch.fx, else torch.export), "fx" or "export".
