@@ -48,18 +48,24 @@ def sharpen(model, seed=0):
     return model
 
 
-def assert_sensitive(analysis, keep, pruned, tolerance=1e-4):
-    """The check can see a q/k mistake: against a reference that keeps one other q/k unit in one
-    head (a kept one swapped for a removed one), the pruned model must fail mask equivalence."""
+def swapped_keep(analysis, keep):
+    """``keep`` with one kept q/k unit of one head swapped for a removed one (whole classes: a
+    class's root may be a bias element only)."""
+    cls = analysis.channels.class_of
     for g in analysis.prunable("qk"):
         for h in range(g.heads):
             kept = keep[g.classes[h]]
             if kept.any() and not kept.all():
                 wrong = keep.clone()
                 i, j = int(kept.nonzero()[0]), int((~kept).nonzero()[0])
-                cls = analysis.channels.class_of  # whole classes: a class's root may be a bias element only
                 wrong[cls == g.classes[h, i]], wrong[cls == g.classes[h, j]] = False, True
-                err = mask_equivalence(analysis, wrong, pruned, analysis.inputs)
-                assert err > tolerance, f"the check cannot see a swapped q/k unit in {g.name}: error {err:.2e}"
-                return
+                return g, wrong
     raise AssertionError("no q/k group with a removed unit: nothing to check the check against")
+
+
+def assert_sensitive(analysis, keep, pruned, tolerance=1e-4):
+    """The check can see a q/k mistake: against a reference that keeps one other q/k unit in one
+    head (a kept one swapped for a removed one), the pruned model must fail mask equivalence."""
+    g, wrong = swapped_keep(analysis, keep)
+    err = mask_equivalence(analysis, wrong, pruned, analysis.inputs)
+    assert err > tolerance, f"the check cannot see a swapped q/k unit in {g.name}: error {err:.2e}"

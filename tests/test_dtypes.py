@@ -11,7 +11,7 @@ from timm.models.vision_transformer import VisionTransformer
 
 import snp_fx
 from hf_models import llama
-from oracles import assert_sensitive, sharpen
+from oracles import assert_sensitive, sharpen, swapped_keep
 from snp_fx import verify
 from snp_fx.cost import count_macs, count_params
 from snp_fx.errors import RewriteError
@@ -55,19 +55,6 @@ def cast(x, dtype):
 def build(name, dtype):
     model, inputs = MODELS[name]()
     return model.to(dtype), cast(inputs, dtype)
-
-
-def swapped(a, keep):
-    """``keep`` with one kept q/k unit of one head swapped for a removed one."""
-    for g in a.prunable("qk"):
-        for h in range(g.heads):
-            kept = keep[g.classes[h]]
-            if kept.any() and not kept.all():
-                wrong = keep.clone()
-                i, j = int(kept.nonzero()[0]), int((~kept).nonzero()[0])
-                wrong[g.classes[h, i]], wrong[g.classes[h, j]] = False, True
-                return wrong
-    raise AssertionError("no q/k group with a removed unit")
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
@@ -116,7 +103,7 @@ def test_a_wrong_rewrite_fails_the_check_in_bfloat16(name, monkeypatch):
     a = snp_fx.analyze(model, inputs)
     plan = snp_fx.plan(a, ratios=RATIOS, progress=False)
     snp_fx.apply(a, plan)  # the right rewrite passes
-    monkeypatch.setattr(snp_fx.api, "rewrite", lambda a, keep: rewrite(a, swapped(a, keep)))
+    monkeypatch.setattr(snp_fx.api, "rewrite", lambda a, keep: rewrite(a, swapped_keep(a, keep)[1]))
     with pytest.raises(RewriteError, match=r"relative error .*, tolerance \d"):
         snp_fx.apply(a, plan)
 

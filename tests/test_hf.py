@@ -90,16 +90,22 @@ def test_rotary_pairs_and_kv_heads_go_together(name):
         assert pruned(**inputs).logits.shape == model(**inputs).logits.shape
 
 
-def test_calibration_batches_of_other_sizes_on_an_exported_graph():
-    """The exported graph keeps batch and length dynamic: calibration batches of other sizes and
-    lengths just run (a batch twice as large scores as its two halves given one by one); a length
-    beyond the model's maximum (BERT's 512 positions) is refused clearly."""
-    model, inputs, a = analysis("bert")
+def scores_of_a_double_batch_and_its_halves(a, inputs):
+    """SNP scores of a batch twice the example's, checked equal to those of its two halves."""
     double = {k: torch.cat([v, v.flip(0)]) for k, v in inputs.items()}
     halves = [{k: v[:2] for k, v in double.items()}, {k: v[2:] for k, v in double.items()}]
     s1 = snp_fx.importance.compute_scores(a, "snp", [double], progress=False)
     s2 = snp_fx.importance.compute_scores(a, "snp", halves, progress=False)
     assert torch.allclose(s1.classes, s2.classes)
+    return s1
+
+
+def test_calibration_batches_of_other_sizes_on_an_exported_graph():
+    """The exported graph keeps batch and length dynamic: calibration batches of other sizes and
+    lengths just run (a batch twice as large scores as its two halves given one by one); a length
+    beyond the model's maximum (BERT's 512 positions) is refused clearly."""
+    model, inputs, a = analysis("bert")
+    s1 = scores_of_a_double_batch_and_its_halves(a, inputs)
     longer = {k: torch.cat([v, v], dim=1) for k, v in inputs.items()}
     s3 = snp_fx.importance.compute_scores(a, "snp", [longer], progress=False)
     assert not torch.allclose(s3.classes, s1.classes)  # really run at the other length
@@ -114,11 +120,7 @@ def test_calibration_batches_on_a_static_exported_graph():
     model, inputs, _ = analysis("bert")
     a = snp_fx.api._analyze(snp_fx.trace.export(model, inputs, dynamic=False), inputs, ())
     assert a.gm.meta["snp_input_shapes"] == {"input_ids": [2, 7], "attention_mask": [2, 7]}
-    double = {k: torch.cat([v, v.flip(0)]) for k, v in inputs.items()}
-    halves = [{k: v[:2] for k, v in double.items()}, {k: v[2:] for k, v in double.items()}]
-    s1 = snp_fx.importance.compute_scores(a, "snp", [double], progress=False)
-    s2 = snp_fx.importance.compute_scores(a, "snp", halves, progress=False)
-    assert torch.allclose(s1.classes, s2.classes)
+    scores_of_a_double_batch_and_its_halves(a, inputs)
     longer = {k: torch.cat([v, v], dim=1) for k, v in inputs.items()}
     with pytest.raises(snp_fx.SNPError, match=r"exported for input_ids \(2, 7\)"):
         snp_fx.importance.compute_scores(a, "snp", [longer], progress=False)
