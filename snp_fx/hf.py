@@ -9,9 +9,15 @@ reproduce the pruned GraphModule, else nothing is left written.
 Standard configs state one width per kind for every layer and one head dim: plan with
 ``uniform=True`` (snp_fx.plan).  The sizes are read off the pruned weights by the table below, for
 the families whose layers are named like Llama's (Llama, Mistral, Qwen2, Qwen3, Gemma, ...).
+
+Any plan (per-layer widths, q/k apart from v) generates with a KV cache through ``StaticCacheLM``:
+the decoder wrapped as transformers exports it for on-device use, its static cache held as buffers
+written in place.  Pruned, the cache buffers keep the kept k / v channels of their layer
+(snp_fx/ops/cache.py); ``generate`` runs the greedy loop, one new token per call.
 """
 from __future__ import annotations
 
+import copy
 import os
 import shutil
 import tempfile
@@ -120,4 +126,75 @@ def _check(pruned: fx.GraphModule, loaded: torch.nn.Module) -> None:
                        f"tolerance {tol:.0e}): its architecture cannot express this plan; plan with uniform=True")
 
 
-__all__ = ["to_hf"]
+class StaticCacheLM(torch.nn.Module):
+    """A Hugging Face decoder with a static KV cache held as buffers (transformers'
+    ``TorchExportableModuleWithStaticCache``, the form it exports decoders in for on-device use).
+
+    ``forward(input_ids, cache_position)``: the logits of the given tokens, at positions
+    ``cache_position`` (``torch.arange(n)`` for a prompt of n tokens, then one position per new
+    token); their keys and values are written into the cache, and attention reads the cache up
+    to them.  Prune it like any model (``snp_fx.prune(StaticCacheLM(model, 128),
+    StaticCacheLM.inputs(prompt))``; batch and length stay dynamic up to ``max_len``) and
+    generate with ``generate``.  ``model`` is not modified; the wrapper shares its weights."""
+
+    def __init__(self, model: torch.nn.Module, max_len: int, batch: int = 1):
+        super().__init__()
+        from transformers.integrations.executorch import TorchExportableModuleWithStaticCache
+        config = getattr(getattr(model, "generation_config", None), "to_dict", None)
+        if config is None or not hasattr(model, "config"):
+            raise SNPError(f"StaticCacheLM wraps a Hugging Face decoder (e.g. LlamaForCausalLM); "
+                           f"{type(model).__name__} has no config / generation_config")
+        if not (isinstance(max_len, int) and max_len > 0 and isinstance(batch, int) and batch > 0):
+            raise SNPError(f"max_len and batch must be positive ints, got {max_len!r} and {batch!r}")
+        own = model.generation_config
+        model.generation_config = copy.deepcopy(own)  # the wrapper reads its cache settings from here
+        model.generation_config.use_cache, model.generation_config.cache_implementation = True, "static"
+        try:
+            self.inner = TorchExportableModuleWithStaticCache(model, batch_size=batch, max_cache_len=max_len)
+        finally:
+            model.generation_config = own
+        self.max_len = max_len
+
+    def forward(self, input_ids: torch.Tensor, cache_position: torch.Tensor) -> torch.Tensor:
+        return self.inner(input_ids=input_ids, cache_position=cache_position)
+
+    @staticmethod
+    def inputs(input_ids: torch.Tensor) -> dict:
+        """Keyword inputs for a prompt: the tokens at positions 0..n-1."""
+        return {"input_ids": input_ids, "cache_position": torch.arange(input_ids.shape[1], device=input_ids.device)}
+
+    def snp_dynamic_shapes(self, args, kwargs) -> dict:
+        """torch.export's dynamic shapes (snp_fx.trace): the length, up to the cache's; the batch is the cache's."""
+        from torch.export import Dim
+        length = Dim("length", min=1, max=self.max_len)
+        return {"input_ids": {1: length}, "cache_position": {0: length}}
+
+
+def _max_len(model) -> int | None:
+    if isinstance(model, StaticCacheLM):
+        return model.max_len
+    dims = getattr(model, "meta", {}).get("snp_input_shapes", {}).get("input_ids")
+    return dims[1][2] if dims and isinstance(dims[1], list) else None
+
+
+@torch.no_grad()
+def generate(model, input_ids: torch.Tensor, max_new_tokens: int) -> torch.Tensor:
+    """Greedy tokens (prompt + ``max_new_tokens``) from a ``StaticCacheLM`` or the GraphModule
+    pruned from one: the prompt in one call, then one call per new token, which attends to the
+    keys and values in the cache (the prefix is not recomputed)."""
+    if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2:
+        raise SNPError("input_ids must be a (batch, length) tensor of token ids")
+    n, longest = input_ids.shape[1], _max_len(model)
+    if longest is None:
+        raise SNPError("generate takes a StaticCacheLM or the GraphModule snp_fx pruned from one")
+    if n + max_new_tokens - 1 > longest:
+        raise SNPError(f"{n} prompt + {max_new_tokens} new tokens do not fit the cache of {longest} positions")
+    logits = model(input_ids=input_ids, cache_position=torch.arange(n, device=input_ids.device))
+    out = [input_ids, logits[:, -1:].argmax(-1)]
+    for i in range(max_new_tokens - 1):
+        pos = torch.tensor([n + i], device=input_ids.device)
+        out.append(model(input_ids=out[-1], cache_position=pos)[:, -1:].argmax(-1))
+    return torch.cat(out, 1)
+
+
+__all__ = ["to_hf", "StaticCacheLM", "generate"]

@@ -132,7 +132,10 @@ class _Rewriter:
     def fix(self, node: fx.Node, new: fx.Node):
         if node.op == "get_attr":
             t = operator.attrgetter(node.target)(self.gm)
-            self.attrs[node.target] = self.slice_tensor(node.target, t) if isinstance(t, torch.Tensor) else t
+            if node.target in self.a.state:  # a KV cache: the channels of what is written into it
+                self.attrs[node.target] = ops.cache.pruned_state(self, node.target, t)
+            else:
+                self.attrs[node.target] = self.slice_tensor(node.target, t) if isinstance(t, torch.Tensor) else t
         elif node.op == "call_module":
             self.attrs[node.target] = self.prune_module(node.target, node)
         elif node.op in ("call_function", "call_method"):

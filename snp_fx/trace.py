@@ -153,6 +153,9 @@ def dynamic_shapes(model: torch.nn.Module, args: tuple, kwargs: dict) -> dict:
     the length dim of 2-d integer (token) inputs, up to ``config.max_position_embeddings`` where the
     model has one."""
     from torch.export import Dim
+    own = getattr(model, "snp_dynamic_shapes", None)
+    if callable(own):  # a wrapper that knows its inputs (snp_fx.hf.StaticCacheLM: the cache fixes the batch)
+        return own(args, kwargs)
     # a Hugging Face model's position table bounds the length (GPT-2 reads past it, raising IndexError)
     cfg = getattr(model, "config", None)
     longest = next((v for v in (getattr(cfg, k, None) for k in ("max_position_embeddings", "n_positions"))

@@ -48,6 +48,7 @@ class Propagator(fx.Interpreter):
         self.gathered: dict[str, list[str]] = {}  # elementwise node -> operands the rewrite gathers
         self.tables: list[tuple[int, int]] = []  # id ranges of small parameters (one unit per element)
         self.summed: list[torch.Tensor] = []  # channels two computed tensors are added on (a residual stream)
+        self.state: dict[str, str] = {}  # buffer -> the node writing it in place (a KV cache): laid out as it
 
     # ---- helpers the families use -------------------------------------------------
     def pids(self, name: str, t: torch.Tensor, soft: bool = False) -> list[torch.Tensor]:
@@ -189,6 +190,10 @@ class Propagator(fx.Interpreter):
 
     def rule(self, n, args, kwargs, result):
         if n.op == "placeholder":
+            if isinstance(result, torch.Tensor) and not (result.is_floating_point() or result.is_complex()):
+                # integer inputs (token ids, cache positions) carry no channels: a constant, like
+                # arange's positions, gathered where it meets channels (rotary tables of cache_position)
+                return self.frozen_output(result, f"{n.name}: an integer input", soft=True)
             return self.full(FROZEN, result)
         if n.op == "get_attr":
             return self.attribute(n, result)

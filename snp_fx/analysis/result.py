@@ -31,6 +31,7 @@ class Analysis:
         self.taint = prop.taint        # python ints read from channel dims
         self.gathered = prop.gathered  # elementwise nodes whose constant operands the rewrite gathers
         self.sites = prop.sites
+        self.state = prop.state        # buffers written in place (a static KV cache) -> the writing node
         self.unknown_ops = prop.unknown
         self.channels = ChannelGraph(prop)
         canon = lambda t: L.reduce(self.channels.classes(t)) if isinstance(t, torch.Tensor) else t  # noqa: E731
