@@ -185,9 +185,7 @@ def generate(model, input_ids: torch.Tensor, max_new_tokens: int) -> torch.Tenso
     if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2:
         raise SNPError("input_ids must be a (batch, length) tensor of token ids")
     n, longest = input_ids.shape[1], _max_len(model)
-    if longest is None:
-        raise SNPError("generate takes a StaticCacheLM or the GraphModule snp_fx pruned from one")
-    if n + max_new_tokens - 1 > longest:
+    if longest is not None and n + max_new_tokens - 1 > longest:
         raise SNPError(f"{n} prompt + {max_new_tokens} new tokens do not fit the cache of {longest} positions")
     logits = model(input_ids=input_ids, cache_position=torch.arange(n, device=input_ids.device))
     out = [input_ids, logits[:, -1:].argmax(-1)]

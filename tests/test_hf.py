@@ -190,3 +190,83 @@ def test_to_hf_generates_with_a_kv_cache_like_the_masked_dense_model(tmp_path):
     assert torch.equal(tokens, masked.generate(prompt, **opts))
     assert not torch.equal(tokens, model.generate(prompt, **opts))  # the pruning did change the model
     assert pruned.config.num_key_value_heads == 1
+
+
+def masked_dense(a, model, plan, prefix=""):
+    """The dense model with the removed weight slices zeroed (the oracle pruning must equal)."""
+    from snp_fx.planning import keep_mask
+    from snp_fx.verify import _zeroed
+    masked, keep = copy.deepcopy(model), keep_mask(a, plan)
+    with torch.no_grad():
+        for name, p in masked.named_parameters():
+            p.copy_(_zeroed(a, prefix + name, p, keep))
+    return masked
+
+
+@torch.no_grad()
+def cached_logits(lm, tokens, n_prompt, tamper=None):
+    """Logits of every position after the prompt, fed one token per call through the cache
+    (``tamper(lm)`` runs after the prompt: a deliberate mistake)."""
+    out = [lm(input_ids=tokens[:, :n_prompt], cache_position=torch.arange(n_prompt))[:, -1]]
+    if tamper is not None:
+        tamper(lm)
+    for i in range(n_prompt, tokens.shape[1] - 1):
+        out.append(lm(input_ids=tokens[:, i:i + 1], cache_position=torch.tensor([i]))[:, -1])
+    return torch.stack(out, 1)
+
+
+@pytest.mark.parametrize("name", ["llama", "qwen2"])
+def test_any_plan_generates_with_a_static_kv_cache_like_the_masked_dense_model(name):
+    """The decoder wrapped with a static KV cache (StaticCacheLM), pruned with plans no standard
+    config states: the cache buffers keep each layer's kept k / v channels, and greedy tokens, one
+    per call through the cache, equal the masked dense model's, token for token and in the logits
+    of every step.  (1) An SNP plan by kind (q/k apart from v, a kv head of each layer,
+    the residual pruned): against the masked reference graph (exact norms) generating through its dense cache.
+    (2) Per-layer ratios, residual whole: against the Hugging Face model with the removed slices
+    zeroed, generating with transformers' own cache.  The check sees a swapped q/k unit and a
+    cache whose channels are out of order."""
+    from oracles import sharpen, swapped_keep
+    from snp_fx.hf import StaticCacheLM, generate
+    from snp_fx.planning import keep_mask
+    from snp_fx.rewrite import rewrite
+    from snp_fx.verify import masked_reference
+    torch.manual_seed(0)
+    model, inputs = MODELS[name]()
+    sharpen(model.eval(), seed=3)
+    prompt, n = inputs["input_ids"][:1], inputs["input_ids"].shape[1]
+    a = snp_fx.analyze(StaticCacheLM(model, 40), StaticCacheLM.inputs(prompt))
+    assert not a.unknown_ops and len(a.state) == 4  # the k and v caches of two layers, understood
+    dense = model.generate(prompt, max_new_tokens=32, do_sample=False)
+
+    plan = snp_fx.plan(a, ratios={"qk": 0.5, "v": 0.25, "heads": 0.5, "ffn": 0.5, "residual": 0.25})
+    assert len(plan.groups["residual"]["keep"]) == 48
+    pruned = snp_fx.apply(a, plan)
+    reference = masked_reference(a, keep_mask(a, plan), exact_norms=True)
+    tokens = generate(pruned, prompt, 32)
+    assert tokens.shape == (1, n + 32) and torch.equal(tokens, generate(reference, prompt, 32))
+    assert relative_error(cached_logits(pruned, tokens, n), cached_logits(reference, tokens, n)) < 1e-4
+    assert not torch.equal(tokens, dense)  # the pruning did change the model
+
+    layer = "inner.model.model.layers.{}.{}"
+    ratios = {layer.format(0, "self_attn.qk"): 0.5, layer.format(1, "self_attn.qk"): 0.25,
+              layer.format(0, "self_attn.v"): 0.25, layer.format(1, "self_attn.v"): 0.5,
+              layer.format(0, "mlp.gate_proj"): 0.5, layer.format(1, "mlp.gate_proj"): 0.25}
+    plan = snp_fx.plan(a, ratios=ratios)
+    widths = {g: [len(h) for h in e["keep"]] for g, e in plan.groups.items() if e["kind"] in ("qk", "v")}
+    assert len({tuple(w) for w in widths.values()}) == 4, widths  # its own width per layer and kind
+    pruned = snp_fx.apply(a, plan)
+    caches = {k: tuple(b.shape) for k, b in pruned.named_buffers() if k in a.state}
+    assert sorted(caches.values()) == [(1, 2, 40, 8)] * 2 + [(1, 2, 40, 12)] * 2, caches  # k, v: 8, 12 then 12, 8
+    masked = masked_dense(a, model, plan, prefix="inner.model.")
+    tokens = generate(pruned, prompt, 32)
+    assert torch.equal(tokens, masked.generate(prompt, max_new_tokens=32, do_sample=False, use_cache=True))
+    assert not torch.equal(tokens, dense)
+    with torch.no_grad():
+        ref = masked(tokens[:, :-1]).logits[:, n - 1:]
+    assert relative_error(cached_logits(pruned, tokens, n), ref) < 1e-4
+    # deliberate mistakes the check must see: one q/k unit swapped; one cache's channels reversed
+    _, wrong = swapped_keep(a, keep_mask(a, plan))
+    assert relative_error(cached_logits(rewrite(a, wrong), tokens, n), ref) > 1e-3
+    cache = next(k for k in a.state if "layers.1" in k)
+    flip = lambda lm: lm.get_buffer(cache).copy_(lm.get_buffer(cache).flip(-1))  # noqa: E731
+    assert relative_error(cached_logits(snp_fx.apply(a, plan), tokens, n, flip), ref) > 1e-3
