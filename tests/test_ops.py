@@ -18,6 +18,7 @@ from oracles import check_mask_equivalence
 import snp_fx
 from snp_fx import ops
 from snp_fx.ops import registry
+from snp_fx.ops.cache import CacheWrite, CopyInto
 from snp_fx.ops.rms_norm import RMSNorm
 from snp_fx.planning import PruningPlan, keep_mask
 from snp_fx.rewrite import rewrite
@@ -218,6 +219,36 @@ class _Transposed(nn.Module):
         return self.down(F.relu(self.t(F.relu(self.up(x)))))
 
 
+class CachedAttention(nn.Module):
+    """Attention through a static KV cache, as decoders export it: k and v written in place into
+    buffers (heads, length, head dim) at their positions, attention reads the whole buffers (the
+    unwritten tail masked), a position counter reset with copy_."""
+
+    def __init__(self, heads=2, hd=6, length=8):
+        super().__init__()
+        self.h, self.hd, self.length = heads, hd, length
+        self.q, self.k, self.v = (nn.Linear(C, heads * hd) for _ in range(3))
+        self.proj = nn.Linear(heads * hd, C)
+        self.register_buffer("k_cache", torch.zeros(2, heads, length, hd))
+        self.register_buffer("v_cache", torch.zeros(2, heads, length, hd))
+        self.register_buffer("seen", torch.zeros(1, dtype=torch.long))
+
+    read_again = False  # the k cache read apart from its write too: not understood
+
+    def forward(self, x):
+        B, N, _ = x.shape
+        q, k, v = (f(x).view(B, N, self.h, self.hd).transpose(1, 2) for f in (self.q, self.k, self.v))
+        pos = torch.arange(N)
+        self.seen.copy_(pos[-1:] + 1)
+        kc, vc = self.k_cache.index_copy_(2, pos, k), self.v_cache.index_copy_(2, pos, v)
+        mask = (torch.arange(self.length) < N).expand(N, -1)
+        out = F.scaled_dot_product_attention(q, kc, vc, attn_mask=mask)
+        if self.read_again:
+            out = torch.cat([out, self.k_cache], 2)[:, :, :N]  # the same values, through a second reader
+        return x + self.proj(out.transpose(1, 2).reshape(B, N, -1))
+
+
+ATTN = {"qk": 0.5, "v": 0.25, "heads": 0.5}
 # (id, model factory, input factory, {frontend: family the graph must contain}, ratios)
 FFN = {"ffn": 0.4}
 ROWS = [
@@ -270,6 +301,8 @@ ROWS = [
     ("rms_norm", lambda: Tokens(nn.RMSNorm(C)), _ids, {"fx": RMSNorm, "export": RMSNorm}, {"ffn": 0.4, "residual": 0.25}),
     ("rms_norm_functional", lambda: _with(w=torch.rand(H) + 0.5)(lambda s, y: F.rms_norm(y, (H,), s.w, 1e-6)),
      _tokens, {"fx": RMSNorm, "export": RMSNorm}, {"residual": 0.4}),
+    ("cache_write", CachedAttention, _tokens, {"fx": CacheWrite, "export": CacheWrite}, ATTN),
+    ("copy_into", CachedAttention, _tokens, {"fx": CopyInto, "export": CopyInto}, ATTN),
     ("sdpa", lambda: _vit("sdpa"), lambda: torch.randn(2, 3, 32, 32), {"fx": ops.SDPA, "export": ops.SDPA},
      {"qk": 0.5, "v": 0.25, "heads": 0.5}),
 ]
@@ -337,6 +370,19 @@ def test_register_op_teaches_an_op():
     assert pruned.down.in_features < H
     with pytest.raises(TypeError, match="OpFamily"):
         snp_fx.register_op(scaled_gelu, "unary")
+
+
+def test_a_cache_read_apart_from_its_write_is_refused():
+    """A KV cache buffer read by something else than its in-place write (fx: a second get_attr of
+    it): not understood, its channels are frozen, with the reason.  (torch.export's graph reads the
+    written cache through the write's result instead, whose labels are the written k's.)"""
+    torch.manual_seed(0)
+    model = CachedAttention().eval()
+    model.read_again = True
+    a = snp_fx.analyze(model, _tokens(), frontend="fx")
+    assert "`k_cache` is used elsewhere" in " ".join(a.reasons().values()) and not a.prunable("qk")
+    model.read_again = False
+    assert snp_fx.analyze(model, _tokens(), frontend="fx").prunable("qk")  # read only where written: prunes
 
 
 class BrokenRule(ops.Unary):

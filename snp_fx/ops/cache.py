@@ -15,7 +15,7 @@ import torch.fx as fx
 
 from .. import labels as L
 from ..errors import RewriteError
-from .registry import Args, OpFamily, register
+from .registry import OpFamily, register
 
 
 class CacheWrite(OpFamily):
@@ -23,9 +23,10 @@ class CacheWrite(OpFamily):
     kind = "cache_write"
 
     def propagate(self, p, n, key, args, kwargs, result):
-        a = Args(n, args, kwargs)
-        buf, src = a["input"], a["source"]
-        real_buf, real_src, dim = a.value("input"), a.value("source"), a.value("dim")
+        def arg(i, name, given):  # the same order for the ATen op, torch.index_copy and the tensor method
+            return given[0][i] if i < len(given[0]) else given[1].get(name)
+        buf, src = arg(0, "input", (n.args, n.kwargs)), arg(3, "source", (n.args, n.kwargs))
+        real_buf, dim, real_src = (arg(i, k, (args, kwargs)) for i, k in ((0, "input"), (1, "dim"), (3, "source")))
         lab = p.lab(src)
         why = None
         if not (isinstance(buf, fx.Node) and buf.op == "get_attr"):
