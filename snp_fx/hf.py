@@ -156,6 +156,8 @@ class StaticCacheLM(torch.nn.Module):
         self.max_len = max_len
 
     def forward(self, input_ids: torch.Tensor, cache_position: torch.Tensor) -> torch.Tensor:
+        if input_ids.shape[-1] > self.max_len:
+            raise SNPError(f"{input_ids.shape[-1]} tokens do not fit the cache of {self.max_len} positions")
         return self.inner(input_ids=input_ids, cache_position=cache_position)
 
     @staticmethod

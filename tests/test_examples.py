@@ -151,3 +151,19 @@ def test_prune_llm():
         for cache in ("yes", "no"):
             assert any(line.startswith(f"| {model} | {cache} |") for line in out.splitlines())
     assert len(re.findall(r"^greedy tokens, (dense|pruned): +\[(\d+, ){7}\d+\]$", out, re.M)) == 2
+
+
+def test_prune_llm_any_plan():
+    """--any-plan: a default SNP plan (widths per layer) generating through a static KV cache of the
+    pruned widths, the same tokens as the masked dense model."""
+    out = run_example("prune_llm.py", "--any-plan", "--tokens", "8", "--prompt", "8", "--target-params", "0.7",
+                      timeout=600)
+    assert "the masked dense model generates the same tokens: True" in out
+    rows = [line.split(" | ") for line in out.splitlines() if re.match(r"^\| \d \| \[", line)]
+    assert len(rows) == 4  # one per layer, each with its key / value cache of the kept widths
+    for row in rows:
+        qk, v = eval(row[1]), eval(row[2])  # kept q/k pairs and v channels per kv head
+        assert eval(row[4])[-1] == 2 * qk[0] and eval(row[5])[-1] == v[0]
+    assert len({row[2] for row in rows}) > 1 or len({row[1] for row in rows}) > 1  # widths differ by layer
+    for cache in ("yes", "no"):
+        assert any(line.startswith(f"| {cache} (") for line in out.splitlines())
