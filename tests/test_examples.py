@@ -159,7 +159,8 @@ def test_prune_llm_any_plan():
     out = run_example("prune_llm.py", "--any-plan", "--tokens", "8", "--prompt", "8", "--target-params", "0.7",
                       timeout=600)
     assert "the masked dense model generates the same tokens: True" in out
-    rows = [line.split(" | ") for line in out.splitlines() if re.match(r"^\| \d \| \[", line)]
+    rows = [[c.strip() for c in line.strip().strip("|").split("|")] for line in out.splitlines()
+            if re.match(r"^\| \d \| \[", line)]
     assert len(rows) == 4  # one per layer, each with its key / value cache of the kept widths
     for row in rows:
         qk, v = eval(row[1]), eval(row[2])  # kept q/k pairs and v channels per kv head
