@@ -9,6 +9,7 @@
     conv.py         convolutions (dense, depthwise, grouped, transposed), pooling
     norms.py        LayerNorm, GroupNorm, BatchNorm
     attention.py    matmul / bmm / baddbmm / einsum / scaled_dot_product_attention
+    cache.py        a static KV cache written in place (index_copy_), copy_
 
 Adding an op is one family (or one ``register`` line) in one of these files, or a new file here
 (every module of this package is imported, so its ``register`` calls run), plus one row in
