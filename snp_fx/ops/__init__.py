@@ -9,6 +9,8 @@
     conv.py         convolutions (dense, depthwise, grouped, transposed), pooling
     norms.py        LayerNorm, GroupNorm, BatchNorm
     attention.py    matmul / bmm / baddbmm / einsum / scaled_dot_product_attention
+    experts.py      mixture-of-experts weights (3-d): grouped_mm, bmm of weights gathered by expert
+                    id, histc / index_put on expert ids
 
 Adding an op is one family (or one ``register`` line) in one of these files, or a new file here
 (every module of this package is imported, so its ``register`` calls run), plus one row in
