@@ -12,7 +12,8 @@ output's channels are its out-dim.  The expert dim is never a channel dim: which
 uses is data (routing), so every expert keeps the same neuron indices (one FFN group per MoE
 layer, planned like a dense FFN; the router's outputs, the experts, are never pruned: topk over
 them refuses).  The ops on expert ids (sort, histc, index_put of the inverse permutation) carry
-no channels.
+no channels.  aten's ``_grouped_mm`` kernel takes rows of a multiple of 16 bytes only: the groups
+through it get that width step (``Group.step``), which the planner rounds to.
 """
 from __future__ import annotations
 
@@ -128,6 +129,9 @@ class GroupedMM(OpFamily):
             return p.refuse(n, f"{n.name}: `{key}` other than tokens (2-d) times expert weights "
                                f"(a 3-d parameter) without bias", result)
         name, w, transposed, _ = ew
+        offs = n.args[2] if len(n.args) > 2 else n.kwargs.get("offs")
+        if isinstance(p.lab(offs), torch.Tensor):  # where each expert's rows end: data, never channels
+            p.space.freeze(p.lab(offs), f"{n.name}: `{key}` offsets")
         k_dim, out_dim = (2, 1) if transposed else (1, 2)  # weight as used: (experts, in, out)
         out = _link(p, n, n.args[0], -1, 2, name, w, k_dim, out_dim)
         if out is None:
