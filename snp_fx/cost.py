@@ -22,11 +22,23 @@ def _sdpa_cpu_flops(query_shape, key_shape, value_shape, *args, out_shape=None, 
     return sdpa_flop_count(query_shape, key_shape, value_shape)
 
 
+def _grouped_mm_flops(input_shape, weight_shape, *args, out_shape=None, **kwargs):
+    # MoE experts (snp_fx/ops/experts.py): every token row times its expert's (in, out) matrix
+    return 2 * out_shape[0] * out_shape[1] * input_shape[-1]
+
+
 def _custom_mapping():
     m = {}
     op = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
     if op is not None:
         m[op] = _sdpa_cpu_flops
+    # not counted by torch 2.14: aten's grouped matmul and transformers' fallback for it (a custom op,
+    # there once transformers' MoE integration is imported)
+    for ns, name in (("aten", "_grouped_mm"), ("transformers", "grouped_mm_fallback")):
+        try:
+            m[getattr(getattr(torch.ops, ns), name)] = _grouped_mm_flops
+        except (AttributeError, RuntimeError):
+            pass
     return m
 
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 
 import torch
@@ -248,6 +249,9 @@ def keep_mask(analysis: Analysis, plan: PruningPlan) -> torch.Tensor:
             rows = [(None, keep)]
             if not keep:
                 raise SNPError(f"plan group '{name}' keeps no channel; keep at least one")
+            if g.step > 1 and len(keep) % g.step and len(keep) != g.width:
+                raise SNPError(f"plan group '{name}' keeps {len(keep)} channels; its kernel takes multiples "
+                               f"of {g.step} (aligned rows)")
         for h, idx in rows:
             cls = g.classes[h] if h is not None else g.classes
             if any((not isinstance(i, int)) or i < 0 or i >= cls.numel() for i in idx) or len(set(idx)) != len(idx):
@@ -350,7 +354,7 @@ def step_of(round_to, g: Group) -> int:
     """The width step of group ``g`` in its own units: ``round_to`` counts channels (per head for
     q/k and v), and rotary q/k groups count channel pairs."""
     r = round_to.get(g.name, round_to.get(g.kind, 1)) if isinstance(round_to, dict) else round_to
-    return max(1, r // g.unit_channels)
+    return math.lcm(max(1, r // g.unit_channels), g.step)
 
 
 def _round_width(k: int, width: int, round_to: int) -> int:

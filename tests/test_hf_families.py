@@ -9,6 +9,7 @@ import torch
 import snp_fx
 from oracles import assert_sensitive, check_mask_equivalence, sharpen
 from snp_fx.planning import keep_mask
+from snp_fx.verify import mask_equivalence
 
 transformers = pytest.importorskip("transformers")
 warnings.filterwarnings("ignore", module="transformers")
@@ -21,7 +22,10 @@ def decoder(config_cls, model_cls="AutoModelForCausalLM", tiny=TINY, inputs=None
     """A builder: (model, keyword inputs) for a decoder without KV cache.  ``tiny``: the config's
     own names for the tiny sizes; ``inputs``: more keyword inputs (an encoder-decoder's)."""
     def build():
+        experts = cfg.pop("experts", None)  # an MoE's experts implementation (config._experts_implementation)
         config = config_cls(**{**tiny, "use_cache": False, **cfg})
+        if experts:
+            config._experts_implementation = experts
         model = getattr(transformers, model_cls).from_config(config) if model_cls.startswith("Auto") \
             else getattr(transformers, model_cls)(config)
         return model, {"input_ids": IDS, "use_cache": False, **(inputs or {})}
@@ -42,6 +46,8 @@ FALCON = {k: v for k, v in TINY.items() if k != "intermediate_size"}  # Falcon's
 MASK = torch.tensor([[1] * 7, [1] * 5 + [0] * 2])
 TEXT = {"input_ids": IDS, "attention_mask": MASK}
 PIXELS = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+MOE = dict(num_local_experts=4, num_experts_per_tok=2)  # Mixtral's names
+QWEN_MOE = dict(num_experts=4, num_experts_per_tok=2)   # Qwen-MoE's and OLMoE's
 
 # family -> (builder, attention sites expected)
 FAMILIES = {
@@ -79,8 +85,22 @@ FAMILIES = {
     "qwen3": (decoder(transformers.Qwen3Config, num_key_value_heads=2, head_dim=16), 2),
     "gemma3": (decoder(transformers.Gemma3TextConfig, num_key_value_heads=2, head_dim=16), 2),
     "olmo2": (decoder(transformers.Olmo2Config, num_key_value_heads=2), 2),
+    # mixture of experts: expert weights are 3-d parameters (experts, out, in) run by grouped_mm over
+    # tokens sorted by expert (transformers' default experts implementation); each MoE layer's
+    # experts are one FFN group (the same neurons in every expert), the router's experts stay
+    "mixtral": (decoder(transformers.MixtralConfig, num_key_value_heads=2, **MOE), 2),
+    # experts gathered by expert id and multiplied with bmm (the batched_mm implementation)
+    "mixtral_batched_mm": (decoder(transformers.MixtralConfig, num_key_value_heads=2, experts="batched_mm",
+                                   **MOE), 2),
+    # a shared expert (a dense SwiGLU FFN) beside the routed ones, scaled by sigmoid(shared_expert_gate(x))
+    "qwen2_moe": (decoder(transformers.Qwen2MoeConfig, num_key_value_heads=2, moe_intermediate_size=32,
+                          shared_expert_intermediate_size=64, **QWEN_MOE), 2),
+    "qwen3_moe": (decoder(transformers.Qwen3MoeConfig, num_key_value_heads=2, head_dim=16, moe_intermediate_size=32,
+                          **QWEN_MOE), 2),
+    "olmoe": (decoder(transformers.OlmoeConfig, num_key_value_heads=2, **QWEN_MOE), 2),
 }
 FFN_LAYERS = {"t5": 4}  # FFNs where there are fewer than attention sites
+MOE_FAMILIES = ["mixtral", "mixtral_batched_mm", "qwen2_moe", "qwen3_moe", "olmoe"]
 
 _cache = {}
 
@@ -145,3 +165,49 @@ def test_qk_layer_norm_is_refused_cleanly():
     assert len(qk) == layers and all(not g.prunable and "layer_norm" in g.reason for g in qk), a.reasons()
     assert len(a.prunable("v")) == layers
     check_mask_equivalence(a, {"v": 0.5, "ffn": 0.5}, 0)
+
+
+def experts_groups(a):
+    return [g for g in a.prunable("ffn") if any(name.endswith(("experts.gate_up_proj", "experts.down_proj"))
+                                                 for name, _ in a.channels.param_ids.items()
+                                                 if name.startswith(g.name + "."))]
+
+
+@pytest.mark.parametrize("name", MOE_FAMILIES)
+def test_moe_experts_prune_exactly_router_kept(name):
+    """Each MoE layer's experts are an FFN group: the kept neurons are rows of every expert's
+    gate/up and columns of its down projection (the expert count stays: the router's outputs are
+    not pruned); with the residual stream pruned too the result equals the masked original, and
+    the check sees one layer's kept and removed expert neurons swapped."""
+    model, inputs, a, layers = analysis(name)
+    experts = experts_groups(a)
+    assert len(experts) == layers, a.reasons()
+    routers = [g for g in a.groups.values() if g.width == 4]  # the routers' 4 experts
+    assert routers and all(not g.prunable and "topk" in g.reason for g in routers), a.reasons()
+    assert a.prunable("residual") and not a.unknown_ops, a.unknown_ops
+    pruned, plan = check_mask_equivalence(a, {"qk": 0.5, "v": 0.25, "ffn": 0.5, "residual": 0.25}, 1)
+    keep = keep_mask(a, plan)
+    state = pruned.state_dict()
+    for g in experts:
+        up, down = state[g.name + ".gate_up_proj"], state[g.name + ".down_proj"]
+        k = len(plan.groups[g.name]["keep"])
+        assert k < g.width and up.shape[:2] == (4, 2 * k) and down.shape[0] == 4 and down.shape[2] == k
+    g = experts[0]  # the check sees wrong expert neurons: this layer's kept and removed ones swapped
+    cls = a.channels.class_of
+    wrong = keep.clone()
+    for c in g.classes.tolist():
+        wrong[cls == c] = ~keep[c]
+    err = mask_equivalence(a, wrong, pruned, a.inputs, exact_norms=True)
+    assert err > 1e-4, f"the check cannot see swapped expert neurons in {g.name}: error {err:.2e}"
+
+
+def test_moe_eager_experts_loop_is_refused_cleanly():
+    """The eager experts loop runs one matmul per expert hit by the data: torch.export cannot trace
+    a data-dependent loop, so the analysis says so (the grouped_mm / batched_mm implementations
+    prune)."""
+    FAMILIES["mixtral_eager"] = (decoder(transformers.MixtralConfig, experts="eager", **MOE), 2)
+    try:
+        with pytest.raises(snp_fx.SNPError, match="data-dependent"):
+            analysis("mixtral_eager")
+    finally:
+        del FAMILIES["mixtral_eager"]

@@ -19,6 +19,7 @@ import snp_fx
 from snp_fx import ops
 from snp_fx.ops import registry
 from snp_fx.ops.cache import CacheWrite, CopyInto
+from snp_fx.ops.experts import Counts, GroupedMM, IndexPut
 from snp_fx.ops.rms_norm import RMSNorm
 from snp_fx.planning import PruningPlan, keep_mask
 from snp_fx.rewrite import rewrite
@@ -210,6 +211,53 @@ def _core_aten(make):
     return build
 
 
+@torch.library.custom_op("snp_test::grouped_mm_fallback", mutates_args=())
+def grouped_mm_loop(input: torch.Tensor, weight: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
+    """transformers' stand-in for ``_grouped_mm`` where aten's cannot run (float32 under export): an
+    opaque op, known to the table by its name."""
+    out, start = input.new_zeros(input.shape[0], weight.shape[2]), 0
+    for e, end in enumerate(offs.tolist()):
+        out[start:end] = input[start:end] @ weight[e]
+        start = end
+    return out
+
+
+@grouped_mm_loop.register_fake
+def _(input, weight, offs):
+    return input.new_empty(input.shape[0], weight.shape[2])
+
+
+class MoE(nn.Module):
+    """A mixture-of-experts FFN as transformers runs it: a router picks 2 of 4 experts per token;
+    the experts' weights are 3-d parameters (experts, out, in).  "grouped": tokens sorted by expert,
+    ``_grouped_mm`` with offsets from ``histc``, the inverse permutation by ``index_put_``;
+    "batched": each token's expert weights gathered by id, then ``bmm``."""
+
+    def __init__(self, form):
+        super().__init__()
+        self.form, self.gate = form, nn.Linear(C, 4, bias=False)
+        self.up = nn.Parameter(torch.randn(4, 2 * H, C) * 0.5)
+        self.down = nn.Parameter(torch.randn(4, C, H) * 0.5)
+
+    def forward(self, x):
+        B, N, _ = x.shape
+        h = x.reshape(-1, C)
+        weights, idx = self.gate(h).softmax(-1).topk(2, dim=-1)
+        if self.form != "batched":
+            mm = torch._grouped_mm if self.form == "grouped" else grouped_mm_loop
+            ids, perm = idx.reshape(-1).sort()
+            offs = torch.histc(ids.float(), bins=4, min=0, max=3).cumsum(0).to(torch.int32)
+            g, u = mm(h[perm // 2], self.up.transpose(-2, -1), offs=offs).chunk(2, dim=-1)
+            y = mm(F.silu(g) * u, self.down.transpose(-2, -1), offs=offs)
+            inverse = torch.empty_like(perm).index_put_((perm,), torch.arange(perm.shape[0]))
+            y = (y * weights.reshape(-1)[perm].unsqueeze(-1))[inverse]
+        else:
+            ids = idx.reshape(-1)
+            g, u = torch.bmm(self.up[ids], h.repeat_interleave(2, dim=0).unsqueeze(-1)).squeeze(-1).chunk(2, dim=-1)
+            y = torch.bmm(self.down[ids], (F.silu(g) * u).unsqueeze(-1)).squeeze(-1) * weights.reshape(-1, 1)
+        return x + y.view(B * N, 2, C).sum(1).view(B, N, C)
+
+
 class _Transposed(nn.Module):
     def __init__(self):
         super().__init__()
@@ -303,6 +351,13 @@ ROWS = [
      _tokens, {"fx": RMSNorm, "export": RMSNorm}, {"residual": 0.4}),
     ("cache_write", CachedAttention, _tokens, {"fx": CacheWrite, "export": CacheWrite}, ATTN),
     ("copy_into", CachedAttention, _tokens, {"fx": CopyInto, "export": CopyInto}, ATTN),
+    ("grouped_mm", lambda: MoE("grouped"), _tokens, {"fx": GroupedMM}, {"ffn": 0.4, "residual": 0.25}),
+    ("grouped_mm_loop", lambda: MoE("loop"), _tokens, {"fx": GroupedMM, "export": GroupedMM},
+     {"ffn": 0.4, "residual": 0.25}),
+    ("counts", lambda: MoE("loop"), _tokens, {"fx": Counts, "export": Counts}, FFN),
+    ("index_put", lambda: MoE("loop"), _tokens, {"fx": IndexPut, "export": IndexPut}, FFN),
+    ("experts_gathered", lambda: MoE("batched"), _tokens, {"fx": ops.Matmul, "export": ops.Matmul},
+     {"ffn": 0.4, "residual": 0.25}),
     ("sdpa", lambda: _vit("sdpa"), lambda: torch.randn(2, 3, 32, 32), {"fx": ops.SDPA, "export": ops.SDPA},
      {"qk": 0.5, "v": 0.25, "heads": 0.5}),
 ]
@@ -339,6 +394,23 @@ def test_row(make, inputs, frontend, family, ratios):
         assert relative_error(same(*a.inputs), a.gm(*a.inputs)) < 1e-6
     for seed in (0, 1):
         check_mask_equivalence(a, ratios, seed)
+
+
+def test_grouped_mm_widths_are_aligned():
+    """aten's _grouped_mm takes rows of a multiple of 16 bytes: the groups through it are planned in
+    steps of 4 float32 channels, and a plan keeping another width is refused, saying why; the opaque
+    loop op has no such limit."""
+    torch.manual_seed(0)
+    a = snp_fx.analyze(MoE("grouped").eval(), _tokens(), frontend="fx")
+    (ffn,) = a.prunable("ffn")
+    assert ffn.width == H and ffn.step == 4 and all(g.step == 4 for g in a.prunable("residual"))
+    p = snp_fx.plan(a, ratios={"ffn": 0.4}, importance="l2")
+    assert len(p.groups[ffn.name]["keep"]) == 8  # 12 * 0.6 = 7.2, to a multiple of 4
+    p.groups[ffn.name]["keep"] = list(range(7))
+    with pytest.raises(snp_fx.SNPError, match="multiples of 4"):
+        snp_fx.apply(a, p)
+    loop = snp_fx.analyze(MoE("loop").eval(), _tokens(), frontend="fx")
+    assert all(g.step == 1 for g in loop.groups.values())
 
 
 def test_every_family_has_a_row():

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+import math
 
 import networkx as nx
 import torch
@@ -46,6 +47,9 @@ class Group:
     # (rotated channels) and singles (the pass-through rest); every head has the same counts of each
     # size, and a plan keeps the same count of each size in every head (the heads' layouts stay equal)
     unit_sizes: torch.Tensor | None = None
+    # kept widths must be multiples of this (a kernel's alignment: aten._grouped_mm takes rows of a
+    # multiple of 16 bytes); the planner rounds to it, keep_mask refuses other widths
+    step: int = 1
 
     def size_counts(self, h: int, idx) -> dict[int, int]:
         """How many units of each size positions ``idx`` of head ``h`` hold ({} without unit_sizes)."""
@@ -72,8 +76,10 @@ class Group:
 PROJECTION_NAMES = ("qkv", "query", "q", "q_proj", "c_attn", "in_proj", "query_proj")  # a site is named after its module
 
 
-def build_groups(channels, sites: list[Site], producers: list[tuple[str, torch.Tensor]]) -> dict[str, Group]:
-    """Groups of a propagated graph (``producers``: weight name, unit ids it makes)."""
+def build_groups(channels, sites: list[Site], producers: list[tuple[str, torch.Tensor]],
+                 width_steps=()) -> dict[str, Group]:
+    """Groups of a propagated graph (``producers``: weight name, unit ids it makes; ``width_steps``:
+    (unit ids, step) where a kernel needs widths in multiples of step)."""
     producer_cls = [(name, channels.classes(ids)) for name, ids in producers]
     groups: list[Group] = []
     used: dict[int, str] = {}
@@ -175,4 +181,9 @@ def build_groups(channels, sites: list[Site], producers: list[tuple[str, torch.T
             r += 1
         check(g, allow_sensitive=g.kind == "residual")
         groups.append(g)
+    for ids, step in width_steps:
+        cls = torch.unique(channels.classes(ids))
+        for g in groups:
+            if g.classes.dim() == 1 and bool(torch.isin(g.classes, cls).any()):
+                g.step = math.lcm(g.step, step)
     return {g.name: g for g in groups}

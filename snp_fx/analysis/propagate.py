@@ -49,6 +49,7 @@ class Propagator(fx.Interpreter):
         self.tables: list[tuple[int, int]] = []  # id ranges of small parameters (one unit per element)
         self.summed: list[torch.Tensor] = []  # channels two computed tensors are added on (a residual stream)
         self.state: dict[str, str] = {}  # buffer -> the node writing it in place (a KV cache): laid out as it
+        self.width_steps: list[tuple[torch.Tensor, int]] = []  # (units, step): a kernel needs widths in multiples
 
     # ---- helpers the families use -------------------------------------------------
     def pids(self, name: str, t: torch.Tensor, soft: bool = False) -> list[torch.Tensor]:
@@ -230,6 +231,8 @@ class Propagator(fx.Interpreter):
         soft = not isinstance(result, torch.nn.Parameter)  # a buffer or constant
         if result.dim() == 2 and not soft and ops.linear.sliced_weight_rows(n):
             return self.pids(n.target, result)[0].reshape(-1, 1)  # rows taken as linear weights
+        if result.dim() == 3 and not soft and ops.experts.applies_experts(n):
+            return self.full(NONE, result)  # MoE expert weights: their consumers take the parameter's dims
         if result.numel() <= ELEMENT_ID_LIMIT:
             if n.target not in self.elem_ids:
                 self.elem_ids[n.target] = self.space.new(result.numel(), soft).reshape(result.shape)

@@ -9,7 +9,12 @@
     conv.py         convolutions (dense, depthwise, grouped, transposed), pooling
     norms.py        LayerNorm, GroupNorm, BatchNorm
     attention.py    matmul / bmm / baddbmm / einsum / scaled_dot_product_attention
+<<<<<<< HEAD
     cache.py        a static KV cache written in place (index_copy_), copy_
+=======
+    experts.py      mixture-of-experts weights (3-d): grouped_mm, bmm of weights gathered by expert
+                    id, histc / index_put on expert ids
+>>>>>>> moe
 
 Adding an op is one family (or one ``register`` line) in one of these files, or a new file here
 (every module of this package is imported, so its ``register`` calls run), plus one row in

@@ -19,6 +19,7 @@ from .. import labels as L
 from ..analysis.groups import Site
 from ..kernels import padded_sdpa
 from ..labels import FROZEN, NONE
+from .experts import expert_bmm
 from .movement import perm_args
 from .registry import Args, OpFamily, op_key, register
 
@@ -162,6 +163,9 @@ class Matmul(OpFamily):
         a, b = args[0], args[1]
         if a.dim() < 2 or b.dim() < 2:
             return p.refuse(n, f"{n.name}: matmul with a vector", result)
+        experts = expert_bmm(p, n, args, result)  # MoE weights gathered per token (snp_fx/ops/experts.py)
+        if experts is not None:
+            return experts
         w, x_lab = weight_operand(p, n.args[1]), p.lab(n.args[0])
         # one output column (x @ w_g, w_g (D, 1): SwiftFormer's additive attention) is a per-token
         # score, paired with x's channels like q @ k^T (a site), not a layer with one output channel

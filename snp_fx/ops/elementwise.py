@@ -162,7 +162,7 @@ register(Binary(), names=[
     "add", "add_", "iadd", "sub", "sub_", "isub", "rsub", "mul", "mul_", "imul", "multiply", "truediv",
     "clamp", "clamp_", "clip", "clamp_min", "clamp_max",  # bounds may be tensors
     "div", "div_", "itruediv", "pow", "maximum", "minimum", "where", "masked_fill",
-    "addcmul", "lerp", "floordiv", "mod", "eq", "ne", "lt", "gt", "le", "ge", "and_", "or_",
+    "addcmul", "lerp", "floordiv", "floor_divide", "mod", "eq", "ne", "lt", "gt", "le", "ge", "and_", "or_",
     "__and__", "__or__", "bitwise_and", "bitwise_or", "logical_and", "logical_or"])
 register(Ignore(), names=["_assert_tensor_metadata", "_assert_async", "_assert_scalar",
                           "sym_constrain_range_for_size", "module:GuardsFn", "module:ShapeGuard", "_assert"])

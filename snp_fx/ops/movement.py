@@ -117,8 +117,10 @@ def indexing_ok(n, key, args, kwargs, lab) -> bool:
             # tiles whole copies: run on the labels it is exact, and its counts are no sizes
             # (DeBERTa repeats per-head position keys over the merged batch x heads dim)
             return True
-        if key == "repeat_interleave":
-            return not var
+        if key == "repeat_interleave":  # along a dim without channels (tokens, MoE's top-k copies) it is exact
+            dim = kwargs.get("dim", args[2] if len(args) > 2 else None)
+            rank = args[0].dim() if isinstance(args[0], torch.Tensor) else lab.dim()
+            return not var if dim is None else dim % rank - (rank - lab.dim()) not in var
         if dims is None:
             return not var
         dims = [dims] if isinstance(dims, int) else dims

@@ -137,8 +137,9 @@ class AlongDim(OpFamily):
         pos = 2 if key in ("topk", "diff") else 1  # topk(x, k, dim), diff(x, n, dim), sort(x, dim), cumsum(x, dim)
         dim = kwargs.get("dim", args[pos] if len(args) > pos and not isinstance(args[pos], bool) else -1)
         lab = lab.reshape((1,) * (x.dim() - lab.dim()) + tuple(lab.shape))
-        if dim % x.dim() in L.varying_dims(lab):
-            return p.refuse(n, f"{n.name}: `{key}` over channels", result)
+        if dim % x.dim() in L.varying_dims(lab):  # (an MoE router's top experts: the experts stay)
+            return p.refuse(n, f"{n.name}: `{key}` over channels" + (" (picks them by value)" if key == "topk" else ""),
+                            result)
         return map_struct(result, lambda r: lab if isinstance(r, torch.Tensor) else None)
 
 
