@@ -43,6 +43,7 @@ import glob
 import hashlib
 import json
 import math
+import operator
 import os
 import sys
 import sysconfig
@@ -255,14 +256,15 @@ def bias_compensation(a, keep: torch.Tensor, pruned, stats: dict) -> int:
             continue
         shift = (w.double()[:, ~in_keep] @ (s / rows)[~in_keep])[out_keep].to(w.dtype)
         node = users[name][0]
-        if len(node.args) > 2 and node.args[2] is not None:
-            bias = pruned.get_parameter(node.args[2].target)
-            bias.add_(shift)
-        else:
-            attr = f"snp_flap_bias_{changed}"
-            pruned.register_buffer(attr, shift)
-            with pruned.graph.inserting_before(node):
-                node.args = (node.args[0], node.args[1], pruned.graph.get_attr(attr))
+        old = node.args[2] if len(node.args) > 2 else None  # a new buffer: never write the original's tensors
+        if old is not None and old.op != "get_attr":  # a bias computed in the graph: left alone
+            continue
+        if old is not None:
+            shift = shift + operator.attrgetter(old.target)(pruned).detach()
+        attr = f"snp_flap_bias_{changed}"
+        pruned.register_buffer(attr, shift)
+        with pruned.graph.inserting_before(node):
+            node.args = (node.args[0], node.args[1], pruned.graph.get_attr(attr))
         changed += 1
     pruned.recompile()
     return changed
@@ -296,7 +298,7 @@ def main(argv=None):
     n_params = sum(p.numel() for p in model.parameters())
 
     t = time.perf_counter()
-    a = snp_fx.analyze(model, ev[0])
+    a = snp_fx.analyze(model, cal[0])  # traced on training data: nothing held out reaches the pruner
     timing["analyze_s"] = time.perf_counter() - t
     dense_ppl = perplexity(a.gm, ev)
     meta = {"params": n_params, "dense_ppl": dense_ppl, "dense_bits_per_byte": math.log2(dense_ppl),
@@ -353,14 +355,21 @@ def main(argv=None):
 
 
 def widths(a, p) -> str:
-    """Kept fraction per kind (q/k, v, FFN, residual) of the plan."""
+    """Kept fraction per kind (q/k, v, FFN, residual) of the plan (``keep``: kept positions, per head
+    for q/k and v)."""
     out = []
     for kind in ("qk", "v", "ffn", "residual"):
         gs = [g for g in a.prunable() if g.kind == kind]
-        dense = sum(g.classes.numel() for g in gs)
-        kept = sum(sum(map(bool, torch.tensor(p.groups[g.name]["keep"]).reshape(-1).tolist()))
-                   if g.name in p.groups else g.classes.numel() for g in gs)
-        out.append(f"{kind} {kept / dense:.2f}")
+        if not gs:
+            continue
+        kept = 0
+        for g in gs:
+            keep = p.groups[g.name]["keep"] if g.name in p.groups else None
+            if keep is None:
+                kept += g.classes.numel()
+            else:
+                kept += sum(len(h) for h in keep) if g.classes.dim() == 2 else len(keep)
+        out.append(f"{kind} {kept / sum(g.classes.numel() for g in gs):.2f}")
     return ", ".join(out)
 
 
