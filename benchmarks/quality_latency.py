@@ -8,9 +8,10 @@ benchmarks/digits.py; SNP scores from 64 training images (the same scores for bo
 q/k, v and FFN pruned, the residual stream left alone (as in quality_digits.py).  The latency is
 for one batch of ``--batch`` test images on this CPU.  Per fraction f: ``plan(target_latency=f)``
 (latency table + measured feedback); then MACs plans on a grid of MACs fractions, each timed in
-turns with the dense model; the two grid plans measured on either side of the latency plan are
-timed again together with it (interleaved, the dense model too) and the MACs plans' top-1 at the
-latency plan's measured latency is interpolated between them (both are listed).
+turns with the dense model; an affine fit of measured latency against MACs over that grid (one
+timing swings with the load, the fit less) gives the MACs fraction a MACs plan needs for the
+latency plan's measured latency, and the MACs plans' top-1 there is interpolated between the grid
+plans on either side (both are listed).
 Timings are medians of ``--repeats`` interleaved turns at ``--threads`` threads; the load average
 is printed.  Writes results/quality_latency.json.
 """
@@ -59,41 +60,40 @@ def main():
                 "model": pruned}
 
     grid = []
-    for g in (0.15, 0.2, 0.25, 0.3, 0.35, 0.4, 0.45, 0.5, 0.55, 0.6, 0.65, 0.7, 0.75, 0.8, 0.85, 0.9):
+    for g in (0.15, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9):
         try:
             grid.append(measure(snp_fx.plan(a, target_macs=g, scores=scores, round_to=args.round_to), f"macs {g:.2f}"))
         except snp_fx.SNPError as e:  # below one channel per group and head
             print(f"macs {g:.2f}: {e}", flush=True)
     for r in grid:
         print(f"{r['planner']}: MACs {r['macs']:.3f} latency {r['latency']:.3f} top-1 {r['top1']:.3f}", flush=True)
+    # measured latency vs MACs fraction, fitted over the whole grid (least squares, affine): one
+    # timing swings with the load, the fit much less; top-1 over MACs needs no timing
+    n = len(grid)
+    mx, my = sum(r["macs"] for r in grid) / n, sum(r["latency"] for r in grid) / n
+    k = sum((r["macs"] - mx) * (r["latency"] - my) for r in grid) / sum((r["macs"] - mx) ** 2 for r in grid)
+    by_macs = sorted(grid, key=lambda r: r["macs"])
     rows = []
     for f in args.fractions:
         lat = measure(snp_fx.plan(a, target_latency=f, scores=scores, round_to=args.round_to), f"latency {f:.2f}")
-        below = max((r for r in grid if r["latency"] <= lat["latency"]), key=lambda r: r["latency"], default=None)
-        above = min((r for r in grid if r["latency"] > lat["latency"]), key=lambda r: r["latency"], default=None)
-        if below is None or above is None:
+        macs = mx + (lat["latency"] - my) / k  # the MACs plan the fit puts at this latency
+        lo = max((r for r in by_macs if r["macs"] <= macs), key=lambda r: r["macs"], default=None)
+        hi = min((r for r in by_macs if r["macs"] > macs), key=lambda r: r["macs"], default=None)
+        if lo is None or hi is None:
             print(f"latency {f}: measured {lat['latency']:.3f} is outside the MACs grid; skipped", flush=True)
             continue
-        # the three timed again together, in turns with the dense model: the load moves between rounds
-        with torch.inference_mode():
-            t = time_interleaved({"dense": a.gm, "lat": lat["model"], "below": below["model"],
-                                  "above": above["model"]}, (xb,), repeats=2 * args.repeats)
-        lat_t, lo, hi = (t[k] / t["dense"] for k in ("lat", "below", "above"))
-        w = (lat_t - lo) / (hi - lo) if hi != lo else 0.5  # beyond [0, 1]: extrapolated, said in the row
-        top1 = below["top1"] + w * (above["top1"] - below["top1"])
-        macs = below["macs"] + w * (above["macs"] - below["macs"])
-        rows.append({"asked": f, "latency": lat_t, "top1": lat["top1"], "macs": lat["macs"],
-                     "load": os.getloadavg()[0], "macs_top1": top1, "macs_macs": macs, "gain": lat["top1"] - top1,
-                     "bracket": f"{below['planner']} ({lo:.3f}, {below['top1']:.3f}) / "
-                                f"{above['planner']} ({hi:.3f}, {above['top1']:.3f})"
-                                + ("" if 0 <= w <= 1 else " (extrapolated)")})
-        print(rows[-1], flush=True)
+        top1 = lo["top1"] + (macs - lo["macs"]) / (hi["macs"] - lo["macs"]) * (hi["top1"] - lo["top1"])
+        rows.append({"asked": f, **{key: lat[key] for key in ("latency", "top1", "macs", "load")},
+                     "macs_top1": top1, "macs_macs": macs, "gain": lat["top1"] - top1,
+                     "bracket": f"{lo['planner']} ({lo['top1']:.3f}) / {hi['planner']} ({hi['top1']:.3f})"})
+        print({k: v for k, v in rows[-1].items()}, flush=True)
+    print(f"fit: latency = {my - k * mx:.3f} + {k:.3f} x MACs fraction (MACs plans, {n} points)")
     print(f"dense top-1 {accuracy(model, xte, yte):.3f}; batch {args.batch}, {args.threads} thread(s)")
     report("quality_latency", [("asked", "asked", ".2f"), ("measured latency", "latency", ".3f"),
                                ("latency plan MACs", "macs", ".3f"), ("latency plan top-1", "top1", ".3f"),
                                ("MACs plan MACs (interp.)", "macs_macs", ".3f"),
                                ("MACs plan top-1 (interp.)", "macs_top1", ".3f"), ("top-1 gain", "gain", "+.3f"),
-                               ("MACs plans on either side (latency, top-1)", "bracket", "s"),
+                               ("MACs plans on either side (top-1)", "bracket", "s"),
                                ("load", "load", ".1f")], rows)
 
 
