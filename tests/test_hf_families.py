@@ -37,6 +37,7 @@ def encoder(config_cls, model_cls, tiny=TINY, inputs=None, **cfg):
 
 
 T5 = dict(d_model=64, d_kv=16, d_ff=128, num_layers=2, num_heads=4, vocab_size=100, relative_attention_num_buckets=8)
+SWIN = dict(image_size=32, patch_size=4, embed_dim=32, depths=[1, 1], num_heads=[2, 4], window_size=4)
 BLOOM = dict(hidden_size=64, n_layer=2, n_head=4, vocab_size=100)
 FALCON = {k: v for k, v in TINY.items() if k != "intermediate_size"}  # Falcon's FFN is 4 * hidden
 MASK = torch.tensor([[1] * 7, [1] * 5 + [0] * 2])
@@ -79,6 +80,8 @@ FAMILIES = {
     "qwen3": (decoder(transformers.Qwen3Config, num_key_value_heads=2, head_dim=16), 2),
     "gemma3": (decoder(transformers.Gemma3TextConfig, num_key_value_heads=2, head_dim=16), 2),
     "olmo2": (decoder(transformers.Olmo2Config, num_key_value_heads=2), 2),
+    # cosine attention: F.normalize(q) exports as q / linalg_vector_norm(q).expand_as(q)
+    "swinv2": (encoder(transformers.Swinv2Config, "Swinv2Model", SWIN, inputs={"pixel_values": PIXELS}), 2),
 }
 FFN_LAYERS = {"t5": 4}  # FFNs where there are fewer than attention sites
 
