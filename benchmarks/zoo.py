@@ -46,6 +46,15 @@ def _alarm(*_):
     raise Timeout()
 
 
+def _timed_out(e) -> bool:
+    """Whether the alarm fired inside ``e``'s chain (snp_fx wraps what a model or a rule raises)."""
+    while e is not None:
+        if isinstance(e, Timeout) or "Timeout" in str(e):
+            return True
+        e = e.__cause__ or e.__context__
+    return False
+
+
 def pick(module, max_params):
     for name in timm.list_models(module=module):
         try:
@@ -82,7 +91,7 @@ def run(build, seconds, frontend="auto"):
         try:
             a = snp_fx.analyze(model, x, frontend=frontend)
         except snp_fx.SNPError as e:
-            if isinstance(e.__cause__, Timeout) or "Timeout" in str(e):  # the model itself ran out of time
+            if _timed_out(e):
                 raise Timeout() from None
             return {"outcome": "refused", "why": str(e).splitlines()[0][:160]}
         if not a.sites:
@@ -133,6 +142,8 @@ def run(build, seconds, frontend="auto"):
     except Timeout:
         return {"outcome": "timeout", "why": f"over {seconds} s"}
     except Exception as e:  # noqa: BLE001 - record, never stop the sweep
+        if _timed_out(e):
+            return {"outcome": "timeout", "why": f"over {seconds} s"}
         return {"outcome": "error", "why": f"{type(e).__name__}: {str(e)[:140]}",
                 "trace": traceback.format_exc()[-600:]}
     finally:
@@ -273,7 +284,8 @@ def main():
     ap.add_argument("--hf-sweep", action="store_true",
                     help="instead of timm: every text / vision base model class of transformers' AutoModel "
                          "mapping at a tiny config (torch.export), each in its own process")
-    ap.add_argument("--models", nargs="*", help="with --hf-sweep: only these model types (config keys)")
+    ap.add_argument("--models", nargs="*", help="with --hf-sweep: only these model types (config keys); their "
+                    "rows replace those of the last sweep in results/zoo_hf.json")
     ap.add_argument("--jobs", type=int, default=1, help="with --hf-sweep: models run at once")
     args = ap.parse_args()
     if args.hf_sweep:
@@ -314,6 +326,11 @@ def hf_sweep(args):
         else:
             todo.append((key, cls_name, hf_builder(key, cls_name)))
     rows += run_isolated(todo, args.seconds, args.jobs, "export")
+    path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", "zoo_hf.json")
+    if args.models and os.path.exists(path):  # a re-run of some models: update their rows of the last sweep
+        with open(path) as f:
+            new = {r["family"]: r for r in rows}
+            rows = [new.pop(r["family"], r) for r in json.load(f)] + list(new.values())
     rows.sort(key=lambda r: r["family"])
     swept = [r for r in rows if r["outcome"] != "skipped"]
     print("\n| model type | class | outcome | why |\n|---|---|---|---|")
