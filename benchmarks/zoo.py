@@ -112,6 +112,8 @@ def run(build, seconds, frontend="auto"):
                 try:
                     with torch.no_grad():
                         pruned(*a.inputs)
+                except Timeout:
+                    raise
                 except Exception as e:  # noqa: BLE001 - as snp_fx.apply's check: name the failing node
                     raise snp_fx.RewriteError(f"the pruned graph does not run: {type(e).__name__}",
                                               node=_failing_node(pruned, a)) from e
