@@ -82,6 +82,9 @@ FAMILIES = {
     "olmo2": (decoder(transformers.Olmo2Config, num_key_value_heads=2), 2),
     # cosine attention: F.normalize(q) exports as q / linalg_vector_norm(q).expand_as(q)
     "swinv2": (encoder(transformers.Swinv2Config, "Swinv2Model", SWIN, inputs={"pixel_values": PIXELS}), 2),
+    # random patch masking (torch.rand in the graph): the check seeds both models' draws alike
+    "vit_mae": (encoder(transformers.ViTMAEConfig, "ViTMAEModel", inputs={"pixel_values": PIXELS},
+                        image_size=32, patch_size=8), 2),
 }
 FFN_LAYERS = {"t5": 4}  # FFNs where there are fewer than attention sites
 
