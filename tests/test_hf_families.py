@@ -85,6 +85,9 @@ FAMILIES = {
     # random patch masking (torch.rand in the graph): the check seeds both models' draws alike
     "vit_mae": (encoder(transformers.ViTMAEConfig, "ViTMAEModel", inputs={"pixel_values": PIXELS},
                         image_size=32, patch_size=8), 2),
+    # 2-d rotary positions from a meshgrid of patch positions
+    "pixtral": (encoder(transformers.PixtralVisionConfig, "PixtralVisionModel", {**TINY, "head_dim": 16},
+                        inputs={"pixel_values": PIXELS}, image_size=32, patch_size=8), 2),
 }
 FFN_LAYERS = {"t5": 4}  # FFNs where there are fewer than attention sites
 

@@ -144,6 +144,19 @@ class Factory(OpFamily):
         return p.frozen_output(result, f"{n.name}: `{key}` makes a tensor of literal size", soft=True)
 
 
+class Meshgrid(Factory):
+    """meshgrid of position ranges (Pixtral's patch positions): a constant like ``arange``'s; of
+    channels it is refused."""
+    kind = "meshgrid"
+
+    def propagate(self, p, n, key, args, kwargs, result):
+        tensors = n.args[0] if n.args and isinstance(n.args[0], (list, tuple)) else n.args
+        labs = [p.lab(t) for t in tensors if isinstance(t, fx.Node)]
+        if any(isinstance(lab, torch.Tensor) and not (p.space.is_soft(lab) or bool((lab < 0).all())) for lab in labs):
+            return p.refuse(n, f"{n.name}: `{key}` of channels", result)
+        return super().propagate(p, n, key, args, kwargs, result)
+
+
 class Shape(OpFamily):
     """x.size() / x.dim() / x.numel(): python ints, tracked for the channels they are read from."""
     kind = "shape"
@@ -187,3 +200,4 @@ register(Ignore(), names=["_assert_tensor_metadata", "_assert_async", "_assert_s
 register(Factory(), names=["zeros", "ones", "empty", "full", "arange", "rand", "randn", "new_zeros", "new_ones",
                            "new_empty", "new_full", "tensor", "linspace", "eye", "tril", "triu", "ones_like_"])
 register(Shape(), names=["size", "dim", "numel", "sym_size", "sym_numel"])
+register(Meshgrid(), names=["meshgrid"])
