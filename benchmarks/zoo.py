@@ -23,7 +23,8 @@ import warnings
 import timm
 import torch
 
-import snp_fx
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))  # this checkout's snp_fx
+import snp_fx  # noqa: E402
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tests"))
 from oracles import sharpen, swapped_keep  # noqa: E402 - shared with the tests
 from snp_fx.api import _failing_node
