@@ -41,6 +41,7 @@ def encoder(config_cls, model_cls, tiny=TINY, inputs=None, **cfg):
 
 
 T5 = dict(d_model=64, d_kv=16, d_ff=128, num_layers=2, num_heads=4, vocab_size=100, relative_attention_num_buckets=8)
+SWIN = dict(image_size=32, patch_size=4, embed_dim=32, depths=[1, 1], num_heads=[2, 4], window_size=4)
 BLOOM = dict(hidden_size=64, n_layer=2, n_head=4, vocab_size=100)
 FALCON = {k: v for k, v in TINY.items() if k != "intermediate_size"}  # Falcon's FFN is 4 * hidden
 MASK = torch.tensor([[1] * 7, [1] * 5 + [0] * 2])
@@ -98,6 +99,14 @@ FAMILIES = {
     "qwen3_moe": (decoder(transformers.Qwen3MoeConfig, num_key_value_heads=2, head_dim=16, moe_intermediate_size=32,
                           **QWEN_MOE), 2),
     "olmoe": (decoder(transformers.OlmoeConfig, num_key_value_heads=2, **QWEN_MOE), 2),
+    # cosine attention: F.normalize(q) exports as q / linalg_vector_norm(q).expand_as(q)
+    "swinv2": (encoder(transformers.Swinv2Config, "Swinv2Model", SWIN, inputs={"pixel_values": PIXELS}), 2),
+    # random patch masking (torch.rand in the graph): the check seeds both models' draws alike
+    "vit_mae": (encoder(transformers.ViTMAEConfig, "ViTMAEModel", inputs={"pixel_values": PIXELS},
+                        image_size=32, patch_size=8), 2),
+    # 2-d rotary positions from a meshgrid of patch positions
+    "pixtral": (encoder(transformers.PixtralVisionConfig, "PixtralVisionModel", {**TINY, "head_dim": 16},
+                        inputs={"pixel_values": PIXELS}, image_size=32, patch_size=8), 2),
 }
 FFN_LAYERS = {"t5": 4}  # FFNs where there are fewer than attention sites
 MOE_FAMILIES = ["mixtral", "mixtral_batched_mm", "qwen2_moe", "qwen3_moe", "olmoe"]

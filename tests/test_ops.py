@@ -139,6 +139,13 @@ def _factory(s, y):
     return y + torch.arange(y.shape[1], dtype=y.dtype)[:, None] * torch.ones(1)
 
 
+def _meshgrid(s, y):
+    """Positions from a meshgrid of ranges (Pixtral's patch grid): a constant added to channels."""
+    rows, cols = torch.meshgrid(torch.arange(y.shape[1], dtype=y.dtype), torch.arange(2, dtype=y.dtype),
+                                indexing="ij")
+    return y + (rows + cols).sum(-1, keepdim=True)
+
+
 def _reduce(s, y):
     return y - y.mean(1, keepdim=True) + y.softmax(dim=1) + y.amax(1, keepdim=True)
 
@@ -309,6 +316,7 @@ ROWS = [
     ("transposed_weight", lambda: _with(w=torch.randn(H, H) * 0.3)(_transposed_weight), _tokens,
      {"fx": ops.Matmul, "export": ops.Matmul}, FFN),
     ("factory", lambda: Sandwich(_factory), _tokens, {"fx": ops.Factory, "export": ops.Factory}, FFN),
+    ("meshgrid", lambda: Sandwich(_meshgrid), _tokens, {"fx": ops.Meshgrid, "export": ops.Meshgrid}, FFN),
     ("shape", lambda: Sandwich(_reshape), _tokens, {"fx": ops.Shape}, FFN),
     ("assert", lambda: Sandwich(_asserted), _tokens, {"fx": ops.Ignore}, FFN),
     ("move", lambda: Sandwich(_movement), _tokens, {"fx": ops.Move, "export": ops.Move}, FFN),

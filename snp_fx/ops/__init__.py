@@ -9,12 +9,9 @@
     conv.py         convolutions (dense, depthwise, grouped, transposed), pooling
     norms.py        LayerNorm, GroupNorm, BatchNorm
     attention.py    matmul / bmm / baddbmm / einsum / scaled_dot_product_attention
-<<<<<<< HEAD
     cache.py        a static KV cache written in place (index_copy_), copy_
-=======
     experts.py      mixture-of-experts weights (3-d): grouped_mm, bmm of weights gathered by expert
                     id, histc / index_put on expert ids
->>>>>>> moe
 
 Adding an op is one family (or one ``register`` line) in one of these files, or a new file here
 (every module of this package is imported, so its ``register`` calls run), plus one row in
@@ -25,7 +22,7 @@ import pkgutil
 
 from .registry import (UNKNOWN, Args, OpFamily, family_of, family_of_key, kind_of, module_family, op_key,
                        register, register_op, signature)
-from .elementwise import Binary, Factory, Ignore, Like, Shape, Unary  # noqa: E402 - registers on import
+from .elementwise import Binary, Factory, Ignore, Like, Meshgrid, Shape, Unary  # noqa: E402 - registers on import
 from .movement import WRAPPED, Flatten, Move, Pad, Reshape, Wrapped, moves_data_only  # noqa: E402
 from .indexing import Index  # noqa: E402
 from .reduction import Reduce, Softmax, AlongDim  # noqa: E402
@@ -39,6 +36,6 @@ for _m in pkgutil.iter_modules(__path__):  # families in files of their own (rms
 
 __all__ = ["OpFamily", "register_op", "register", "family_of", "family_of_key", "kind_of", "module_family",
            "op_key", "signature", "Args", "UNKNOWN", "WRAPPED", "moves_data_only",
-           "Unary", "Like", "Binary", "Ignore", "Factory", "Shape", "Move", "Reshape", "Flatten", "Index",
+           "Unary", "Like", "Binary", "Ignore", "Factory", "Meshgrid", "Shape", "Move", "Reshape", "Flatten", "Index",
            "Wrapped", "Pad", "Reduce", "Softmax", "AlongDim", "Linear", "Addmm", "Embedding", "Conv", "ConvTranspose",
            "Convolution", "Pool", "LayerNorm", "GroupNorm", "BatchNorm", "Matmul", "Baddbmm", "Einsum", "SDPA"]

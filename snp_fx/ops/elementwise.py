@@ -10,7 +10,7 @@ import torch.nn as nn
 
 from .. import labels as L
 from ..labels import FROZEN, NONE, map_struct
-from .registry import OpFamily, register
+from .registry import OpFamily, op_key, register
 
 
 def _first_label(lab, result):
@@ -91,6 +91,8 @@ def gather_operands(r, node, new):
         if all(op_shape[d - rank + len(op_shape)] == 1 for d in range(rank)
                if sizes[d] != shape[d] and d - rank + len(op_shape) >= 0):
             continue  # broadcast along every pruned dim: fits as it is
+        if _expanded_to_fit(r, src, shape, sizes):
+            continue
         attr = f"_snp_gather_{node.name}_{i}"
         r.attrs[attr] = flat_idx.clone()
         with g.inserting_before(new):
@@ -106,6 +108,22 @@ def gather_operands(r, node, new):
         old = r.env[src]
         new.args = fx.node.map_arg(new.args, lambda n, old=old, t=t: t if n is old else n)
         new.kwargs = fx.node.map_arg(new.kwargs, lambda n, old=old, t=t: t if n is old else n)
+
+
+def _expanded_to_fit(r, src, shape, sizes) -> bool:
+    """Whether ``src`` is ``x.expand_as(other)`` with ``x`` of size 1 along every pruned dim and
+    ``other`` pruned as the output: in the pruned graph it already has the output's sizes, and
+    its values are the same along those dims (F.normalize's norm, expanded over q's channels)."""
+    if src.op != "call_function" or op_key(src, r.modules) != "expand_as" or \
+            not all(isinstance(a, fx.Node) for a in src.args[:2]):
+        return False
+    x, other = r.a.shapes.get(src.args[0].name), r.a.shapes.get(src.args[1].name)
+    if not isinstance(x, tuple) or not isinstance(other, tuple) or len(other) != len(shape) or \
+            not isinstance(r.a.labels.get(src.args[1].name), torch.Tensor):
+        return False
+    new_other = r.sizes_of(src.args[1])
+    x = (1,) * (len(shape) - len(x)) + tuple(x)
+    return all(x[d] == 1 and new_other[d] == sizes[d] for d in range(len(shape)) if sizes[d] != shape[d])
 
 
 class Ignore(OpFamily):
@@ -124,6 +142,19 @@ class Factory(OpFamily):
 
     def propagate(self, p, n, key, args, kwargs, result):
         return p.frozen_output(result, f"{n.name}: `{key}` makes a tensor of literal size", soft=True)
+
+
+class Meshgrid(Factory):
+    """meshgrid of position ranges (Pixtral's patch positions): a constant like ``arange``'s; of
+    channels it is refused."""
+    kind = "meshgrid"
+
+    def propagate(self, p, n, key, args, kwargs, result):
+        tensors = n.args[0] if n.args and isinstance(n.args[0], (list, tuple)) else n.args
+        labs = [p.lab(t) for t in tensors if isinstance(t, fx.Node)]
+        if any(isinstance(lab, torch.Tensor) and not (p.space.is_soft(lab) or bool((lab < 0).all())) for lab in labs):
+            return p.refuse(n, f"{n.name}: `{key}` of channels", result)
+        return super().propagate(p, n, key, args, kwargs, result)
 
 
 class Shape(OpFamily):
@@ -169,3 +200,4 @@ register(Ignore(), names=["_assert_tensor_metadata", "_assert_async", "_assert_s
 register(Factory(), names=["zeros", "ones", "empty", "full", "arange", "rand", "randn", "new_zeros", "new_ones",
                            "new_empty", "new_full", "tensor", "linspace", "eye", "tril", "triu", "ones_like_"])
 register(Shape(), names=["size", "dim", "numel", "sym_size", "sym_numel"])
+register(Meshgrid(), names=["meshgrid"])

@@ -58,6 +58,10 @@ class Reshape(Move):
     sizes_ok = True
 
     def rewrite(self, r, node, new, key):
+        if new.target is torch.ops.aten.view.default:
+            # torch.export drops a .contiguous() that was a no-op when traced; the pruned graph's
+            # kernels (padded attention, gathers) may lay their outputs out otherwise
+            new.target = torch.ops.aten.reshape.default
         if key != "flatten":
             fix_sizes(r, node, new, key)
         if key in ("reshape", "view", "_unsafe_view", "flatten") and node not in r.fused:
