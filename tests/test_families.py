@@ -165,6 +165,20 @@ def test_torchvision_swin_frontend_by_findings():
     assert sum(p.numel() for p in pruned.parameters()) < sum(p.numel() for p in model.parameters())
 
 
+def test_torchvision_swin_v2_cosine_attention():
+    """torchvision's Swin V2: cosine attention (F.normalize of q and k over the head dim, a learned
+    per-head logit scale) and a continuous position-bias MLP: q/k and v of every block prune exactly."""
+    from torchvision.models.swin_transformer import PatchMergingV2, SwinTransformer, SwinTransformerBlockV2
+    torch.manual_seed(0)
+    model = randomize_constants(SwinTransformer(patch_size=[4, 4], embed_dim=16, depths=[1, 1], num_heads=[2, 2],
+                                                window_size=[4, 4], num_classes=5, block=SwinTransformerBlockV2,
+                                                downsample_layer=PatchMergingV2).eval())
+    a = snp_fx.analyze(model, torch.randn(2, 3, 32, 32))
+    assert len(a.prunable("qk")) == 2 and len(a.prunable("v")) == 2, str(a)
+    for seed in (0, 1):
+        check_mask_equivalence(a, {"qk": 0.5, "v": 0.25, "ffn": 0.3, "heads": 0.5 * seed}, seed)
+
+
 def test_torchvision_maxvit_upper_case_einsum():
     """torchvision's MaxViT writes its attention as einsum('BGHID,BGHJD->BGHIJ') (5-D, upper case):
     block and grid attention of every stage are sites."""
