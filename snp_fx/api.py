@@ -208,7 +208,7 @@ def plan(model_or_analysis, example_inputs=None, *, ratios=None, importance="snp
     ``meta["predicted_latency"]`` (snp_fx.latency; ``snp_fx.latency.compare`` times the result).
     ``round_to``: kept widths (per head, FFN, residual) are multiples of it; an int, or per kind or
     group name: ``{"qk": 8, "v": 8, "ffn": 64}`` (in channels; rotary q/k pairs count as two).
-    ``importance``: "snp" (default), "l1", "l2", "gm", "random", "reverse" (see snp_fx.importance),
+    ``importance``: "snp" (default), "l1", "l2", "gm", "random", "reverse", "fluctuation" (see snp_fx.importance),
     or a callable ``(analysis, group) -> Tensor`` shaped like ``group.classes`` (higher = keep).
     ``calibration``: batches for the q/k scores (default: the example inputs).
     ``scores``: precomputed ``snp_fx.importance.Scores`` (skips scoring).

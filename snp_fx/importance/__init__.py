@@ -9,6 +9,10 @@ float per unit class and, per attention site, one per head.
   total-sum scaling of per-layer L2 norms; heads by the energy of their
   pre-softmax score matrices ||Q_h K_h^T||_F^2 (normalised per layer).
 * ``l1`` / ``l2``: weight norms of every parameter slice of the class.
+* ``fluctuation``: FLAP's activation-aware score (calibration): Var of the channel's input to
+  every Linear consuming it times that Linear's squared weight column norm, summed; q/k pairs
+  (no Linear consumes them) by the structured Wanda metric of their producing rows
+  (fluctuation.py).
 * ``gm``: FPGM geometric-median distance of the producing rows.
 * ``random``: seeded uniform.  ``reverse``: ``snp`` negated (sanity check).
 
@@ -41,9 +45,10 @@ from ..errors import SNPError
 from ..precision import wide
 from .calibrate import calibrate_qk
 from .exact import exact_keep
+from .fluctuation import fluctuation_scores
 from .snp import geometric_median_scores, redundancy_scores
 
-IMPORTANCES = ("snp", "l1", "l2", "gm", "random", "reverse")
+IMPORTANCES = ("snp", "l1", "l2", "gm", "random", "reverse", "fluctuation")
 SELECTIONS = ("score", "exact")
 DEFAULT_GAMMA = 2  # measured: benchmarks/gamma.py (lowest attention-score error at 30-70% q/k)
 
@@ -228,8 +233,8 @@ def residual_tss_average(analysis, params, group) -> torch.Tensor:
 def compute_scores(analysis, importance="snp", calibration=None, gamma: int = DEFAULT_GAMMA,
                    seed: int = 0, progress: bool | None = None, selection="score") -> Scores:
     """Scores for every class.  ``importance``: a name from ``IMPORTANCES`` or a callable
-    ``(analysis, group) -> Tensor`` (see the module doc).  ``calibration`` (for ``snp``/``reverse``
-    and exact selection): an iterable of batches — a tensor (the model's single input), a
+    ``(analysis, group) -> Tensor`` (see the module doc).  ``calibration`` (for ``snp``/``reverse``,
+    ``fluctuation`` and exact selection): an iterable of batches — a tensor (the model's single input), a
     tuple/list of tensors (positional inputs), a pair ``(inputs, labels)`` from a DataLoader
     (labels are ignored) or a dict of keyword inputs.  Without it the example inputs are the
     calibration set.  ``selection``: "score" (keep the top scores), "exact" or a callable
@@ -258,6 +263,8 @@ def compute_scores(analysis, importance="snp", calibration=None, gamma: int = DE
         return Scores(torch.rand(n, generator=g, dtype=torch.float64))
     if importance in ("l1", "l2"):
         return Scores(norm_scores(analysis, params, 1 if importance == "l1" else 2))
+    if importance == "fluctuation":
+        return Scores(fluctuation_scores(analysis, params, calibration, progress))
     scores = torch.zeros(n, dtype=torch.float64)
     heads: dict[str, torch.Tensor] = {}
     groups = [g for g in analysis.groups.values() if g.prunable]

@@ -1,0 +1,95 @@
+"""``importance="fluctuation"``: FLAP's activation-aware channel score (An et al., AAAI 2024).
+
+A channel's score is, summed over every weight-applying op that consumes it (Linear, addmm:
+the ops whose family names a ``consumer``), Var(x_j) over the calibration tokens of the op's
+input channel j times ||W[:, j]||^2, the squared norm of the weight column it meets.  Removing
+the channel then costs about that much output variance (its mean can be folded into a bias).
+
+Classes that no such op consumes (q/k pairs: they meet in q k^T) take the structured Wanda
+metric of the rows producing them, sum_i |W[r, i]| ||x_i||_2 (||x_i|| over all calibration
+rows), summed over the producing weights; a group takes that fallback when none of its
+classes has a positive fluctuation.  This is what benchmarks/quality_lm.py's FLAP-style
+baseline does (kept there, computed from forward hooks, as an independent oracle).
+
+Only sum x^2, sum x and the row count of each consumer's input are accumulated, streamed over
+the calibration batches (snp_fx.calibration.stream); the variance is the unbiased one,
+(sum x^2 / n - mean^2) * n / (n - 1).
+"""
+from __future__ import annotations
+
+import torch
+import torch.fx as fx
+
+from .. import ops
+from ..calibration import all_reduce_sums, stream
+
+
+def linear_consumers(analysis) -> list[tuple[str, str, int, int]]:
+    """(node, weight, in_dim, x_pos) of every op applying a 2-d analysed weight to its input's channels."""
+    modules = dict(analysis.gm.named_modules())
+    params = dict(analysis.gm.named_parameters())
+    out = []
+    for n in analysis.gm.graph.nodes:
+        if n.op not in ("call_module", "call_function", "call_method"):
+            continue
+        key, family = ops.family_of(n, modules)
+        found = family.consumer(n, key, modules)
+        if found is None or found[0] is None or found[0] not in analysis.channels.param_ids:
+            continue
+        w, _, in_dim, x_pos = found
+        if w in params and params[w].dim() == 2:
+            out.append((n.name, w, in_dim, x_pos))
+    return out
+
+
+class _InputMoments(fx.Interpreter):
+    """sum x^2, sum x (per input channel, double) and rows of each consumer's input."""
+
+    def __init__(self, gm, consumers):
+        super().__init__(gm, garbage_collect_values=True)
+        self.extra_traceback = False
+        self.at = {node: x_pos for node, _, _, x_pos in consumers}
+        self.sums: dict[str, list] = {node: [0, 0, 0] for node in self.at}
+
+    def run_node(self, n):
+        x_pos = self.at.get(n.name)
+        if x_pos is not None:
+            args, _ = self.fetch_args_kwargs_from_env(n)
+            x = args[x_pos].detach()
+            x = x.reshape(-1, x.shape[-1]).double()
+            s = self.sums[n.name]
+            s[0] = s[0] + x.pow(2).sum(0).cpu()
+            s[1] = s[1] + x.sum(0).cpu()
+            s[2] += x.shape[0]
+        return super().run_node(n)
+
+
+def fluctuation_scores(analysis, params, calibration, progress=None) -> torch.Tensor:
+    """Class scores (num_units,) float64: see the module docstring."""
+    ch = analysis.channels
+    consumers = linear_consumers(analysis)
+    reader = _InputMoments(analysis.gm, consumers)
+    stream(analysis, calibration, lambda inputs: reader.run(*inputs), desc="snp_fx fluctuation",
+           progress=progress)
+    seen = [s for s in reader.sums.values() if s[2]]
+    all_reduce_sums([t for s in seen for t in s[:2]])  # each rank's shard of the data, summed
+    rows = torch.tensor([float(s[2]) for s in seen], dtype=torch.float64)
+    all_reduce_sums([rows])
+    for s, r in zip(seen, rows.tolist()):
+        s[2] = int(r)
+    col = torch.zeros(ch.num_units, dtype=torch.float64)
+    row = torch.zeros(ch.num_units, dtype=torch.float64)
+    for node, name, in_dim, _ in consumers:
+        sq, total, n = reader.sums[node]
+        if not n:
+            continue
+        w = params[name].detach().cpu().double().movedim(in_dim, 1)     # (out, in)
+        var = (sq / n - (total / n) ** 2).clamp_min(0) * n / max(n - 1, 1)
+        col.index_add_(0, ch.class_of[ch.param_ids[name][in_dim]], var * w.pow(2).sum(0))
+        row.index_add_(0, ch.class_of[ch.param_ids[name][1 - in_dim]], (w.abs() * sq.sqrt()).sum(1))
+    scores = torch.zeros(ch.num_units, dtype=torch.float64)
+    for g in analysis.groups.values():
+        if g.prunable:
+            ids = g.classes.reshape(-1)
+            scores[ids] = col[ids] if bool((col[ids] > 0).any()) else row[ids]
+    return scores
