@@ -30,9 +30,11 @@ v channels, FFN neurons, the residual stream) is scored and the budget is alloca
 as for the other criteria.  No Linear consumes q/k channels (they meet in q k^T), so for q/k pairs both
 baselines sum the Wanda metric over the rows that produce them: sum_i |W[r, i]| ||x_i||.  Input
 statistics come from forward hooks on every nn.Linear of the original model over the calibration set.
-One more row, "flap-style +exact +comp", gives the FLAP-style scores the best preset's exact q/k
-selection and least-squares compensation (instead of FLAP's bias compensation): the change to the
-preset this benchmark suggests (see the README).
+``preset="best"`` scores with the FLAP-style criterion's fluctuation, computed by snp_fx's built-in
+``importance="fluctuation"`` (the script's own FLAP-style code stays as its independent oracle:
+tests/test_fluctuation.py), then uses exact q/k selection and least-squares compensation (instead of
+FLAP's bias compensation).  One more row, "l2 +exact +comp (former best)", is the preset as it was
+before this benchmark suggested the change: L2 norms set the widths.
 
 Held-out perplexity per byte (exp of the mean next-byte cross-entropy over 128 sequences of 256 bytes
 from the held-out files).  Prints a markdown table, writes results/quality_lm.json (and
@@ -321,10 +323,9 @@ def main(argv=None):
                "wanda-sp-style": (compute_scores(a, baseline_importance(a, stats, "wanda")), False, False),
                'preset="best"': (compute_scores(a, best["importance"], cal, progress=False,
                                                 selection=best["selection"]), best["compensate"], False),
-               # the best preset's selection and compensation on FLAP's activation-aware scores: the
-               # change this benchmark suggests (chosen on training-split windows, see the README)
-               "flap-style +exact +comp": (compute_scores(a, flap, cal, progress=False, selection="exact"),
-                                           True, False)}
+               # the best preset before it took the fluctuation widths: L2 norms set the widths
+               "l2 +exact +comp (former best)": (compute_scores(a, "l2", cal, progress=False,
+                                                                selection="exact"), True, False)}
     timing["scores_s"] = time.perf_counter() - t
 
     rows = []

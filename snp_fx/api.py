@@ -24,11 +24,11 @@ from .verify import TOLERANCE  # noqa: F401  (the self-check's tolerance in floa
 
 # Named combinations of options (measured: benchmarks/quality_minilm.py, quality_digits.py).
 PRESETS = {
-    # L2 norms set the widths (per layer, v and FFN channels), exact attention-error selection picks
-    # the q/k pairs, least squares refits the v / FFN consumers: the best of every budget measured,
-    # and ahead of the default options from 8 calibration sentences on (quality_minilm.py --calib-sizes;
-    # the refit's ridge is cross-validated, so thin statistics shrink it toward plain pruning)
-    "best": {"importance": "l2", "selection": "exact", "compensate": True},
+    # FLAP's activation-aware fluctuation sets the widths (it keeps q/k pairs and cuts the FFN where
+    # L2 removed rotary q/k pairs: quality_lm.py), exact attention-error selection picks the q/k
+    # pairs, least squares refits the v / FFN consumers (the refit's ridge is cross-validated, so
+    # thin statistics shrink it toward plain pruning).  Ahead of l2 widths on MiniLM, digits and the LM.
+    "best": {"importance": "fluctuation", "selection": "exact", "compensate": True},
     # the paper's method as published
     "paper": {"importance": "snp", "selection": "score", "compensate": False},
 }

@@ -630,7 +630,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="round widths to what this hardware runs fastest (when --round-to is not given)")
     p.add_argument("--round-to", type=parse_round_to, default=1, metavar="N|KIND=N,...",
                    help="kept widths are multiples of N, or per kind: qk=8,v=8,ffn=64")
-    p.add_argument("--preset", choices=list(PRESETS), help="named options: best (l2 widths, exact q/k selection, "
+    p.add_argument("--preset", choices=list(PRESETS), help="named options: best (fluctuation widths, exact q/k selection, "
                                                            "least-squares compensation) or paper")
     p.add_argument("--importance", choices=IMPORTANCES, default=None,
                    help="channel scores (default snp, or the preset's)")

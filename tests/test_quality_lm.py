@@ -22,7 +22,7 @@ def test_smoke_pipeline(tmp_path, monkeypatch):
     rows, meta = q.main(args)
     assert meta["timing"]["train_s"] is not None and (tmp_path / "lm.png").stat().st_size > 0
     crits = {r["criterion"] for r in rows}
-    assert crits == {"snp", "l2", "random s0", "flap-style", "wanda-sp-style", 'preset="best"', "flap-style +exact +comp"}
+    assert crits == {"snp", "l2", "random s0", "flap-style", "wanda-sp-style", 'preset="best"', "l2 +exact +comp (former best)"}
     for r in rows:
         assert r["params"] == pytest.approx(1 - r["removed"], abs=0.02), r
         assert 1 < r["ppl"] < 256, r  # finite, and no worse than guessing uniformly by much

@@ -45,11 +45,13 @@ def linear_consumers(analysis) -> list[tuple[str, str, int, int]]:
 class _InputMoments(fx.Interpreter):
     """sum x^2, sum x (per input channel, double) and rows of each consumer's input."""
 
-    def __init__(self, gm, consumers):
+    def __init__(self, gm, consumers, params):
         super().__init__(gm, garbage_collect_values=True)
         self.extra_traceback = False
         self.at = {node: x_pos for node, _, _, x_pos in consumers}
-        self.sums: dict[str, list] = {node: [0, 0, 0] for node in self.at}
+        zeros = lambda n: torch.zeros(n, dtype=torch.float64)  # noqa: E731
+        self.sums = {node: [zeros(params[w].shape[d]), zeros(params[w].shape[d]), zeros(1)]
+                     for node, w, d, _ in consumers}
 
     def run_node(self, n):
         x_pos = self.at.get(n.name)
@@ -58,8 +60,8 @@ class _InputMoments(fx.Interpreter):
             x = args[x_pos].detach()
             x = x.reshape(-1, x.shape[-1]).double()
             s = self.sums[n.name]
-            s[0] = s[0] + x.pow(2).sum(0).cpu()
-            s[1] = s[1] + x.sum(0).cpu()
+            s[0] += x.pow(2).sum(0).cpu()
+            s[1] += x.sum(0).cpu()
             s[2] += x.shape[0]
         return super().run_node(n)
 
@@ -68,20 +70,16 @@ def fluctuation_scores(analysis, params, calibration, progress=None) -> torch.Te
     """Class scores (num_units,) float64: see the module docstring."""
     ch = analysis.channels
     consumers = linear_consumers(analysis)
-    reader = _InputMoments(analysis.gm, consumers)
+    reader = _InputMoments(analysis.gm, consumers, params)
     stream(analysis, calibration, lambda inputs: reader.run(*inputs), desc="snp_fx fluctuation",
            progress=progress)
-    seen = [s for s in reader.sums.values() if s[2]]
-    all_reduce_sums([t for s in seen for t in s[:2]])  # each rank's shard of the data, summed
-    rows = torch.tensor([float(s[2]) for s in seen], dtype=torch.float64)
-    all_reduce_sums([rows])
-    for s, r in zip(seen, rows.tolist()):
-        s[2] = int(r)
+    all_reduce_sums([t for s in reader.sums.values() for t in s])  # each rank's shard of the data, summed
     col = torch.zeros(ch.num_units, dtype=torch.float64)
     row = torch.zeros(ch.num_units, dtype=torch.float64)
     for node, name, in_dim, _ in consumers:
         sq, total, n = reader.sums[node]
-        if not n:
+        n = int(n)
+        if not n:  # an op the calibration never reached
             continue
         w = params[name].detach().cpu().double().movedim(in_dim, 1)     # (out, in)
         var = (sq / n - (total / n) ** 2).clamp_min(0) * n / max(n - 1, 1)
