@@ -341,7 +341,7 @@ def test_preset_and_bad_options(vit, calib):
     pruned = snp_fx.prune(vit, calib[0], ratios={"qk": 0.5, "v": 0.5, "ffn": 0.5}, calibration=calib, preset="best",
                           progress=False)
     plan = snp_fx.PruningPlan.from_json(pruned.meta["snp_plan"])
-    assert plan.meta["selection"] == "exact" and plan.meta["importance"] == "l2"
+    assert plan.meta["selection"] == "exact" and plan.meta["importance"] == "fluctuation"
     assert len(pruned.meta["snp_compensation"]) == 4
     with pytest.raises(snp_fx.SNPError, match="unknown preset"):
         snp_fx.prune(vit, calib[0], ratios={"qk": 0.5}, preset="fastest", progress=False)
