@@ -305,7 +305,7 @@ def main():
     for frac in targets:
         for label, sc, comp in [(lab, s, False) for lab, s in base if lab not in ("gm", "reverse")] + [("exact", exact, False),
                                                                        ("snp +exact +comp", exact, True),
-                                                                       ("l2 +exact +comp (preset best)", Scores(l2.classes, {}, exact.pair_grams), True)]:
+                                                                       ("l2 +exact +comp (former best)", Scores(l2.classes, {}, exact.pair_grams), True)]:
             measure("macs", frac, label, plan_for_target(a, sc, target_macs=frac), comp=comp)
         # torch-pruning: one uniform ratio over q/k/v head dims and FFN, solved for the same MACs
         t = time.perf_counter()
