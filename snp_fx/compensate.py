@@ -63,21 +63,24 @@ class Consumer:
     x_pos: int = 0            # which argument is the input (1 for addmm)
 
 
-def find_consumers(analysis, groups) -> tuple[list[Consumer], dict[str, str]]:
-    """The consumer Linear of each group in ``groups`` (names), and why others have none."""
+def weight_uses(analysis):
+    """(node, weight, bias, in_dim, x_pos) of every op applying an analysed weight to its input's
+    channels (the ops whose family names a ``consumer``: Linear, addmm), in graph order."""
     modules = dict(analysis.gm.named_modules())
-    found: dict[str, list[Consumer]] = {name: [] for name in groups}
-    uses: dict[str, int] = {}
     for n in analysis.gm.graph.nodes:
         if n.op not in ("call_module", "call_function", "call_method"):
             continue
         key, family = ops.family_of(n, modules)
-        found_here = family.consumer(n, key, modules)
-        if found_here is None:
-            continue
-        w, b, in_dim, x_pos = found_here
-        if w is None or w not in analysis.channels.param_ids:
-            continue
+        found = family.consumer(n, key, modules)
+        if found is not None and found[0] is not None and found[0] in analysis.channels.param_ids:
+            yield (n, *found)
+
+
+def find_consumers(analysis, groups) -> tuple[list[Consumer], dict[str, str]]:
+    """The consumer Linear of each group in ``groups`` (names), and why others have none."""
+    found: dict[str, list[Consumer]] = {name: [] for name in groups}
+    uses: dict[str, int] = {}
+    for n, w, b, in_dim, x_pos in weight_uses(analysis):
         uses[w] = uses.get(w, 0) + 1
         cls = set(analysis.channels.class_of[analysis.channels.param_ids[w][in_dim]].tolist())
         for name in groups:

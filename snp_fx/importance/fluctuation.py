@@ -20,26 +20,15 @@ from __future__ import annotations
 import torch
 import torch.fx as fx
 
-from .. import ops
 from ..calibration import all_reduce_sums, stream
+from ..compensate import weight_uses
 
 
 def linear_consumers(analysis) -> list[tuple[str, str, int, int]]:
     """(node, weight, in_dim, x_pos) of every op applying a 2-d analysed weight to its input's channels."""
-    modules = dict(analysis.gm.named_modules())
     params = dict(analysis.gm.named_parameters())
-    out = []
-    for n in analysis.gm.graph.nodes:
-        if n.op not in ("call_module", "call_function", "call_method"):
-            continue
-        key, family = ops.family_of(n, modules)
-        found = family.consumer(n, key, modules)
-        if found is None or found[0] is None or found[0] not in analysis.channels.param_ids:
-            continue
-        w, _, in_dim, x_pos = found
-        if w in params and params[w].dim() == 2:
-            out.append((n.name, w, in_dim, x_pos))
-    return out
+    return [(n.name, w, in_dim, x_pos) for n, w, _, in_dim, x_pos in weight_uses(analysis)
+            if w in params and params[w].dim() == 2]
 
 
 class _InputMoments(fx.Interpreter):
