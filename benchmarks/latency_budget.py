@@ -21,7 +21,7 @@ import torch
 import snp_fx
 from snp_fx import latency
 
-from common import report
+from common import keep_freed_memory, report
 
 
 def main():
@@ -34,6 +34,7 @@ def main():
     ap.add_argument("--heads", action="store_true", help="let whole heads go")
     ap.add_argument("--round-to", type=int, default=8)
     args = ap.parse_args()
+    keep_freed_memory()
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     dense = timm.create_model(args.model, pretrained=False).eval()

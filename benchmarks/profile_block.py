@@ -20,7 +20,7 @@ import snp_fx
 from snp_fx.cost import count_macs
 from snp_fx.kernels import unpadded
 
-from common import report
+from common import keep_freed_memory, report
 
 
 def op_profile(model, x):
@@ -40,6 +40,7 @@ def main():
     ap.add_argument("--target-macs", type=float, help="GMACs: snp_fx target_macs with round_to 8 instead of --config")
     ap.add_argument("--no-tp", action="store_true", help="leave out torch-pruning")
     args = ap.parse_args()
+    keep_freed_memory()
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     dense = timm.create_model(args.model, pretrained=False).eval()

@@ -28,7 +28,7 @@ from snp_fx.planning import keep_mask
 from snp_fx.report import time_interleaved
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import report  # noqa: E402
+from common import keep_freed_memory, report  # noqa: E402
 from digits import accuracy, data, trained_model  # noqa: E402
 
 
@@ -40,6 +40,7 @@ def main():
     ap.add_argument("--repeats", type=int, default=15)
     ap.add_argument("--round-to", type=int, default=8)
     args = ap.parse_args()
+    keep_freed_memory()
     torch.set_num_threads(args.threads)
     model = trained_model()
     (xtr, _), (xte, yte) = data()

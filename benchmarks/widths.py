@@ -3,7 +3,8 @@
     python benchmarks/widths.py [--threads 2] [--batch 16] [--repeats 15]
 
 DeiT-S shapes (197 tokens, residual 384, 6 heads, FFN 1536), fp32, eval + inference_mode:
-  * FFN: fc1 384 -> w and fc2 w -> 384 over batch x 197 tokens, for w around 1228 (1200..1280);
+  * FFN: fc1 384 -> w and fc2 w -> 384 over batch x 197 tokens, for w in 1224..1240;
+  * residual width d in 376..392: LayerNorm, a GEMM reading the stream (d -> 1536), one writing it, the add;
   * head width: fused attention [batch, 6, 197, w] and the qkv GEMM 384 -> 6 * 3w, w in 20..40.
 Every width of a sweep is timed in turns (a, b, c, a, b, c, ...; medians), so load hits all alike.
 The column "ns per MAC" shows whether a width costs more than its size says: spikes at widths off
@@ -45,13 +46,22 @@ def main():
     rows = []
     with torch.inference_mode():
         ffn = {}
-        for w in range(1200, 1281, 4):
+        for w in range(1224, 1241):
             w1, w2 = torch.randn(w, dim), torch.randn(dim, w)
             h = torch.randn(tokens, w)
             ffn[w] = (lambda w1=w1, w2=w2, h=h: (F.linear(x, w1), F.linear(h, w2)), 2 * tokens * dim * w)
         t = interleaved({w: f for w, (f, _) in ffn.items()}, args.repeats)
         rows += [{"kind": "ffn (fc1 + fc2)", "width": w, "ms": t[w] * 1e3, "ns_per_mac": t[w] / m * 1e9}
                  for w, (_, m) in ffn.items()]
+        res = {}  # the residual width: the K of the GEMMs reading the stream, N of those writing it
+        for d in range(376, 393):
+            xd, wi, wo, g = torch.randn(tokens, d), torch.randn(1536, d), torch.randn(d, 1536), torch.randn(d)
+            h = torch.randn(tokens, 1536)
+            res[d] = (lambda xd=xd, wi=wi, wo=wo, g=g, d=d: (
+                F.linear(F.layer_norm(xd, (d,), g, g), wi), xd + F.linear(h, wo, g)), 2 * tokens * d * 1536)
+        t = interleaved({d: f for d, (f, _) in res.items()}, args.repeats)
+        rows += [{"kind": "residual (LayerNorm, GEMMs in and out, add)", "width": d, "ms": t[d] * 1e3,
+                  "ns_per_mac": t[d] / m * 1e9} for d, (_, m) in res.items()]
         att = {}
         for w in range(20, 41):
             q, k, v = (torch.randn(args.batch, heads, 197, w) for _ in range(3))

@@ -36,10 +36,11 @@ PRESETS = {
 
 # Width steps (``round_to``) per kind that each kind of hardware runs fastest.
 HARDWARE = {
-    # measured, benchmarks/widths.py (x86 CPU, 1 thread, fp32, DeiT-S shapes, batch 8): head widths
-    # at multiples of 8 run faster than one channel less (32: 6.24 ms vs 31: 6.46; 40: 7.70 vs
-    # 39: 7.92); FFN widths 1200..1280 cost the same per MAC within 3%: no step pays there
-    "cpu": {"qk": 8, "v": 8, "ffn": 1, "residual": 1},
+    # measured, benchmarks/widths.py (x86 CPU, 2 threads, fp32, DeiT-S shapes, batch 16): head widths
+    # at multiples of 8 run faster than one channel less (32: 8.13 ms vs 31: 8.50; 40: 10.07 vs 39:
+    # 10.29); a residual width of 384 took 24.5 ms where 383 took 26.6 (+8%: LayerNorm, the GEMMs
+    # reading and writing the stream); FFN widths 1224 / 1232 ran 2% faster than their neighbours
+    "cpu": {"qk": 8, "v": 8, "ffn": 8, "residual": 8},
     # FlashAttention needs head dims that are multiples of 8; tensor-core GEMMs run best on
     # multiples of 64 (fp16/bf16); not measured here (no GPU on this project's machines)
     "cuda": {"qk": 8, "v": 8, "ffn": 64, "residual": 64},

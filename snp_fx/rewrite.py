@@ -120,6 +120,7 @@ class _Rewriter:
             except Irregular as e:
                 raise RewriteError(f"cannot rewrite node `{node.name}` ({node.format_node()}): {e}",
                                    node=node.name) from None
+        self.drop_noop_modules()
         gm = fx.GraphModule(self.attrs, self.graph, class_name=self.gm.__class__.__name__)
         gm.graph.eliminate_dead_code()
         gm.graph.lint()
@@ -128,6 +129,21 @@ class _Rewriter:
         gm.meta = dict(getattr(self.gm, "meta", {}))
         gm.meta["snp_source_nodes"] = {new.name: old.name for old, new in self.env.items()}  # for errors
         return gm
+
+    def drop_noop_modules(self):
+        """Calls of ``nn.Identity`` and ``Dropout(p=0)`` pass their input through in train and eval
+        mode alike: bypass them.  timm's blocks hold ~10 each, and at batch 1 a module call's Python
+        overhead (attribute walk, ``__call__``, hooks check) is a visible part of a pruned forward."""
+        for node in list(self.graph.nodes):
+            if node.op != "call_module" or node.kwargs or len(node.args) != 1:
+                continue
+            mod = self.attrs.get(node.target)
+            noop = type(mod) is nn.Identity or (
+                isinstance(mod, nn.modules.dropout._DropoutNd) and mod.p == 0)
+            hooked = mod._forward_hooks or mod._forward_pre_hooks
+            if noop and not hooked and isinstance(node.args[0], fx.Node):
+                node.replace_all_uses_with(node.args[0])
+                self.graph.erase_node(node)
 
     def fix(self, node: fx.Node, new: fx.Node):
         if node.op == "get_attr":

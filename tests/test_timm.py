@@ -5,6 +5,7 @@ import torch
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
+import snp_fx
 from conftest import TIMM_MODELS, timm_analysis, timm_model
 from oracles import check_mask_equivalence, random_scores
 from snp_fx.planning import PruningPlan, keep_mask, make_plan
@@ -61,3 +62,25 @@ ratio = st.sampled_from([0.0, 0.1, 0.25, 0.5, 0.75])
 def test_mask_equivalence_random_plans(name, qk, v, ffn, residual, heads, seed):
     ratios = {"qk": qk, "v": v, "ffn": ffn, "residual": residual, "heads": heads}
     check_mask_equivalence(timm_analysis(name), ratios, seed)
+
+
+def test_pass_through_modules_leave_the_pruned_graph():
+    """nn.Identity and Dropout(p=0) calls are bypassed (Python overhead at batch 1); a Dropout
+    that drops is kept, and the pruned model still computes what the masked one does."""
+    import timm
+    import torch.nn as nn
+
+    torch.manual_seed(0)
+    model = timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=64, depth=2,
+                              drop_rate=0.0, proj_drop_rate=0.25).eval()
+    x = torch.randn(2, 3, 64, 64)
+    a = snp_fx.analyze(model, x)
+    called = [type(a.gm.get_submodule(n.target)) for n in a.gm.graph.nodes if n.op == "call_module"]
+    assert nn.Identity in called and nn.Dropout in called  # timm's graph has both
+    plan = make_plan(a, {"qk": 0.5, "v": 0.25, "ffn": 0.5}, random_scores(a, 0))
+    pruned = rewrite(a, keep_mask(a, plan))
+    kept = [pruned.get_submodule(n.target) for n in pruned.graph.nodes if n.op == "call_module"]
+    assert not any(type(m) is nn.Identity for m in kept)
+    dropouts = [m for m in kept if isinstance(m, nn.Dropout)]
+    assert dropouts and all(m.p == 0.25 for m in dropouts)  # proj_drop and mlp.drop* of both blocks
+    check_mask_equivalence(a, {"qk": 0.5, "v": 0.25, "ffn": 0.5}, 0)
