@@ -269,20 +269,22 @@ def plan(model_or_analysis, example_inputs=None, *, ratios=None, importance="snp
     return p
 
 
-def _latency_feedback(a: Analysis, scores, p: PruningPlan, round_to, heads: bool, rounds: int = 5,
-                      tolerance: float = 0.05) -> PruningPlan:
+def _latency_feedback(a: Analysis, scores, p: PruningPlan, round_to, heads: bool, rounds: int = 6,
+                      tolerance: float = 0.025) -> PruningPlan:
     """Ops timed alone (the latency table) can cost more or less than inside the whole model
     (threads, caches): time the planned model in turns with the dense one on the example inputs and
     re-plan with the table's target moved until the measured fraction of the dense latency is within
     ``tolerance`` of the one asked (measured: at 2 threads the table alone planned DeiT-S at batch 16
     to 0.28 of the dense latency for 0.448).  The table's target is stepped by the ratio asked /
-    measured, then interpolated between the closest measured plans on either side."""
+    measured, then interpolated between the closest measured plans on either side.  The tolerance
+    is half the 5% a user checks against: a plan accepted at the edge of 5% in this timing measured
+    8% off in benchmarks/latency.py's (DeiT-S, batch 16)."""
     asked = p.meta["target_latency"] / p.meta["dense"]  # the fraction of the dense latency asked for
     frac, tried, best = asked, [], None
     for _ in range(rounds):
         pruned = rewrite(a, keep_mask(a, p)).eval()
         with torch.inference_mode():
-            t = time_interleaved({"dense": a.gm, "pruned": pruned}, a.inputs, repeats=5)
+            t = time_interleaved({"dense": a.gm, "pruned": pruned}, a.inputs, repeats=7)
         got = t["pruned"] / t["dense"]
         p.meta.update(measured_fraction=got, planned_fraction=frac)
         tried.append((frac, got))
