@@ -216,15 +216,15 @@ def cached_logits(lm, tokens, n_prompt, tamper=None):
 
 
 @pytest.mark.parametrize("name", ["llama", "qwen2"])
-def test_any_plan_generates_with_a_static_kv_cache_like_the_masked_dense_model(name):
+def test_any_plan_generates_with_a_static_kv_cache_like_the_masked_dense_model(name, tmp_path):
     """The decoder wrapped with a static KV cache (StaticCacheLM), pruned with plans no standard
     config states: the cache buffers keep each layer's kept k / v channels, and greedy tokens, one
     per call through the cache, equal the masked dense model's, token for token and in the logits
     of every step.  (1) An SNP plan by kind (q/k apart from v, a kv head of each layer,
     the residual pruned): against the masked reference graph (exact norms) generating through its dense cache.
     (2) Per-layer ratios, residual whole: against the Hugging Face model with the removed slices
-    zeroed, generating with transformers' own cache.  The check sees a swapped q/k unit and a
-    cache whose channels are out of order."""
+    zeroed, generating with transformers' own cache; saved and loaded, the same tokens.  The check
+    sees a swapped q/k unit and a cache whose channels are out of order."""
     from oracles import sharpen, swapped_keep
     from snp_fx.hf import StaticCacheLM, generate
     from snp_fx.planning import keep_mask
@@ -264,6 +264,8 @@ def test_any_plan_generates_with_a_static_kv_cache_like_the_masked_dense_model(n
     with torch.no_grad():
         ref = masked(tokens[:, :-1]).logits[:, n - 1:]
     assert relative_error(cached_logits(pruned, tokens, n), ref) < 1e-4
+    snp_fx.save(pruned, tmp_path / "lm")
+    assert torch.equal(generate(snp_fx.load(tmp_path / "lm", lambda: StaticCacheLM(model, 40)), prompt, 32), tokens)
     # deliberate mistakes the check must see: one q/k unit swapped; one cache's channels reversed
     _, wrong = swapped_keep(a, keep_mask(a, plan))
     assert relative_error(cached_logits(rewrite(a, wrong), tokens, n), ref) > 1e-3
