@@ -160,22 +160,41 @@ def norm_scores(analysis, params, p: int) -> torch.Tensor:
         t = params.get(name)
         if t is not None:
             scores.index_add_(0, analysis.channels.class_of[ids.reshape(-1)], t.detach().double().cpu().abs().pow(p).reshape(-1))
+    for name, dims in analysis.channels.expert_dims.items():  # MoE experts: each expert's own slices
+        t = params.get(name)
+        if t is None:
+            continue
+        t = t.detach().double().cpu().abs().pow(p)
+        for d, ids in dims.items():
+            other = [i for i in range(1, t.dim()) if i != d]
+            scores.index_add_(0, analysis.channels.class_of[ids.reshape(-1)], t.sum(other).reshape(-1))
     return scores
 
 
-def producer_rows(analysis, params, classes: torch.Tensor) -> torch.Tensor:
-    """(n, F): for each class, the weight rows (all producers, concatenated) that create it."""
+def producer_rows(analysis, params, classes: torch.Tensor, expert: int | None = None) -> torch.Tensor:
+    """(n, F): for each class, the weight rows (all producers, concatenated) that create it.
+    ``expert``: ``classes`` are the slots of an MoE experts group (``Group.slots``): expert ``expert``'s rows."""
     flat = classes.reshape(-1).tolist()
     feats = []
     for name, dim, pos in _producer_index(analysis):
         t = params.get(name)
         if t is None or flat[0] not in pos or not all(c in pos for c in flat):
             continue
+        if expert is not None:  # the expert's own matrix
+            t, dim = t[expert], dim - 1
         rows = t.detach().cpu().movedim(dim, 0).reshape(t.shape[dim], -1)
         feats.append(rows[torch.tensor([pos[c] for c in flat])])
     if not feats:
         return torch.zeros(len(flat), 1)
     return torch.cat(feats, 1)
+
+
+def group_rows(analysis, params, g):
+    """(class ids, their producing rows) of a group: all at once, or per expert for MoE experts
+    (each expert's neurons scored among its own: the planner picks each expert's own)."""
+    if g.slots is None:
+        return [(g.classes.reshape(-1), producer_rows(analysis, params, g.classes))]
+    return [(g.classes[e], producer_rows(analysis, params, g.slots, expert=e)) for e in range(g.heads)]
 
 
 def _producer_index(analysis) -> list[tuple[str, int, dict]]:
@@ -270,7 +289,8 @@ def compute_scores(analysis, importance="snp", calibration=None, gamma: int = DE
     groups = [g for g in analysis.groups.values() if g.prunable]
     if importance == "gm":
         for g in groups:
-            scores[g.classes.reshape(-1)] = geometric_median_scores(producer_rows(analysis, params, g.classes))
+            for ids, rows in group_rows(analysis, params, g):
+                scores[ids] = geometric_median_scores(rows)
         return Scores(scores)
     # snp / reverse
     qk_groups = {g.site: g for g in groups if g.kind == "qk"}
@@ -284,7 +304,8 @@ def compute_scores(analysis, importance="snp", calibration=None, gamma: int = DE
             heads[site.name] = e / e.sum().clamp_min(1e-30)
     for g in groups:
         if g.kind in ("v", "ffn"):
-            scores[g.classes.reshape(-1)] = redundancy_scores(producer_rows(analysis, params, g.classes))
+            for ids, rows in group_rows(analysis, params, g):
+                scores[ids] = redundancy_scores(rows)
         elif g.kind == "residual":
             scores[g.classes] = residual_tss_average(analysis, params, g)[g.classes]
     pair_grams = _by_group(analysis, grams[0]) if exact else {}
