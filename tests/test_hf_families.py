@@ -252,6 +252,11 @@ def test_moe_experts_scored_per_expert(importance):
             assert bool((s != 0).all()) and not torch.allclose(s[0], s[1]), (g.name, s[:, :4])
             kept = p.groups[g.name]["keep"]
             assert len({tuple(r) for r in kept}) > 1 and len({len(r) for r in kept}) == 1
+        if importance == "snp":  # the rows scored for expert e's neuron j: its own gate and up rows
+            g = experts_groups(a)[0]
+            rows = snp_fx.importance.expert_rows(a, snp_fx.importance.params_of(a), g, 2)
+            w = dict(a.gm.named_parameters())[g.name + ".gate_up_proj"].detach()[2]
+            assert torch.equal(rows[5], torch.cat([w[5], w[g.width + 5]]))
         plans.append((scores, [scores.classes[g.classes] for g in experts_groups(a)]))
         snp_fx.apply(a, p)  # the self-check passes
     for x, y in zip(plans[0][1], plans[1][1]):

@@ -171,17 +171,14 @@ def norm_scores(analysis, params, p: int) -> torch.Tensor:
     return scores
 
 
-def producer_rows(analysis, params, classes: torch.Tensor, expert: int | None = None) -> torch.Tensor:
-    """(n, F): for each class, the weight rows (all producers, concatenated) that create it.
-    ``expert``: ``classes`` are the slots of an MoE experts group (``Group.slots``): expert ``expert``'s rows."""
+def producer_rows(analysis, params, classes: torch.Tensor) -> torch.Tensor:
+    """(n, F): for each class, the weight rows (all producers, concatenated) that create it."""
     flat = classes.reshape(-1).tolist()
     feats = []
     for name, dim, pos in _producer_index(analysis):
         t = params.get(name)
         if t is None or flat[0] not in pos or not all(c in pos for c in flat):
             continue
-        if expert is not None:  # the expert's own matrix
-            t, dim = t[expert], dim - 1
         rows = t.detach().cpu().movedim(dim, 0).reshape(t.shape[dim], -1)
         feats.append(rows[torch.tensor([pos[c] for c in flat])])
     if not feats:
@@ -194,7 +191,31 @@ def group_rows(analysis, params, g):
     (each expert's neurons scored among its own: the planner picks each expert's own)."""
     if g.slots is None:
         return [(g.classes.reshape(-1), producer_rows(analysis, params, g.classes))]
-    return [(g.classes[e], producer_rows(analysis, params, g.slots, expert=e)) for e in range(g.heads)]
+    return [(g.classes[e], expert_rows(analysis, params, g, e)) for e in range(g.heads)]
+
+
+def expert_rows(analysis, params, g, e: int) -> torch.Tensor:
+    """(width, F): the rows of expert ``e``'s own matrices that make each neuron of the MoE experts
+    group ``g`` (a fused gate_up weight: its gate and its up row), as producer_rows does for a
+    dense FFN's producers."""
+    ch = analysis.channels
+    feats = []
+    for name, dim in ch.producers:
+        ids = ch.expert_dims.get(name, {}).get(dim)
+        t = params.get(name)
+        if ids is None or t is None:
+            continue
+        where = {c: i for i, c in enumerate(g.slots.tolist())}
+        pos = torch.tensor([where.get(c, -1) for c in ch.class_of[ch.param_ids[name][dim]].tolist()])
+        counts = torch.bincount(pos.clamp_min(0), minlength=g.width)
+        if bool((pos < 0).any()) or not bool((counts == counts[0]).all()):
+            continue
+        w = t.detach().cpu()[e].movedim(dim - 1, 0)
+        # each neuron's rows next to each other (gate j, up j), in the group's order
+        feats.append(w[torch.argsort(pos, stable=True)].reshape(g.width, -1))
+    if not feats:
+        return torch.zeros(g.width, 1)
+    return torch.cat(feats, 1)
 
 
 def _producer_index(analysis) -> list[tuple[str, int, dict]]:
