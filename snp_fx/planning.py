@@ -439,8 +439,9 @@ def plan_for_target(analysis: Analysis, scores, target_macs=None, target_params=
                 widths[g.name] = _round_width(int(round(float((norm[g.name][rows] >= t).sum()) / len(rows))),
                                               g.width, step_of(round_to, g))
         for g in groups:
-            if not g.site:
-                widths[g.name] = _round_width(int((norm[g.name] >= t).sum()), g.width, step_of(round_to, g))
+            if not g.site:  # (MoE experts: (experts, width), the same count in each)
+                widths[g.name] = _round_width(int(round(float((norm[g.name] >= t).sum()) / g.heads)),
+                                              g.width, step_of(round_to, g))
         return widths, heads_kept
 
     def build(widths, heads_kept) -> PruningPlan:
@@ -452,6 +453,8 @@ def plan_for_target(analysis: Analysis, scores, target_macs=None, target_params=
                 rows = set(rows)
                 plan[g.name] = {"kind": g.kind, "keep": [
                     _pick_in_head(scores, g, h, widths[g.name], s[h]) if h in rows else [] for h in range(g.heads)]}
+            elif g.classes.dim() == 2:  # MoE experts: each its own neurons, as many in each
+                plan[g.name] = {"kind": g.kind, "keep": [_topk_sorted(row, widths[g.name]) for row in s]}
             else:
                 plan[g.name] = {"kind": g.kind, "keep": _topk_sorted(s, widths[g.name])}
         return PruningPlan(plan)

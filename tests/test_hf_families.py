@@ -263,6 +263,20 @@ def test_moe_experts_scored_per_expert(importance):
         assert torch.allclose(x, y, rtol=1e-5, atol=1e-9), (x[:, :4], y[:, :4])
 
 
+def test_moe_experts_planned_for_a_target():
+    """A MACs budget allots each experts group one width per expert (its neurons ranked among its
+    own), met within the planner's tolerance; the pruned model passes the self-check."""
+    model, inputs, a, layers = analysis("mixtral")
+    p = snp_fx.plan(a, target_macs=0.6, importance="l2")
+    for g in experts_groups(a):
+        kept = p.groups[g.name]["keep"]
+        assert len({len(r) for r in kept}) == 1 and 0 < len(kept[0]) < g.width, p
+        assert len({tuple(r) for r in kept}) > 1
+    dense = estimate_macs(a, keep_mask(a, snp_fx.PruningPlan({})))
+    assert abs(estimate_macs(a, keep_mask(a, p)) - 0.6 * dense) <= 0.01 * 0.6 * dense
+    snp_fx.apply(a, p)
+
+
 def test_moe_experts_compensation_skips_them_cleanly():
     """Least-squares compensation refits one Linear per pruned group; the experts' down
     projections are per-expert 3-d weights, no such Linear: the experts group is left as pruned,
