@@ -89,7 +89,10 @@ def find_consumers(analysis, groups) -> tuple[list[Consumer], dict[str, str]]:
                 found[name].append(Consumer(name, n.name, w, b, in_dim, x_pos))
     out, skipped = [], {}
     for name, cs in found.items():
-        if len(cs) != 1:
+        if analysis.groups[name].slots is not None:
+            skipped[name] = "MoE experts pruned per expert: each expert's down projection is its own matrix " \
+                            "of a 3-d weight, not a Linear to refit"
+        elif len(cs) != 1:
             skipped[name] = "no linear consumes exactly its channels" if not cs else \
                 f"{len(cs)} linears consume its channels"
         elif uses[cs[0].weight] != 1:

@@ -53,7 +53,7 @@ class PruningPlan:
         out = {}
         for name, g in self.groups.items():
             k = g["keep"]
-            out[name] = [len(h) for h in k] if g["kind"] in ("qk", "v") else len(k)
+            out[name] = [len(h) for h in k] if g["kind"] in ("qk", "v") or k and isinstance(k[0], list) else len(k)
         return out
 
     def __str__(self) -> str:
@@ -63,9 +63,16 @@ class PruningPlan:
             if isinstance(w, list):
                 heads = sum(1 for x in w if x)
                 per = sorted({x for x in w if x})
-                w = f"{heads} heads x {per[0] if len(per) == 1 else per}" if heads else "0"
+                rows = "heads" if kind in ("qk", "v") else "experts"
+                w = f"{heads} {rows} x {per[0] if len(per) == 1 else per}" if heads else "0"
             lines.append(f"{name:<40} {kind:<8} {w}")
         return "\n".join(lines)
+
+
+def kept_width(keep) -> int:
+    """Kept width of a non-attention plan entry: its kept indices, or each expert's (MoE experts:
+    one list per expert, the same count in each)."""
+    return len(keep[0]) if keep and isinstance(keep[0], list) else len(keep)
 
 
 def _check_ratio(key, r):
@@ -198,6 +205,10 @@ def make_plan(analysis: Analysis, ratios: dict, scores, round_to: int = 1) -> Pr
     for g in analysis.groups.values():
         if g.site or not g.prunable:
             continue
+        if g.classes.dim() == 2:  # MoE experts: each its own neurons, as many in each
+            k = count(g)
+            plan[g.name] = {"kind": g.kind, "keep": [_topk_sorted(scores[row], k) for row in g.classes]}
+            continue
         plan[g.name] = {"kind": g.kind, "keep": _topk_sorted(scores[g.classes], count(g))}
     meta = {"ratios": {k: float(v) for k, v in ratios.items()}}
     if heads_kept:
@@ -229,7 +240,20 @@ def keep_mask(analysis: Analysis, plan: PruningPlan) -> torch.Tensor:
         if not g.prunable:
             raise SNPError(f"plan prunes group '{name}', which cannot be pruned: {g.reason}")
         keep = entry["keep"]
-        if g.classes.dim() == 2:
+        if g.slots is not None:  # MoE experts: the same count in every expert (rectangular 3-d weights)
+            if not isinstance(keep, list) or len(keep) != g.heads or not all(isinstance(r, list) for r in keep):
+                raise SNPError(f"plan group '{name}' must list kept indices for each of its {g.heads} experts")
+            widths = {len(r) for r in keep}
+            if len(widths) != 1 or not keep[0]:
+                raise SNPError(f"plan group '{name}' keeps widths {sorted(widths)} per expert; every expert must "
+                               "keep the same count (at least one): its weights are one 3-d tensor")
+            k = len(keep[0])
+            if g.step > 1 and k % g.step and k != g.width:
+                raise SNPError(f"plan group '{name}' keeps {k} channels per expert; its kernel takes multiples "
+                               f"of {g.step} (aligned rows)")
+            keep_cls[g.slots[k:]] = False  # pruned activation column s: each row's expert's s-th kept neuron
+            rows = list(enumerate(keep))
+        elif g.classes.dim() == 2:
             if not isinstance(keep, list) or len(keep) != g.heads:
                 raise SNPError(f"plan group '{name}' must list kept indices for each of its {g.heads} heads")
             widths = {len(h) for h in keep if h}
@@ -415,8 +439,9 @@ def plan_for_target(analysis: Analysis, scores, target_macs=None, target_params=
                 widths[g.name] = _round_width(int(round(float((norm[g.name][rows] >= t).sum()) / len(rows))),
                                               g.width, step_of(round_to, g))
         for g in groups:
-            if not g.site:
-                widths[g.name] = _round_width(int((norm[g.name] >= t).sum()), g.width, step_of(round_to, g))
+            if not g.site:  # (MoE experts: (experts, width), the same count in each)
+                widths[g.name] = _round_width(int(round(float((norm[g.name] >= t).sum()) / g.heads)),
+                                              g.width, step_of(round_to, g))
         return widths, heads_kept
 
     def build(widths, heads_kept) -> PruningPlan:
@@ -428,6 +453,8 @@ def plan_for_target(analysis: Analysis, scores, target_macs=None, target_params=
                 rows = set(rows)
                 plan[g.name] = {"kind": g.kind, "keep": [
                     _pick_in_head(scores, g, h, widths[g.name], s[h]) if h in rows else [] for h in range(g.heads)]}
+            elif g.classes.dim() == 2:  # MoE experts: each its own neurons, as many in each
+                plan[g.name] = {"kind": g.kind, "keep": [_topk_sorted(row, widths[g.name]) for row in s]}
             else:
                 plan[g.name] = {"kind": g.kind, "keep": _topk_sorted(s, widths[g.name])}
         return PruningPlan(plan)

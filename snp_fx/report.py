@@ -7,6 +7,8 @@ import os
 
 import torch
 
+from .planning import kept_width
+
 
 
 @torch.no_grad()
@@ -61,7 +63,7 @@ def widths_table(analysis, plan) -> str:
     for g in analysis.groups.values():
         if g.kind in ("ffn", "residual"):
             entry = plan.groups.get(g.name)
-            kept = len(entry["keep"]) if entry else g.width
+            kept = kept_width(entry["keep"]) if entry else g.width
             lines.append(f"| {g.name} | {g.kind} | {kept}/{g.width}{_unprunable(g.prunable, g.reason)} |")
     return "\n".join(lines)
 
@@ -170,7 +172,7 @@ def block_widths(analysis, plan) -> tuple[list[dict], list[dict]]:
     others = []
     for g in analysis.groups.values():
         entry = plan.groups.get(g.name)
-        kept = len(entry["keep"]) if entry else g.width
+        kept = kept_width(entry["keep"]) if entry else g.width
         row = rows.get(_block_of(g.name))
         if g.kind == "ffn" and row is not None:
             k0, d0 = row["ffn"] or (0, 0)

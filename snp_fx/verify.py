@@ -34,10 +34,8 @@ FALLBACK_EPS = 4   # that rounding error when it cannot be measured: this many e
 
 def _zeroed(analysis, name, t: torch.Tensor, keep) -> torch.Tensor:
     out = t.detach().clone()
-    for d, m in enumerate(analysis.channels.dim_masks(name, t.shape, keep)):
-        if not bool(m.all()):
-            idx = (~m).nonzero().flatten().to(out.device)
-            out.index_fill_(d, idx, 0)
+    for d, idx in _removed(analysis, name, t, keep):
+        out.index_fill_(d, idx, 0) if d is not None else out.masked_fill_(idx, 0)
     return out
 
 
@@ -107,18 +105,29 @@ def _zero_as_used(graph: fx.Graph, env: dict, lazy: dict, attrs: dict, dtype) ->
                 name = f"_snp_removed_{len(attrs)}"
                 attrs[name] = idx
                 index = graph.get_attr(name)
-                # the first zeroing copies (unless the conversion did), the others work in place
-                out = graph.call_function(torch.index_fill, (out, d, index, 0.0)) if out is new else \
-                    graph.call_method("index_fill_", (out, d, index, 0.0))
+                # the first zeroing copies (unless the conversion did), the others work in place;
+                # d None: a mask (MoE experts' own neurons)
+                args = (out, d, index, 0.0) if d is not None else (out, index, 0.0)
+                fn, method = (torch.index_fill, "index_fill_") if d is not None else (torch.masked_fill, "masked_fill_")
+                out = graph.call_function(fn, args) if out is new else graph.call_method(method, args)
         for u in users:
             u.replace_input_with(new, out)
         env[old] = out
 
 
-def _removed(analysis, name, t: torch.Tensor, keep) -> list[tuple[int, torch.Tensor]]:
-    """(dim, indices removed along it) for every dim of ``t`` with removed channels."""
+def _removed(analysis, name, t: torch.Tensor, keep) -> list[tuple[int | None, torch.Tensor]]:
+    """(dim, indices removed along it) for every dim of ``t`` with removed channels; (None, mask of the
+    removed elements) for each dim of an MoE expert weight pruned per expert (each expert its own)."""
+    experts = analysis.channels.expert_masks(name, keep)
     masks = analysis.channels.dim_masks(name, t.shape, keep)
-    return [(d, (~m).nonzero().flatten().to(t.device)) for d, m in enumerate(masks) if not bool(m.all())]
+    out = [(d, (~m).nonzero().flatten().to(t.device)) for d, m in enumerate(masks)
+           if not bool(m.all()) and d not in experts]
+    for d, m in experts.items():
+        if not bool(m.all()):
+            shape = [1] * t.dim()
+            shape[0], shape[d] = m.shape
+            out.append((None, (~m).reshape(shape).to(t.device)))
+    return out
 
 
 class _Masker:

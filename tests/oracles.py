@@ -19,7 +19,8 @@ def check_mask_equivalence(analysis, ratios, seed, model=None):
     err = mask_equivalence(analysis, keep, pruned, analysis.inputs, exact_norms=ratios.get("residual", 0) > 0)
     assert err < 1e-4, f"mask equivalence failed: relative error {err:.2e} for {ratios}"
     removed = sum(1 for name, e in plan.groups.items()
-                  for w in ([len(h) for h in e["keep"]] if e["kind"] in ("qk", "v") else [len(e["keep"])])
+                  for w in ([len(h) for h in e["keep"]] if e["keep"] and isinstance(e["keep"][0], list)
+                            else [len(e["keep"])])
                   if w < analysis.groups[name].width)
     if removed:
         n_dense = sum(p.numel() for p in analysis.gm.parameters())
@@ -35,14 +36,16 @@ def sharpen(model, seed=0):
     """Re-draw a model's floating parameters so its attention is sharp: Hugging Face's default
     init (std 0.02) makes a tiny model's attention nearly uniform, and a wrong q/k channel then
     moves the output by ~1e-4, below the check's tolerance.  Matrices ~ N(0, (2 / sqrt(fan_in))^2),
-    vectors (biases, norm weights) get noise of 0.1."""
+    vectors (biases, norm weights) get noise of 0.1.  MoE expert weights (experts, out, in): one
+    matrix per expert (fan_in: their last dim)."""
     g = torch.Generator().manual_seed(seed)
-    for p in model.parameters():
+    for name, p in model.named_parameters():
         if not p.is_floating_point():
             continue
         noise = torch.randn(p.shape, generator=g, dtype=torch.float32).to(p.dtype)
         if p.dim() >= 2:
-            p.copy_(noise * (2.0 / p[0].numel() ** 0.5))
+            fan_in = p.shape[-1] if p.dim() == 3 and "experts" in name else p[0].numel()
+            p.copy_(noise * (2.0 / fan_in ** 0.5))
         else:
             p.add_(0.1 * noise)
     return model

@@ -8,6 +8,7 @@ import torch
 
 import snp_fx
 from oracles import assert_sensitive, check_mask_equivalence, sharpen
+from snp_fx.cost import count_macs, count_params, estimate_macs, estimate_params
 from snp_fx.planning import keep_mask
 from snp_fx.verify import mask_equivalence
 
@@ -182,32 +183,111 @@ def experts_groups(a):
                                                  if name.startswith(g.name + "."))]
 
 
+def swap_in_one_expert(a, g, keep, e=0):
+    """``keep`` with one kept and one removed neuron of expert ``e`` of ``g`` swapped (the other
+    experts as they are)."""
+    row = keep[g.classes[e]]
+    i, j = int(row.nonzero()[0]), int((~row).nonzero()[0])
+    wrong = keep.clone()
+    wrong[g.classes[e, i]], wrong[g.classes[e, j]] = False, True
+    return wrong
+
+
 @pytest.mark.parametrize("name", MOE_FAMILIES)
-def test_moe_experts_prune_exactly_router_kept(name):
-    """Each MoE layer's experts are an FFN group: the kept neurons are rows of every expert's
-    gate/up and columns of its down projection (the expert count stays: the router's outputs are
-    not pruned); with the residual stream pruned too the result equals the masked original, and
-    the check sees one layer's kept and removed expert neurons swapped."""
+def test_moe_experts_prune_per_expert_router_kept(name):
+    """Each MoE layer's experts are one FFN group of (experts, neurons): every expert keeps the same
+    count, each its own neurons (rows of its gate/up, columns of its down projection); the expert
+    count stays (the router's outputs are not pruned).  With the residual stream pruned too the
+    result equals the masked original, and the check sees one kept and one removed neuron swapped
+    in one expert; the dense FFNs (Qwen2-MoE's shared expert) stay 1-d groups."""
     model, inputs, a, layers = analysis(name)
     experts = experts_groups(a)
     assert len(experts) == layers, a.reasons()
+    assert all(g.slots is not None and tuple(g.classes.shape) == (4, g.width) for g in experts)
+    assert all(g.classes.dim() == 1 for g in a.prunable("ffn") if g not in experts)
     routers = [g for g in a.groups.values() if g.width == 4]  # the routers' 4 experts
     assert routers and all(not g.prunable and "topk" in g.reason for g in routers), a.reasons()
     assert a.prunable("residual") and not a.unknown_ops, a.unknown_ops
-    pruned, plan = check_mask_equivalence(a, {"qk": 0.5, "v": 0.25, "ffn": 0.5, "residual": 0.25}, 1)
-    keep = keep_mask(a, plan)
-    state = pruned.state_dict()
-    for g in experts:
-        up, down = state[g.name + ".gate_up_proj"], state[g.name + ".down_proj"]
-        k = len(plan.groups[g.name]["keep"])
-        assert k < g.width and up.shape[:2] == (4, 2 * k) and down.shape[0] == 4 and down.shape[2] == k
-    g = experts[0]  # the check sees wrong expert neurons: this layer's kept and removed ones swapped
-    cls = a.channels.class_of
-    wrong = keep.clone()
-    for c in g.classes.tolist():
-        wrong[cls == c] = ~keep[c]
-    err = mask_equivalence(a, wrong, pruned, a.inputs, exact_norms=True)
-    assert err > 1e-4, f"the check cannot see swapped expert neurons in {g.name}: error {err:.2e}"
+    for seed in (0, 1):
+        ratios = {"qk": 0.5, "v": 0.25, "ffn": 0.25 + 0.25 * seed, "residual": 0.25 * seed}
+        pruned, plan = check_mask_equivalence(a, ratios, seed)
+        keep = keep_mask(a, plan)
+        # the cost predicted from the labels is what the pruned model runs and holds
+        assert estimate_macs(a, keep) == count_macs(pruned, a.inputs, batch=a.batch)
+        assert estimate_params(a, keep) == count_params(pruned)
+        state = pruned.state_dict()
+        for g in experts:
+            kept = plan.groups[g.name]["keep"]
+            k = len(kept[0])
+            assert len({tuple(r) for r in kept}) > 1, f"every expert of {g.name} keeps the same neurons"
+            up, down = state[g.name + ".gate_up_proj"], state[g.name + ".down_proj"]
+            assert k < g.width and up.shape[:2] == (4, 2 * k) and down.shape[0] == 4 and down.shape[2] == k
+            # expert e's rows are its own kept neurons' (gate and up), in order
+            orig = dict(a.gm.named_parameters())[g.name + ".gate_up_proj"]
+            cols = slice(None) if not ratios["residual"] else [int(i) for i in range(orig.shape[2])
+                                                               if keep[a.channels.param_ids[g.name + ".gate_up_proj"][2][i]]]
+            for e in (0, 3):
+                rows = kept[e] + [g.width + j for j in kept[e]]
+                assert torch.equal(up[e], orig.detach()[e][rows][:, cols])
+        for e in (0, 3):  # the check sees a wrong neuron in one expert
+            wrong = swap_in_one_expert(a, experts[0], keep, e)
+            err = mask_equivalence(a, wrong, pruned, a.inputs, exact_norms=bool(ratios["residual"]))
+            assert err > 1e-4, f"the check cannot see a swapped neuron in expert {e} of {experts[0].name}: {err:.2e}"
+
+
+@pytest.mark.parametrize("importance", ["snp", "l2", "gm", "fluctuation"])
+def test_moe_experts_scored_per_expert(importance):
+    """Every importance scores each (expert, neuron) from that expert's own weights (and, for
+    fluctuation, the variance of that expert's own token rows): the experts keep different
+    neurons.  The two experts implementations (grouped_mm: rows by offsets; batched_mm: rows by a
+    gather index) route the same tokens to the same experts, so the scores of a model built
+    alike agree between them."""
+    plans = []
+    for name in ("mixtral", "mixtral_batched_mm"):
+        model, inputs, a, layers = analysis(name)
+        scores = snp_fx.importance.compute_scores(a, importance)
+        p = snp_fx.plan(a, ratios={"ffn": 0.5}, scores=scores)
+        for g in experts_groups(a):
+            s = scores.classes[g.classes]
+            assert bool((s != 0).all()) and not torch.allclose(s[0], s[1]), (g.name, s[:, :4])
+            kept = p.groups[g.name]["keep"]
+            assert len({tuple(r) for r in kept}) > 1 and len({len(r) for r in kept}) == 1
+        if importance == "snp":  # the rows scored for expert e's neuron j: its own gate and up rows
+            g = experts_groups(a)[0]
+            rows = snp_fx.importance.expert_rows(a, snp_fx.importance.params_of(a), g, 2)
+            w = dict(a.gm.named_parameters())[g.name + ".gate_up_proj"].detach()[2]
+            assert torch.equal(rows[5], torch.cat([w[5], w[g.width + 5]]))
+        plans.append((scores, [scores.classes[g.classes] for g in experts_groups(a)]))
+        snp_fx.apply(a, p)  # the self-check passes
+    for x, y in zip(plans[0][1], plans[1][1]):
+        assert torch.allclose(x, y, rtol=1e-5, atol=1e-9), (x[:, :4], y[:, :4])
+
+
+def test_moe_experts_planned_for_a_target():
+    """A MACs budget allots each experts group one width per expert (its neurons ranked among its
+    own), met within the planner's tolerance; the pruned model passes the self-check."""
+    model, inputs, a, layers = analysis("mixtral")
+    p = snp_fx.plan(a, target_macs=0.6, importance="l2")
+    for g in experts_groups(a):
+        kept = p.groups[g.name]["keep"]
+        assert len({len(r) for r in kept}) == 1 and 0 < len(kept[0]) < g.width, p
+        assert len({tuple(r) for r in kept}) > 1
+    dense = estimate_macs(a, keep_mask(a, snp_fx.PruningPlan({})))
+    assert abs(estimate_macs(a, keep_mask(a, p)) - 0.6 * dense) <= 0.01 * 0.6 * dense
+    snp_fx.apply(a, p)
+
+
+def test_moe_experts_compensation_skips_them_cleanly():
+    """Least-squares compensation refits one Linear per pruned group; the experts' down
+    projections are per-expert 3-d weights, no such Linear: the experts group is left as pruned,
+    with the reason, and the rest is compensated."""
+    model, inputs, a, layers = analysis("qwen2_moe")
+    p = snp_fx.plan(a, ratios={"ffn": 0.5, "v": 0.25}, importance="l2")
+    pruned = snp_fx.apply(a, p, compensate=True)
+    records = {r["group"]: r for r in pruned.meta["snp_compensation"]}
+    for g in experts_groups(a):
+        assert not records[g.name]["applied"] and "MoE experts" in records[g.name]["reason"], records
+    assert any("shared_expert" in name for name in records), records
 
 
 def test_moe_eager_experts_loop_is_refused_cleanly():

@@ -19,6 +19,11 @@ class ChannelGraph:
         self.param_ids: dict[str, list[torch.Tensor]] = prop.param_ids
         self.elem_ids: dict[str, torch.Tensor] = prop.elem_ids
         self.producers = [(name, prop.producer_dim.get(name, 0)) for name, _ in prop.producers]
+        # MoE expert weights whose hidden dims are pruned per expert (snp_fx/ops/experts.py): param ->
+        # {dim: unit ids (experts, n)}; their param_ids on those dims are slots (kept: the first k)
+        self.expert_dims: dict[str, dict[int, torch.Tensor]] = prop.expert_dims
+        self.expert_slots: dict[int, torch.Tensor] = prop.expert_slots
+        self.expert_uses = prop.expert_uses  # the expert GEMMs (ops.experts.ExpertUse)
         self.class_of = prop.space.components()
         self.class_size = torch.bincount(self.class_of, minlength=self.class_of.numel())
         self._class_reasons(prop.summed)
@@ -76,6 +81,11 @@ class ChannelGraph:
             if bool((keep_el & ~block).any()) or bool((drop_el & block).any()):
                 raise RewriteError(f"the kept part of `{name}` is not a block of whole slices")
         return masks
+
+    def expert_masks(self, name: str, keep: torch.Tensor) -> dict[int, torch.Tensor]:
+        """{dim: keep mask (experts, n)} of the dims of an expert weight pruned per expert; the
+        ``dim_masks`` of those dims only count (each expert keeps as many)."""
+        return {d: keep[ids] for d, ids in self.expert_dims.get(name, {}).items()}
 
     def kept_count(self, name: str, shape, keep: torch.Tensor) -> int:
         """How many elements of a parameter a keep mask leaves."""

@@ -50,6 +50,10 @@ class Group:
     # kept widths must be multiples of this (a kernel's alignment: aten._grouped_mm takes rows of a
     # multiple of 16 bytes); the planner rounds to it, keep_mask refuses other widths
     step: int = 1
+    # MoE experts pruned per expert (snp_fx/ops/experts.py): ``classes`` is (experts, width), each
+    # expert's own neurons; ``slots`` (width,) the activation columns they share, of which a plan
+    # keeping k neurons per expert keeps the first k
+    slots: torch.Tensor | None = None
 
     def size_counts(self, h: int, idx) -> dict[int, int]:
         """How many units of each size positions ``idx`` of head ``h`` hold ({} without unit_sizes)."""
@@ -81,6 +85,10 @@ def build_groups(channels, sites: list[Site], producers: list[tuple[str, torch.T
     """Groups of a propagated graph (``producers``: weight name, unit ids it makes; ``width_steps``:
     (unit ids, step) where a kernel needs widths in multiples of step)."""
     producer_cls = [(name, channels.classes(ids)) for name, ids in producers]
+    slot_of = channels.expert_slots
+    if slot_of:  # experts pruned per expert: their producers make one 2-d group per MoE layer, below
+        experts = [(name, c) for name, c in producer_cls if all(x in slot_of for x in c.tolist())]
+        producer_cls = [(name, c) for name, c in producer_cls if not all(x in slot_of for x in c.tolist())]
     groups: list[Group] = []
     used: dict[int, str] = {}
 
@@ -174,6 +182,16 @@ def build_groups(channels, sites: list[Site], producers: list[tuple[str, torch.T
         name = producer_cls[members[0]][0].rsplit(".", 1)[0]
         pending.append(Group(name, "residual" if is_res else "ffn", cls))
         residual_count += is_res
+    if slot_of:
+        done: set[int] = set()
+        for name, c in experts:
+            if c[0].item() in done:
+                continue
+            slots = unique_ordered(torch.cat([x for _, x in experts if bool(torch.isin(x, c).any())]))
+            done.update(slots.tolist())
+            g = Group(name.rsplit(".", 1)[0], "ffn", torch.stack([slot_of[x] for x in slots.tolist()], 1), slots=slots)
+            check(g, allow_sensitive=False)
+            pending.append(g)
     r = 0
     for g in pending:
         if g.kind == "residual":
@@ -184,6 +202,7 @@ def build_groups(channels, sites: list[Site], producers: list[tuple[str, torch.T
     for ids, step in width_steps:
         cls = torch.unique(channels.classes(ids))
         for g in groups:
-            if g.classes.dim() == 1 and bool(torch.isin(g.classes, cls).any()):
+            cols = g.slots if g.slots is not None else g.classes if g.classes.dim() == 1 else None
+            if cols is not None and bool(torch.isin(cols, cls).any()):
                 g.step = math.lcm(g.step, step)
     return {g.name: g for g in groups}

@@ -50,6 +50,10 @@ class Propagator(fx.Interpreter):
         self.summed: list[torch.Tensor] = []  # channels two computed tensors are added on (a residual stream)
         self.state: dict[str, str] = {}  # buffer -> the node writing it in place (a KV cache): laid out as it
         self.width_steps: list[tuple[torch.Tensor, int]] = []  # (units, step): a kernel needs widths in multiples
+        # mixture-of-experts GEMMs, and (after ops.experts.split_experts) each expert's own hidden units
+        self.expert_uses: list = []
+        self.expert_dims: dict[str, dict[int, torch.Tensor]] = {}  # param -> {dim: ids (experts, n)}
+        self.expert_slots: dict[int, torch.Tensor] = {}  # slot unit -> its (experts,) units
 
     # ---- helpers the families use -------------------------------------------------
     def pids(self, name: str, t: torch.Tensor, soft: bool = False) -> list[torch.Tensor]:
@@ -267,6 +271,12 @@ def propagate(gm: fx.GraphModule, inputs: tuple):
     prop = Propagator(gm)
     with torch.no_grad():
         prop.run(*inputs)
+    try:
+        ops.experts.split_experts(prop)
+    except SNPFXError:
+        raise
+    except Exception as e:
+        raise InternalError(f"snp_fx bug: splitting the experts' neurons failed: {brief(e)}; please report this model") from e
     try:
         return Analysis(gm, prop, inputs)
     except SNPFXError:

@@ -70,7 +70,8 @@ class Analysis:
             gs = [g for g in self.groups.values() if g.kind == kind]
             lines += ["", f"{title}:"]
             for g in gs:
-                lines.append(f"  {g.name:<40} width {g.width:>5}" + ("" if g.prunable else "  (unprunable)"))
+                per = f" per expert ({g.heads} experts, each its own neurons)" if g.slots is not None else ""
+                lines.append(f"  {g.name:<40} width {g.width:>5}{per}" + ("" if g.prunable else "  (unprunable)"))
         shapes = self.gm.meta.get("snp_input_shapes")
         if shapes:  # an exported graph: what shapes the pruned model takes
             from ..trace import describe_shapes

@@ -160,6 +160,14 @@ def norm_scores(analysis, params, p: int) -> torch.Tensor:
         t = params.get(name)
         if t is not None:
             scores.index_add_(0, analysis.channels.class_of[ids.reshape(-1)], t.detach().double().cpu().abs().pow(p).reshape(-1))
+    for name, dims in analysis.channels.expert_dims.items():  # MoE experts: each expert's own slices
+        t = params.get(name)
+        if t is None:
+            continue
+        t = t.detach().double().cpu().abs().pow(p)
+        for d, ids in dims.items():
+            other = [i for i in range(1, t.dim()) if i != d]
+            scores.index_add_(0, analysis.channels.class_of[ids.reshape(-1)], t.sum(other).reshape(-1))
     return scores
 
 
@@ -175,6 +183,38 @@ def producer_rows(analysis, params, classes: torch.Tensor) -> torch.Tensor:
         feats.append(rows[torch.tensor([pos[c] for c in flat])])
     if not feats:
         return torch.zeros(len(flat), 1)
+    return torch.cat(feats, 1)
+
+
+def group_rows(analysis, params, g):
+    """(class ids, their producing rows) of a group: all at once, or per expert for MoE experts
+    (each expert's neurons scored among its own: the planner picks each expert's own)."""
+    if g.slots is None:
+        return [(g.classes.reshape(-1), producer_rows(analysis, params, g.classes))]
+    return [(g.classes[e], expert_rows(analysis, params, g, e)) for e in range(g.heads)]
+
+
+def expert_rows(analysis, params, g, e: int) -> torch.Tensor:
+    """(width, F): the rows of expert ``e``'s own matrices that make each neuron of the MoE experts
+    group ``g`` (a fused gate_up weight: its gate and its up row), as producer_rows does for a
+    dense FFN's producers."""
+    ch = analysis.channels
+    feats = []
+    for name, dim in ch.producers:
+        ids = ch.expert_dims.get(name, {}).get(dim)
+        t = params.get(name)
+        if ids is None or t is None:
+            continue
+        where = {c: i for i, c in enumerate(g.slots.tolist())}
+        pos = torch.tensor([where.get(c, -1) for c in ch.class_of[ch.param_ids[name][dim]].tolist()])
+        counts = torch.bincount(pos.clamp_min(0), minlength=g.width)
+        if bool((pos < 0).any()) or not bool((counts == counts[0]).all()):
+            continue
+        w = t.detach().cpu()[e].movedim(dim - 1, 0)
+        # each neuron's rows next to each other (gate j, up j), in the group's order
+        feats.append(w[torch.argsort(pos, stable=True)].reshape(g.width, -1))
+    if not feats:
+        return torch.zeros(g.width, 1)
     return torch.cat(feats, 1)
 
 
@@ -270,7 +310,8 @@ def compute_scores(analysis, importance="snp", calibration=None, gamma: int = DE
     groups = [g for g in analysis.groups.values() if g.prunable]
     if importance == "gm":
         for g in groups:
-            scores[g.classes.reshape(-1)] = geometric_median_scores(producer_rows(analysis, params, g.classes))
+            for ids, rows in group_rows(analysis, params, g):
+                scores[ids] = geometric_median_scores(rows)
         return Scores(scores)
     # snp / reverse
     qk_groups = {g.site: g for g in groups if g.kind == "qk"}
@@ -284,7 +325,8 @@ def compute_scores(analysis, importance="snp", calibration=None, gamma: int = DE
             heads[site.name] = e / e.sum().clamp_min(1e-30)
     for g in groups:
         if g.kind in ("v", "ffn"):
-            scores[g.classes.reshape(-1)] = redundancy_scores(producer_rows(analysis, params, g.classes))
+            for ids, rows in group_rows(analysis, params, g):
+                scores[ids] = redundancy_scores(rows)
         elif g.kind == "residual":
             scores[g.classes] = residual_tss_average(analysis, params, g)[g.classes]
     pair_grams = _by_group(analysis, grams[0]) if exact else {}

@@ -184,7 +184,11 @@ class Matmul(OpFamily):
         return out
 
     def macs(self, c, n, key):
-        return math.prod(c.new(n.name)) * c.new(n.args[0].name)[-1]
+        # the contracted width from both operands: MoE expert weights gathered per token carry no
+        # labels (their dense width), the activations they meet do (snp_fx/ops/experts.py)
+        k = c.new(n.args[0].name)[-1]
+        b = c.new(n.args[1].name) if isinstance(n.args[1], fx.Node) and isinstance(c.shapes.get(n.args[1].name), tuple) else []
+        return math.prod(c.new(n.name)) * (min(k, b[-2]) if len(b) >= 2 else k)
 
 
 class Baddbmm(Matmul):

@@ -8,15 +8,35 @@ implementations):
   token), then ``bmm``.
 
 Both are a linear layer per expert: the input's channels couple with the weight's in-dim, the
-output's channels are its out-dim.  The expert dim is never a channel dim: which expert a token
-uses is data (routing), so every expert keeps the same neuron indices (one FFN group per MoE
-layer, planned like a dense FFN; the router's outputs, the experts, are never pruned: topk over
-them refuses).  The ops on expert ids (sort, histc, index_put of the inverse permutation) carry
-no channels.  aten's ``_grouped_mm`` kernel takes rows of a multiple of 16 bytes only: the groups
-through it get that width step (``Group.step``), which the planner rounds to.
+output's channels are its out-dim.  The expert dim is never a channel dim of the activations:
+which expert a token row uses is data (routing).  The router's outputs, the experts, are never
+pruned (topk over them refuses).  The ops on expert ids (sort, histc, index_put of the inverse
+permutation) carry no channels.
+
+Each expert's own hidden neurons (``split_experts``, after propagation).  During propagation a
+hidden column j of the activations between an expert's GEMMs is one unit for all experts (a
+*slot*).  Like the head dim of q/k, the hidden units of an expert weight are really (expert,
+neuron) pairs: row r of the activations holds expert e(r)'s neuron j.  Where that reading is
+exact, each slot class becomes one unit per expert, and the experts' hidden neurons form one
+FFN group of classes (experts, width) that the planner prunes like q/k heads: the SAME COUNT in
+every expert (a 3-d weight stays rectangular for grouped_mm / bmm), each expert choosing its
+own neurons by its own scores.  Truly ragged widths (expert e keeping k_e neurons) cannot be
+held by one 3-d tensor without zero padding, which saves nothing, so they are not planned.
+The rewrite gathers each expert's kept rows / columns of the 3-d weights (constants: a gather
+at rewrite time, no graph op); after the rewrite, activation column s is each row's expert's
+s-th kept neuron, so the slots keep their first ``k`` (``planning.keep_mask``).  It is exact
+when the slot class holds only expert-weight columns (no bias, norm or constant meets it),
+every op between the GEMMs keeps the token rows and treats columns alike (element-wise ops,
+chunk / split along the channels, (un)squeeze, dtype casts: SiLU(gate) * up), and every GEMM
+on it routes its rows by the same expert ids (the same offsets / gather index).  Otherwise the
+slot stays one unit and every expert keeps the same neurons (one 1-d FFN group, as before).
+
+aten's ``_grouped_mm`` kernel takes rows of a multiple of 16 bytes only: the groups through it
+get that width step (``Group.step``), which the planner rounds to.
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 import operator
 
@@ -24,7 +44,7 @@ import torch
 import torch.fx as fx
 
 from .. import labels as L
-from .registry import OpFamily, op_key, register
+from .registry import OpFamily, family_of, op_key, register
 
 
 def _parent(node):
@@ -41,31 +61,34 @@ def _swaps_last_two(node, rank) -> bool:
     return False
 
 
-def _gathers_experts(node) -> bool:
-    """w[idx] / w.index_select(0, idx): whole experts picked by an index tensor."""
+def _gathers_experts(node):
+    """w[idx] / w.index_select(0, idx): whole experts picked by an index tensor: the index node
+    (the token rows' expert ids), else None."""
     key = op_key(node, {})
     if key == "index" and len(node.args) >= 2:
         idx = node.args[1]
-        return isinstance(idx, (list, tuple)) and len(idx) == 1 and isinstance(idx[0], fx.Node)
+        ok = isinstance(idx, (list, tuple)) and len(idx) == 1 and isinstance(idx[0], fx.Node)
+        return idx[0] if ok else None
     if key == "index_select" and len(node.args) >= 3:
-        return node.args[1] == 0 and isinstance(node.args[2], fx.Node)
+        return node.args[2] if node.args[1] == 0 and isinstance(node.args[2], fx.Node) else None
     if key == "getitem" and len(node.args) >= 2:
-        return isinstance(node.args[1], fx.Node)  # fx: w[idx]
-    return False
+        return node.args[1] if isinstance(node.args[1], fx.Node) else None  # fx: w[idx]
+    return None
 
 
 def expert_weight(module, node):
     """(parameter name, parameter, transposed, gathered) when ``node`` is a 3-d parameter
     (experts, a, b) as stored, with its last two dims swapped (``transposed``) and / or gathered
-    by expert id along dim 0 (``gathered``, one matrix per token); else None."""
-    transposed, gathered = False, False
+    by expert id along dim 0 (``gathered``: the index node, one matrix per token; else None);
+    else None."""
+    transposed, gathered = False, None
     while isinstance(node, fx.Node) and node.op != "get_attr":
         if node.op not in ("call_function", "call_method"):
             return None
         if _swaps_last_two(node, 3):
             transposed = not transposed
-        elif _gathers_experts(node) and not gathered:  # (commutes with the swap)
-            gathered = True
+        elif _gathers_experts(node) is not None and gathered is None:  # (commutes with the swap)
+            gathered = _gathers_experts(node)
         else:
             return None
         node = _parent(node)
@@ -93,14 +116,27 @@ def applies_experts(node) -> bool:
                 found = True
             elif _swaps_last_two(u, 3) and u.args[0] is cur:
                 todo.append((u, gathered))
-            elif _gathers_experts(u) and u.args[0] is cur and not gathered:
+            elif _gathers_experts(u) is not None and u.args[0] is cur and not gathered:
                 todo.append((u, True))
             else:
                 return False
     return found
 
 
-def _link(p, n, x_node, x_dim, x_rank, name, w, k_dim, out_dim):
+@dataclasses.dataclass
+class ExpertUse:
+    """One expert GEMM: ``node`` multiplies the token rows of ``x`` by parameter ``param``'s
+    expert matrices, contracting its dim ``k_dim``, making its dim ``out_dim``; ``route``: the node
+    saying which expert each row takes (grouped_mm's offsets, batched_mm's gather index)."""
+    node: str
+    param: str
+    x: str
+    route: str
+    k_dim: int
+    out_dim: int
+
+
+def _link(p, n, x_node, x_dim, x_rank, name, w, k_dim, out_dim, route):
     """Couple the input's channels (along ``x_dim`` only) with the weight's ``k_dim``; the output
     channels are its ``out_dim`` ids.  None when the input has channels elsewhere."""
     x_lab = p.lab(x_node)
@@ -113,6 +149,7 @@ def _link(p, n, x_node, x_dim, x_rank, name, w, k_dim, out_dim):
     p.space.union(ids[k_dim], x_lab.movedim(x_dim, -1).reshape(-1))
     p.producers.append((name, ids[out_dim]))
     p.producer_dim[name] = out_dim
+    p.expert_uses.append(ExpertUse(n.name, name, x_node.name, route.name if isinstance(route, fx.Node) else n.name + ":unrouted", k_dim, out_dim))
     return ids[out_dim]
 
 
@@ -133,7 +170,7 @@ class GroupedMM(OpFamily):
         if isinstance(p.lab(offs), torch.Tensor):  # where each expert's rows end: data, never channels
             p.space.freeze(p.lab(offs), f"{n.name}: `{key}` offsets")
         k_dim, out_dim = (2, 1) if transposed else (1, 2)  # weight as used: (experts, in, out)
-        out = _link(p, n, n.args[0], -1, 2, name, w, k_dim, out_dim)
+        out = _link(p, n, n.args[0], -1, 2, name, w, k_dim, out_dim, offs)
         if out is None:
             return p.refuse(n, f"{n.name}: `{key}` input carries channels outside its last dim", result)
         if key != "grouped_mm_fallback":  # aten's kernel takes rows of a multiple of 16 bytes only
@@ -155,12 +192,12 @@ def expert_bmm(p, n, args, result):
         ew = expert_weight(p.module, n.args[side])
         if ew is None or not ew[3]:
             continue
-        name, w, transposed, _ = ew
+        name, w, transposed, route = ew
         used = (2, 1) if transposed else (1, 2)  # parameter dims of the gathered matrices' dims -2, -1
         # W @ x: W's last dim is contracted, its rows are the output's dim -2; x @ W: the reverse
         k_dim, out_dim = (used[1], used[0]) if side == 0 else (used[0], used[1])
         x_dim = -2 if side == 0 else -1
-        out = _link(p, n, n.args[1 - side], x_dim, 3, name, w, k_dim, out_dim)
+        out = _link(p, n, n.args[1 - side], x_dim, 3, name, w, k_dim, out_dim, route)
         if out is None:
             return p.refuse(n, f"{n.name}: expert weights times an input with channels outside "
                                f"the contracted dim", result)
@@ -193,6 +230,133 @@ class IndexPut(OpFamily):
         # the result holds x's and the values' elements: joined as an elementwise op would join them
         labs = [lab for lab in labs[:2] if isinstance(lab, torch.Tensor)]
         return p.elementwise([(lab, ()) for lab in labs], tuple(result.shape))
+
+
+# ops between two expert GEMMs that keep the token rows and treat every column alike (besides the
+# element-wise families); chunk / split / (un)squeeze only off the row dim (checked in _row_wise)
+ROW_WISE = ("chunk", "split", "split_with_sizes", "squeeze", "unsqueeze", "getitem", "contiguous", "clone",
+            "alias", "detach")
+
+
+def _row_wise(p, n, modules) -> bool:
+    """Whether ``n`` keeps its input's token rows (dim 0) and treats every column alike."""
+    if n.op not in ("call_function", "call_method"):
+        return False
+    key, fam = family_of(n, modules)
+    src = n.args[0] if n.args and isinstance(n.args[0], fx.Node) else None
+    if src is None:
+        return False
+    if key == "getitem":  # a part of a chunk / split
+        return isinstance(p.labels.get(src.name), (list, tuple)) and isinstance(n.args[1], int)
+    if not (fam.elementwise or key in ROW_WISE):
+        return False
+    shapes = p.shapes.get(n.name)
+    shapes = list(shapes) if isinstance(shapes, list) or (isinstance(shapes, tuple) and shapes and
+                                                          isinstance(shapes[0], tuple)) else [shapes]
+    rows = p.shapes.get(src.name)
+    if not isinstance(rows, tuple) or not rows or any(not isinstance(s, tuple) or not s or s[0] != rows[0]
+                                                      for s in shapes):
+        return False
+    if key in ("chunk", "split", "split_with_sizes", "squeeze", "unsqueeze"):
+        dim = n.args[2] if key != "squeeze" and key != "unsqueeze" and len(n.args) > 2 else \
+            n.args[1] if key in ("squeeze", "unsqueeze") and len(n.args) > 1 else n.kwargs.get("dim", 0)
+        rank = len(shapes[0]) if key == "unsqueeze" else len(rows)
+        return isinstance(dim, int) and dim % rank != 0
+    return True
+
+
+def split_experts(p) -> None:
+    """After propagation: make each expert's hidden neurons its own units where that is exact (see
+    the module doc).  Fills ``p.expert_dims`` (param -> {dim: unit ids (experts, n)}: column j of
+    expert e) and ``p.expert_slots`` (slot unit -> its (experts,) units)."""
+    uses = p.expert_uses
+    if not uses:
+        return
+    roots = p.space.roots().clone()
+    n_ids = roots.numel()
+    experts = {u.param: operator.attrgetter(u.param)(p.module).shape[0] for u in uses}
+    cols = {(u.param, d): p.param_ids[u.param][d] for u in uses for d in (u.k_dim, u.out_dim)}
+    # a slot class holds columns of expert weights only: nothing else (a bias, a norm) meets it
+    every = torch.cat(list(cols.values()))
+    ok = torch.bincount(roots, minlength=n_ids) == torch.bincount(roots[every], minlength=n_ids)
+    ok[0] = False
+    for ids, _ in p.space.frozen + p.space.sensitive + p.space.rescaled:
+        ok[roots[ids]] = False
+    for lab in p.summed:
+        ok[roots[lab[lab > 0]]] = False
+    # every GEMM on a slot routes its rows alike (the same expert ids, the same expert count)
+    routes: dict[int, set] = {}
+    for u in uses:
+        for d in (u.k_dim, u.out_dim):
+            for r in torch.unique(roots[cols[(u.param, d)]]).tolist():
+                routes.setdefault(r, set()).add((u.route, experts[u.param]))
+    for r, rs in routes.items():
+        if len(rs) != 1:
+            ok[r] = False
+    # every op carrying a slot keeps the rows and treats columns alike; its other operands carry no
+    # channels, and what consumes it carries the slot on or is an expert GEMM's input
+    gemms = {u.node: u for u in uses}
+    inputs = {(u.node, u.x) for u in uses}
+    modules = dict(p.module.named_modules())
+
+    def slots_in(name):
+        out = set()
+        for lab in L.flat_labels(p.labels.get(name)):
+            v = lab[lab > 0]
+            if v.numel():
+                out.update(torch.unique(roots[v]).tolist())
+        return out
+
+    carried = {n.name: {r for r in slots_in(n.name) if ok[r]} for n in p.module.graph.nodes}
+    for n in p.module.graph.nodes:
+        mine = carried[n.name]
+        if not mine:
+            continue
+        good = n.name in gemms or _row_wise(p, n, modules)
+        if good and n.name not in gemms:
+            for a in n.all_input_nodes:
+                for lab in L.flat_labels(p.labels.get(a.name)):
+                    v = lab[lab > 0] if L.varying_dims(lab) else lab[:0]
+                    if v.numel() and not bool(ok[roots[v]].all()):
+                        good = False
+        for u in n.users:  # (checks with no output, such as export's metadata asserts, read nothing)
+            if not (carried.get(u.name, set()) & mine) and (u.name, n.name) not in inputs and \
+                    not (u.op.startswith("call_") and family_of(u, modules)[1].kind == "ignore"):
+                good = False
+        if not good:
+            ok[torch.tensor(sorted(mine))] = False
+    # whole weight dims: a dim splits per expert only if all its slots do (and so all dims sharing them)
+    while True:
+        changed = False
+        for ids in cols.values():
+            r = roots[ids]
+            if bool(ok[r].any()) and not bool(ok[r].all()):
+                ok[r] = False
+                changed = True
+        if not changed:
+            break
+    per_slot: dict[int, torch.Tensor] = {}
+    for (name, d), ids in cols.items():
+        r = roots[ids]
+        if not bool(ok[r].all()):
+            continue
+        for s in torch.unique(r).tolist():
+            if s not in per_slot:
+                per_slot[s] = p.space.new(experts[name])
+        p.expert_dims.setdefault(name, {})[d] = torch.stack([per_slot[s] for s in r.tolist()], 1)
+    p.expert_slots.update(per_slot)
+
+
+def expert_slice(t: torch.Tensor, d: int, keep: torch.Tensor) -> torch.Tensor:
+    """``t`` (experts, ...) with expert e's kept indices along dim ``d`` (``keep``: (experts, n)
+    bool, the same count in every expert) gathered, in order."""
+    counts = keep.sum(1)
+    if not bool((counts == counts[0]).all()):
+        raise ValueError(f"experts keep different counts along dim {d}: {sorted(set(counts.tolist()))}")
+    idx = keep.nonzero()[:, 1].reshape(keep.shape[0], -1).to(t.device)
+    shape = [1] * t.dim()
+    shape[0], shape[d] = idx.shape
+    return torch.take_along_dim(t, idx.reshape(shape), dim=d)
 
 
 GROUPED = ("grouped_mm", "_grouped_mm", "grouped_mm_fallback")
