@@ -84,10 +84,13 @@ class _Rewriter:
 
     # ---- parameters ----------------------------------------------------------
     def slice_tensor(self, name: str, t: torch.Tensor) -> torch.Tensor:
-        out = t.detach()
-        for d, m in enumerate(self.a.channels.dim_masks(name, t.shape, self.keep)):
+        ch = self.a.channels
+        out = ch.as_view(name, t.detach())  # merged dims (an einsum's weight) sliced as one
+        for d, m in enumerate(ch.dim_masks(name, t.shape, self.keep)):
             if not bool(m.all()):
                 out = out.index_select(d, m.nonzero().flatten().to(out.device))
+        if name in ch.views:
+            out = out.reshape(ch.pruned_shape(name, t.shape, self.keep))
         out = out.clone()
         if isinstance(t, nn.Parameter):
             return nn.Parameter(out, requires_grad=t.requires_grad)

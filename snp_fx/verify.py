@@ -34,10 +34,11 @@ FALLBACK_EPS = 4   # that rounding error when it cannot be measured: this many e
 
 def _zeroed(analysis, name, t: torch.Tensor, keep) -> torch.Tensor:
     out = t.detach().clone()
+    view = analysis.channels.as_view(name, out)  # merged dims (an einsum's weight): a view of ``out``
     for d, m in enumerate(analysis.channels.dim_masks(name, t.shape, keep)):
         if not bool(m.all()):
             idx = (~m).nonzero().flatten().to(out.device)
-            out.index_fill_(d, idx, 0)
+            view.index_fill_(d, idx, 0)
     return out
 
 
@@ -96,29 +97,38 @@ def _zero_as_used(graph: fx.Graph, env: dict, lazy: dict, attrs: dict, dtype) ->
     for old, new in list(env.items()):
         if old.name not in lazy or not new.users:
             continue
-        removed = lazy[old.name]
+        removed, view, shape = lazy[old.name]
         if not removed and dtype is None:
             continue
         users = list(new.users)
         with graph.inserting_before(min(users, key=order.__getitem__)):
             # a copy always (copy=True: a tensor already in ``dtype`` is not zeroed in place)
             out = graph.call_method("to", (new, dtype), {"copy": True}) if dtype is not None else new
+            copied = out is not new
+            if view is not None and removed:  # merged dims (an einsum's weight) zeroed as one
+                out = graph.call_method("reshape", (out, view))
             for d, idx in removed:
                 name = f"_snp_removed_{len(attrs)}"
                 attrs[name] = idx
                 index = graph.get_attr(name)
                 # the first zeroing copies (unless the conversion did), the others work in place
-                out = graph.call_function(torch.index_fill, (out, d, index, 0.0)) if out is new else \
-                    graph.call_method("index_fill_", (out, d, index, 0.0))
+                out = graph.call_method("index_fill_", (out, d, index, 0.0)) if copied else \
+                    graph.call_function(torch.index_fill, (out, d, index, 0.0))
+                copied = True
+            if view is not None and removed:
+                out = graph.call_method("reshape", (out, shape))
         for u in users:
             u.replace_input_with(new, out)
         env[old] = out
 
 
-def _removed(analysis, name, t: torch.Tensor, keep) -> list[tuple[int, torch.Tensor]]:
-    """(dim, indices removed along it) for every dim of ``t`` with removed channels."""
+def _removed(analysis, name, t: torch.Tensor, keep):
+    """([(dim, indices removed along it)] for every dim of ``t`` with removed channels, the view
+    those dims are of (merged dims: an einsum's weight; else None), ``t``'s shape)."""
     masks = analysis.channels.dim_masks(name, t.shape, keep)
-    return [(d, (~m).nonzero().flatten().to(t.device)) for d, m in enumerate(masks) if not bool(m.all())]
+    removed = [(d, (~m).nonzero().flatten().to(t.device)) for d, m in enumerate(masks) if not bool(m.all())]
+    view = analysis.channels.view_shape(name, t.shape) if name in analysis.channels.views else None
+    return removed, view, tuple(t.shape)
 
 
 class _Masker:
