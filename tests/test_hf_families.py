@@ -260,3 +260,16 @@ def test_grouped_conv_splitting_heads_is_refused():
     assert len(qk) == layers and all(not g.prunable and "splits its heads" in g.reason for g in qk), a.reasons()
     assert len(a.prunable("v")) == layers and len(a.prunable("ffn")) == layers
     check_mask_equivalence(a, {"v": 0.5, "ffn": 0.5}, 0)
+
+
+@pytest.mark.parametrize("name", ["xlnet", "squeezebert"])
+def test_estimated_macs_are_what_runs(name):
+    """einsum with a parameter and grouped convs: the estimated MACs of a pruned plan are what
+    FlopCounterMode counts in the pruned graph."""
+    from oracles import random_scores
+    from snp_fx.cost import count_macs, estimate_macs
+    from snp_fx.planning import make_plan
+    from snp_fx.rewrite import rewrite
+    model, inputs, a, layers = analysis(name)
+    keep = keep_mask(a, make_plan(a, {"qk": 0.5, "v": 0.25, "ffn": 0.5, "heads": 0.5}, random_scores(a, 0)))
+    assert estimate_macs(a, keep) == count_macs(rewrite(a, keep), a.inputs) < count_macs(a.gm, a.inputs)

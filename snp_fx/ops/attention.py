@@ -338,6 +338,8 @@ class Einsum(OpFamily):
 
     def macs(self, c, n, key):
         eq, nodes = _einsum_parts(n)
+        if len(nodes) != 2:  # one operand: a permutation or a sum ('ijbn->bnij'), no products
+            return 0
         a, b = eq.split("->")[0].split(",")
         out = eq.split("->")[1]
         # the contracted sizes of an operand computed in the graph (a parameter's get_attr keeps its
