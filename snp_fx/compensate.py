@@ -60,12 +60,21 @@ class Consumer:
     weight: str               # parameter name (the same in the pruned GraphModule)
     bias: str | None
     in_dim: int               # weight dim of the input channels (1 for Linear, 0 for addmm / Conv1D)
-    x_pos: int = 0            # which argument is the input (1 for addmm)
+    x_pos: int | tuple = 0    # which argument is the input (1 for addmm; (1, 0): an einsum's first operand)
+    width: int = 0            # input channels: the input is read as (rows, width)
+
+
+def consumer_input(args, x_pos, width: int) -> torch.Tensor:
+    """A consumer's input as (rows, channels): its channels are its trailing dims (an einsum's
+    weight contracts its last letters, see Einsum.consumer)."""
+    x = args[x_pos[0]][x_pos[1]] if isinstance(x_pos, tuple) else args[x_pos]
+    return x.reshape(-1, width)
 
 
 def weight_uses(analysis):
     """(node, weight, bias, in_dim, x_pos) of every op applying an analysed weight to its input's
-    channels (the ops whose family names a ``consumer``: Linear, addmm), in graph order."""
+    channels (the ops whose family names a ``consumer``: Linear, addmm, an einsum with a parameter),
+    in graph order.  ``in_dim`` is a dim of the weight as ``param_ids`` label it (``channels.as_view``)."""
     modules = dict(analysis.gm.named_modules())
     for n in analysis.gm.graph.nodes:
         if n.op not in ("call_module", "call_function", "call_method"):
@@ -86,7 +95,8 @@ def find_consumers(analysis, groups) -> tuple[list[Consumer], dict[str, str]]:
         for name in groups:
             g = analysis.groups[name]
             if cls == set(g.classes.reshape(-1).tolist()):
-                found[name].append(Consumer(name, n.name, w, b, in_dim, x_pos))
+                width = analysis.channels.param_ids[w][in_dim].numel()
+                found[name].append(Consumer(name, n.name, w, b, in_dim, x_pos, width))
     out, skipped = [], {}
     for name, cs in found.items():
         if analysis.groups[name].slots is not None:
@@ -118,8 +128,7 @@ class _InputStats(fx.Interpreter):
         c = self.at.get(n.name)
         if c is not None:
             args, kwargs = self.fetch_args_kwargs_from_env(n)
-            x = args[c.x_pos]
-            x = wide(x.reshape(-1, x.shape[-1]))  # float16 / bfloat16 inputs: Gram sums in float32
+            x = wide(consumer_input(args, c.x_pos, c.width))  # float16 / bfloat16 inputs: Gram sums in float32
             if c.node not in self.stats:  # [sum x x^T, sum x, rows, the same over the first halves]
                 self.stats[c.node] = [0, 0, 0, [0, 0, 0]]
             s = self.stats[c.node]
@@ -261,10 +270,10 @@ def compensate(analysis, keep: torch.Tensor, pruned: fx.GraphModule, calibration
     params.update(dict(gm.named_buffers()))
     for c in consumers:
         gram, total, n = stats[c.node][:3]
-        weight = params[c.weight].detach()
+        weight = analysis.channels.as_view(c.weight, params[c.weight].detach())  # an einsum's: a matrix
         w_full = weight if c.in_dim == 1 else weight.T     # (out, in)
         bias = params[c.bias].detach() if c.bias else None
-        masks = analysis.channels.dim_masks(c.weight, weight.shape, keep)
+        masks = analysis.channels.dim_masks(c.weight, params[c.weight].shape, keep)
         kept, rows = masks[c.in_dim], masks[1 - c.in_dim]
         if ridge is None:
             lam, held_before, held_after = cross_validate(stats[c.node], w_full, bias, kept)
@@ -294,6 +303,7 @@ def compensate(analysis, keep: torch.Tensor, pruned: fx.GraphModule, calibration
                           f"({before:.4g} -> {after:.4g}); kept the plain pruned weights", stacklevel=3)
             continue
         target = operator.attrgetter(c.weight)(pruned)
+        target = analysis.channels.as_view(c.weight, target)  # a view: written through
         w_new = new_w[rows] if c.in_dim == 1 else new_w[rows].T
         same_shape = tuple(target.shape) == tuple(weight.shape) and tuple(w_new.shape) != tuple(target.shape)
         if same_shape:  # a masked reference (verify.masked_reference): removed slices stay zero

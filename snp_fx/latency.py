@@ -45,7 +45,7 @@ from .errors import RewriteError, SNPError, brief
 from .kernels import padded_sdpa
 from .ops.attention import _padded
 from .ops.registry import Args
-from .planning import PruningPlan, keep_mask
+from .planning import PruningPlan, _round_width, first_kept, keep_mask
 from .report import time_interleaved
 from .rewrite import rewrite
 
@@ -419,7 +419,7 @@ def probe_keeps(analysis, heads: bool, n: int = PROBES, seed: int = 0, half: boo
         if x.site:
             sites.setdefault(x.site, {})[x.kind] = x
     droppable = {s for s, gs in sites.items() if heads and "qk" in gs and "v" in gs
-                 and gs["qk"].heads == gs["v"].heads > 1}
+                 and gs["qk"].heads == gs["v"].heads > 1 and not gs["qk"].keep_heads and not gs["v"].keep_heads}
 
     def keep(width, n_heads):
         plan = {}
@@ -428,8 +428,8 @@ def probe_keeps(analysis, heads: bool, n: int = PROBES, seed: int = 0, half: boo
             if x.classes.dim() == 2:
                 h = n_heads(x.site) if x.site in droppable else x.heads
                 plan[x.name] = {"kind": x.kind, "keep": [list(range(w)) if i < h else [] for i in range(x.heads)]}
-            else:
-                plan[x.name] = {"kind": x.kind, "keep": list(range(w))}
+            else:  # widths the group's kernel and blocks take (grouped_mm rows, a grouped conv's groups)
+                plan[x.name] = {"kind": x.kind, "keep": first_kept(x, _round_width(w, x.width, x.step))}
         return keep_mask(analysis, PruningPlan(plan))
 
     out = [_ones(analysis), keep(lambda x: 1, lambda s: 1)]

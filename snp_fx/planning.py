@@ -111,6 +111,24 @@ def split_by_size(g: Group, k: int) -> dict[int, int]:
     return out
 
 
+def pick(g: Group, ranking: torch.Tensor, k: int) -> list[int]:
+    """The top ``k`` positions of a 1-d group by ``ranking``: the same count from each block where the
+    group has blocks (a grouped conv's groups; ``k`` is then a multiple of their count)."""
+    if g.blocks is None:
+        return _topk_sorted(ranking, k)
+    nb = int(g.blocks.max()) + 1
+    out = []
+    for b in range(nb):
+        pos = (g.blocks == b).nonzero().flatten()
+        out += pos[_topk_sorted(ranking[pos], k // nb)].tolist()
+    return sorted(out)
+
+
+def first_kept(g: Group, k: int) -> list[int]:
+    """``k`` positions of a 1-d group that a plan may keep (the first ones; per block with blocks)."""
+    return pick(g, -torch.arange(g.width, dtype=torch.float64), k)
+
+
 def _pick_in_head(scores_obj, g: Group, h: int, k: int, ranking: torch.Tensor) -> list[int]:
     """Kept indices of head ``h``: the scores' own selector (exact q/k selection) when it has one
     for this group, else the top ``k`` of ``ranking``; in a group of mixed unit sizes, the top of
@@ -183,7 +201,8 @@ def make_plan(analysis: Analysis, ratios: dict, scores, round_to: int = 1) -> Pr
         heads_key = site + ".heads" if site + ".heads" in ratios else "heads"
         heads_ratio = float(ratios.get(heads_key, 0.0))
         kept_heads = list(range(qk.heads))
-        can_drop_heads = qk.prunable and (v is not None and v.prunable and v.heads == qk.heads)
+        can_drop_heads = qk.prunable and (v is not None and v.prunable and v.heads == qk.heads) and \
+            not qk.keep_heads and not v.keep_heads
         if heads_ratio > 0 and not can_drop_heads and qk.heads * (v.heads if v is not None else 1) > 1:
             heads_kept[site] = _why_heads_stay(qk, v)
         if heads_ratio > 0 and can_drop_heads:
@@ -209,7 +228,7 @@ def make_plan(analysis: Analysis, ratios: dict, scores, round_to: int = 1) -> Pr
             k = count(g)
             plan[g.name] = {"kind": g.kind, "keep": [_topk_sorted(scores[row], k) for row in g.classes]}
             continue
-        plan[g.name] = {"kind": g.kind, "keep": _topk_sorted(scores[g.classes], count(g))}
+        plan[g.name] = {"kind": g.kind, "keep": pick(g, scores[g.classes], count(g))}
     meta = {"ratios": {k: float(v) for k, v in ratios.items()}}
     if heads_kept:
         meta["heads_kept"] = heads_kept
@@ -221,6 +240,8 @@ def _why_heads_stay(qk: Group, v: Group | None) -> str:
         return f"q/k is not prunable ({qk.reason})"
     if v is None or not v.prunable:
         return "v is not prunable" + (f" ({v.reason})" if v is not None else "")
+    if qk.keep_heads or v.keep_heads:
+        return qk.keep_heads or v.keep_heads
     if qk.heads == 1:
         return "the heads share their q/k channels (a table shared by the heads, e.g. relative positions, " \
                "is contracted with q), so no head can go alone"
@@ -276,6 +297,11 @@ def keep_mask(analysis: Analysis, plan: PruningPlan) -> torch.Tensor:
             if g.step > 1 and len(keep) % g.step and len(keep) != g.width:
                 raise SNPError(f"plan group '{name}' keeps {len(keep)} channels; its kernel takes multiples "
                                f"of {g.step} (aligned rows)")
+            if g.blocks is not None and all(isinstance(i, int) and 0 <= i < g.width for i in keep):
+                counts = torch.bincount(g.blocks[keep], minlength=int(g.blocks.max()) + 1).tolist()
+                if len(set(counts)) > 1:
+                    raise SNPError(f"plan group '{name}' keeps {counts} channels of its blocks (the groups of a "
+                                   "grouped conv); each must keep the same count")
         for h, idx in rows:
             cls = g.classes[h] if h is not None else g.classes
             if any((not isinstance(i, int)) or i < 0 or i >= cls.numel() for i in idx) or len(set(idx)) != len(idx):
@@ -456,7 +482,7 @@ def plan_for_target(analysis: Analysis, scores, target_macs=None, target_params=
             elif g.classes.dim() == 2:  # MoE experts: each its own neurons, as many in each
                 plan[g.name] = {"kind": g.kind, "keep": [_topk_sorted(row, widths[g.name]) for row in s]}
             else:
-                plan[g.name] = {"kind": g.kind, "keep": _topk_sorted(s, widths[g.name])}
+                plan[g.name] = {"kind": g.kind, "keep": pick(g, s, widths[g.name])}
         return PruningPlan(plan)
 
     def value(widths, heads_kept):
@@ -556,7 +582,7 @@ def check_target(analysis: Analysis, target_macs=None, target_params=None, round
     for g in analysis.groups.values():
         if g.prunable:
             k = _round_width(1, g.width, step_of(round_to, g))
-            kept = list(range(k))
+            kept = list(range(k)) if g.classes.dim() == 2 else first_kept(g, k)
             if g.classes.dim() == 2:  # one head per site where heads may go
                 drop = heads and _heads_droppable(analysis, g)
                 kept = [kept if h == 0 or not drop else [] for h in range(g.heads)]
@@ -570,7 +596,8 @@ def check_target(analysis: Analysis, target_macs=None, target_params=None, round
 def _heads_droppable(analysis: Analysis, g: Group) -> bool:
     """Whether plan_for_target(heads=True) may remove heads of ``g``'s site."""
     qk, v = analysis.groups.get(f"{g.site}.qk"), analysis.groups.get(f"{g.site}.v")
-    return qk is not None and v is not None and qk.prunable and v.prunable and qk.heads == v.heads > 1
+    return qk is not None and v is not None and qk.prunable and v.prunable and qk.heads == v.heads > 1 and \
+        not qk.keep_heads and not v.keep_heads
 
 
 # ---------------------------------------------------------------------------

@@ -84,9 +84,10 @@ class _Rewriter:
 
     # ---- parameters ----------------------------------------------------------
     def slice_tensor(self, name: str, t: torch.Tensor) -> torch.Tensor:
-        out = t.detach()
-        experts = self.a.channels.expert_masks(name, self.keep)  # MoE weights: each expert its own neurons
-        for d, m in enumerate(self.a.channels.dim_masks(name, t.shape, self.keep)):
+        ch = self.a.channels
+        out = ch.as_view(name, t.detach())  # merged dims (an einsum's weight) sliced as one
+        experts = ch.expert_masks(name, self.keep)  # MoE weights: each expert its own neurons
+        for d, m in enumerate(ch.dim_masks(name, t.shape, self.keep)):
             if not bool(m.all()) and d not in experts:
                 out = out.index_select(d, m.nonzero().flatten().to(out.device))
         for d, m in experts.items():
@@ -94,6 +95,8 @@ class _Rewriter:
                 out = ops.experts.expert_slice(out, d, m)
             except ValueError as e:
                 raise RewriteError(f"cannot slice `{name}`: {e}") from None
+        if name in ch.views:
+            out = out.reshape(ch.pruned_shape(name, t.shape, self.keep))
         out = out.clone()
         if isinstance(t, nn.Parameter):
             return nn.Parameter(out, requires_grad=t.requires_grad)

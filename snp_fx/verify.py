@@ -34,8 +34,10 @@ FALLBACK_EPS = 4   # that rounding error when it cannot be measured: this many e
 
 def _zeroed(analysis, name, t: torch.Tensor, keep) -> torch.Tensor:
     out = t.detach().clone()
-    for d, idx in _removed(analysis, name, t, keep):
-        out.index_fill_(d, idx, 0) if d is not None else out.masked_fill_(idx, 0)
+    removed, _, _ = _removed(analysis, name, t, keep)
+    view = analysis.channels.as_view(name, out)  # merged dims (an einsum's weight): a view of ``out``
+    for d, idx in removed:
+        view.index_fill_(d, idx, 0) if d is not None else view.masked_fill_(idx, 0)
     return out
 
 
@@ -94,13 +96,16 @@ def _zero_as_used(graph: fx.Graph, env: dict, lazy: dict, attrs: dict, dtype) ->
     for old, new in list(env.items()):
         if old.name not in lazy or not new.users:
             continue
-        removed = lazy[old.name]
+        removed, view, shape = lazy[old.name]
         if not removed and dtype is None:
             continue
         users = list(new.users)
         with graph.inserting_before(min(users, key=order.__getitem__)):
             # a copy always (copy=True: a tensor already in ``dtype`` is not zeroed in place)
             out = graph.call_method("to", (new, dtype), {"copy": True}) if dtype is not None else new
+            copied = out is not new
+            if view is not None and removed:  # merged dims (an einsum's weight) zeroed as one
+                out = graph.call_method("reshape", (out, view))
             for d, idx in removed:
                 name = f"_snp_removed_{len(attrs)}"
                 attrs[name] = idx
@@ -109,25 +114,30 @@ def _zero_as_used(graph: fx.Graph, env: dict, lazy: dict, attrs: dict, dtype) ->
                 # d None: a mask (MoE experts' own neurons)
                 args = (out, d, index, 0.0) if d is not None else (out, index, 0.0)
                 fn, method = (torch.index_fill, "index_fill_") if d is not None else (torch.masked_fill, "masked_fill_")
-                out = graph.call_function(fn, args) if out is new else graph.call_method(method, args)
+                out = graph.call_method(method, args) if copied else graph.call_function(fn, args)
+                copied = True
+            if view is not None and removed:
+                out = graph.call_method("reshape", (out, shape))
         for u in users:
             u.replace_input_with(new, out)
         env[old] = out
 
 
-def _removed(analysis, name, t: torch.Tensor, keep) -> list[tuple[int | None, torch.Tensor]]:
-    """(dim, indices removed along it) for every dim of ``t`` with removed channels; (None, mask of the
-    removed elements) for each dim of an MoE expert weight pruned per expert (each expert its own)."""
+def _removed(analysis, name, t: torch.Tensor, keep):
+    """([(dim, indices removed along it)] for every dim of ``t`` with removed channels, or (None, mask
+    of the removed elements) for each dim of an MoE expert weight pruned per expert (each expert its
+    own); the view those dims are of (merged dims: an einsum's weight; else None); ``t``'s shape)."""
     experts = analysis.channels.expert_masks(name, keep)
     masks = analysis.channels.dim_masks(name, t.shape, keep)
-    out = [(d, (~m).nonzero().flatten().to(t.device)) for d, m in enumerate(masks)
-           if not bool(m.all()) and d not in experts]
+    removed = [(d, (~m).nonzero().flatten().to(t.device)) for d, m in enumerate(masks)
+               if not bool(m.all()) and d not in experts]
     for d, m in experts.items():
         if not bool(m.all()):
             shape = [1] * t.dim()
             shape[0], shape[d] = m.shape
-            out.append((None, (~m).reshape(shape).to(t.device)))
-    return out
+            removed.append((None, (~m).reshape(shape).to(t.device)))
+    view = analysis.channels.view_shape(name, t.shape) if name in analysis.channels.views else None
+    return removed, view, tuple(t.shape)
 
 
 class _Masker:

@@ -135,11 +135,15 @@ def test_depthwise_functional_conv(frontend):
 
 
 @pytest.mark.parametrize("frontend", ["fx", "export"])
-def test_grouped_functional_conv_is_refused(frontend):
+def test_grouped_functional_conv(frontend):
+    """A grouped F.conv2d (2 input channels per group): input j of every group is one channel (the up
+    conv's outputs fall into 2 classes), and every group keeps the same count of its outputs."""
     torch.manual_seed(0)
     a = _analyze(FunctionalDepthwise(group_size=2), frontend)
-    (g,) = _hidden_groups(a)
-    assert not g.prunable and "grouped functional conv" in g.reason, str(a)
+    _check(a, 2)
+    assert sorted(g.width for g in _hidden_groups(a)) == [2, HID]
+    (g,) = [g for g in _hidden_groups(a) if g.width == HID]
+    assert g.blocks is not None and g.step == HID // 2
 
 
 @pytest.mark.parametrize("frontend", ["fx", "export"])

@@ -50,6 +50,9 @@ TEXT = {"input_ids": IDS, "attention_mask": MASK}
 PIXELS = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(0))
 MOE = dict(num_local_experts=4, num_experts_per_tok=2)  # Mixtral's names
 QWEN_MOE = dict(num_experts=4, num_experts_per_tok=2)   # Qwen-MoE's and OLMoE's
+SQUEEZEBERT = {**TINY, "embedding_size": 64}
+XLNET = dict(d_model=64, n_layer=2, n_head=4, d_inner=128, vocab_size=100)
+XLNET_INPUTS = {**TEXT, "token_type_ids": IDS % 2, "use_mems": False}
 
 # family -> (builder, attention sites expected)
 FAMILIES = {
@@ -108,6 +111,12 @@ FAMILIES = {
     # 2-d rotary positions from a meshgrid of patch positions
     "pixtral": (encoder(transformers.PixtralVisionConfig, "PixtralVisionModel", {**TINY, "head_dim": 16},
                         inputs={"pixel_values": PIXELS}, image_size=32, patch_size=8), 2),
+    # raw (hidden, heads, head dim) parameters applied by einsum ('ibh,hnd->ibnd', 'ibnd,hnd->ibh'),
+    # per-head q biases, position keys k_r and a segment table (2, heads, head dim) contracted with q
+    # grouped 1 x 1 convs on (batch, channels, tokens): q/k/v, intermediate and output convs of 4
+    # groups (a group holds whole heads; input j of every group is one channel)
+    "squeezebert": (encoder(transformers.SqueezeBertConfig, "SqueezeBertModel", SQUEEZEBERT, inputs=TEXT), 2),
+    "xlnet": (encoder(transformers.XLNetConfig, "XLNetModel", XLNET, inputs=XLNET_INPUTS), 2),
 }
 FFN_LAYERS = {"t5": 4}  # FFNs where there are fewer than attention sites
 MOE_FAMILIES = ["mixtral", "mixtral_batched_mm", "qwen2_moe", "qwen3_moe", "olmoe"]
@@ -143,7 +152,7 @@ def test_mask_equivalence_and_sensitivity(name, seed):
     assert_sensitive(a, keep_mask(a, plan), pruned)
 
 
-@pytest.mark.parametrize("name", ["deberta_v3", "deberta_v2_pos_proj", "siglip_vision"])
+@pytest.mark.parametrize("name", ["deberta_v3", "deberta_v2_pos_proj", "siglip_vision", "xlnet"])
 def test_whole_heads(name):
     """Removing whole heads shrinks the merged batch x heads dim: DeBERTa's repeated position keys
     and its gather indices (relative positions expanded over batch x heads) follow."""
@@ -300,3 +309,47 @@ def test_moe_eager_experts_loop_is_refused_cleanly():
             analysis("mixtral_eager")
     finally:
         del FAMILIES["mixtral_eager"]
+
+
+def test_xlnet_einsum_weights_prune_residual_and_compensate():
+    """XLNet's einsum weights are weights like a Linear's: the residual stream prunes exactly through
+    them (LM head model), and the output projection ('ibnd,hnd->ibh') is v's consumer: compensation
+    refits it as a matrix (hidden, heads * head dim) and lowers its calibration error."""
+    model = sharpen(transformers.XLNetLMHeadModel(transformers.XLNetConfig(**XLNET)).eval())
+    a = snp_fx.analyze(model, XLNET_INPUTS)
+    assert a.prunable("residual") and not a.unknown_ops, a.reasons()
+    check_mask_equivalence(a, {"qk": 0.5, "v": 0.25, "ffn": 0.5, "residual": 0.25}, 0)
+    p = snp_fx.plan(a, ratios={"v": 0.5}, importance="l2")
+    pruned = snp_fx.apply(model, p, None, analysis=a, compensate=True, calibration=[XLNET_INPUTS], progress=False)
+    recs = {r["group"]: r for r in pruned.meta["snp_compensation"]}
+    assert len(recs) == 2, recs
+    for name, r in recs.items():
+        assert r["consumer"] == name.replace(".v", ".o") and r["error_after"] < r["error_before"], r
+
+
+def test_grouped_conv_splitting_heads_is_refused():
+    """SqueezeBERT with 8 q/k groups for 4 heads: a conv group holds half a head, whose channels the
+    plan chooses per head: q/k is refused with the reason; v (4 groups) and the FFN still prune."""
+    FAMILIES["squeezebert_split"] = (encoder(transformers.SqueezeBertConfig, "SqueezeBertModel", SQUEEZEBERT,
+                                             inputs=TEXT, q_groups=8, k_groups=8), 2)
+    try:
+        model, inputs, a, layers = analysis("squeezebert_split")
+    finally:
+        del FAMILIES["squeezebert_split"]
+    qk = [g for g in a.groups.values() if g.kind == "qk"]
+    assert len(qk) == layers and all(not g.prunable and "splits its heads" in g.reason for g in qk), a.reasons()
+    assert len(a.prunable("v")) == layers and len(a.prunable("ffn")) == layers
+    check_mask_equivalence(a, {"v": 0.5, "ffn": 0.5}, 0)
+
+
+@pytest.mark.parametrize("name", ["xlnet", "squeezebert"])
+def test_estimated_macs_are_what_runs(name):
+    """einsum with a parameter and grouped convs: the estimated MACs of a pruned plan are what
+    FlopCounterMode counts in the pruned graph."""
+    from oracles import random_scores
+    from snp_fx.cost import count_macs, estimate_macs
+    from snp_fx.planning import make_plan
+    from snp_fx.rewrite import rewrite
+    model, inputs, a, layers = analysis(name)
+    keep = keep_mask(a, make_plan(a, {"qk": 0.5, "v": 0.25, "ffn": 0.5, "heads": 0.5}, random_scores(a, 0)))
+    assert estimate_macs(a, keep) == count_macs(rewrite(a, keep), a.inputs) < count_macs(a.gm, a.inputs)

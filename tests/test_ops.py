@@ -313,6 +313,38 @@ class CachedAttention(nn.Module):
         return x + self.proj(out.transpose(1, 2).reshape(B, N, -1))
 
 
+class EinsumAttention(nn.Module):
+    """XLNet's attention: q/k/v/o are raw (C, heads, head dim) parameters applied by einsum (the
+    output projection contracts two letters), q gets a per-head bias (heads, head dim)."""
+
+    def __init__(self, heads=2, hd=6):
+        super().__init__()
+        self.q, self.k, self.v, self.o = (nn.Parameter(torch.randn(C, heads, hd) * 0.5) for _ in range(4))
+        self.q_bias = nn.Parameter(torch.randn(heads, hd))
+
+    def forward(self, x):
+        q = torch.einsum("bic,chd->bihd", x, self.q) + self.q_bias
+        k, v = (torch.einsum("bic,chd->bihd", x, w) for w in (self.k, self.v))
+        attn = torch.einsum("bihd,bjhd->bhij", q, k).softmax(-1)
+        return x + torch.einsum("bihd,chd->bic", torch.einsum("bhij,bjhd->bihd", attn, v), self.o)
+
+
+class GroupedFFN(nn.Module):
+    """SqueezeBERT's grouped 1 x 1 convs on (batch, channels, tokens): the up conv's 2 groups each
+    read half the residual and make half the hidden channels (the same count kept in each group)."""
+
+    def __init__(self):
+        super().__init__()
+        self.up, self.down = nn.Conv1d(C, H, 1, groups=2), nn.Conv1d(H, C, 1)
+
+    def forward(self, x):
+        return x + self.down(F.gelu(self.up(x)))
+
+
+def _seq():
+    return torch.randn(2, C, 5)
+
+
 ATTN = {"qk": 0.5, "v": 0.25, "heads": 0.5}
 # (id, model factory, input factory, {frontend: family the graph must contain}, ratios)
 FFN = {"ffn": 0.4}
@@ -346,6 +378,7 @@ ROWS = [
     ("embedding", lambda: Tokens(nn.LayerNorm(C)), _ids, {"fx": ops.Embedding, "export": ops.Embedding},
      {"ffn": 0.4, "residual": 0.25}),
     ("conv", lambda: _dw(Channels(mid=_depthwise)), _image, {"fx": ops.Conv, "export": ops.Conv}, FFN),
+    ("conv_grouped", GroupedFFN, _seq, {"fx": ops.Conv, "export": ops.Conv}, FFN),
     ("conv_transpose", _Transposed, _image, {"fx": ops.ConvTranspose, "export": ops.ConvTranspose}, FFN),
     ("convolution", _core_aten(_Transposed), _image, {"fx": ops.Convolution}, FFN),
     ("pool", lambda: Channels(nn.AvgPool2d(3, 1, 1)), _image, {"fx": ops.Pool, "export": ops.Pool}, FFN),
@@ -376,6 +409,7 @@ ROWS = [
     ("index_put", lambda: MoE("loop"), _tokens, {"fx": IndexPut, "export": IndexPut}, FFN),
     ("experts_gathered", lambda: MoE("batched"), _tokens, {"fx": ops.Matmul, "export": ops.Matmul},
      {"ffn": 0.4, "residual": 0.25}),
+    ("einsum_weight", EinsumAttention, _tokens, {"fx": ops.Einsum, "export": ops.Einsum}, ATTN),
     ("sdpa", lambda: _vit("sdpa"), lambda: torch.randn(2, 3, 32, 32), {"fx": ops.SDPA, "export": ops.SDPA},
      {"qk": 0.5, "v": 0.25, "heads": 0.5}),
 ]
@@ -453,6 +487,27 @@ def test_moe_experts_own_neurons_or_shared(form, frontend):
             pruned, plan = check_mask_equivalence(a, {"ffn": 0.4, "residual": 0.25 * seed}, seed)
             if mix is None:
                 assert len({tuple(k) for k in plan.groups[ffn.name]["keep"]}) > 1
+
+
+@pytest.mark.parametrize("frontend", ["fx", "export"])
+def test_grouped_conv_keeps_the_same_count_in_every_group(frontend):
+    """A grouped conv's output channels are planned per group (the same count in each: the pruned conv
+    keeps its groups); a plan keeping other counts is refused, saying why."""
+    torch.manual_seed(0)
+    model = GroupedFFN().eval()
+    a = snp_fx.analyze(model, _seq(), frontend=frontend)
+    (ffn,) = a.prunable("ffn")
+    assert ffn.width == H and ffn.blocks is not None and ffn.step == 2
+    p = snp_fx.plan(a, ratios={"ffn": 0.5}, importance="l2")
+    keep = p.groups[ffn.name]["keep"]
+    assert torch.bincount(ffn.blocks[keep]).tolist() == [3, 3]
+    pruned = snp_fx.apply(model, p, None, analysis=a)
+    w = [t for name, t in pruned.named_parameters() if name.startswith("up") and t.dim() == 3][0]
+    assert w.shape == (6, C // 2, 1)
+    p.groups[ffn.name]["keep"] = [i for i in range(H) if ffn.blocks[i] == 0][:4] + \
+        [i for i in range(H) if ffn.blocks[i] == 1][:2]
+    with pytest.raises(snp_fx.SNPError, match="same count"):
+        snp_fx.apply(model, p, None, analysis=a)
 
 
 def test_every_family_has_a_row():

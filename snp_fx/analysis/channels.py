@@ -8,8 +8,11 @@ gives the keep mask of every parameter dim (``dim_masks``).
 """
 from __future__ import annotations
 
+import math
+
 import torch
 
+from .. import labels as L
 from ..errors import RewriteError
 
 
@@ -18,6 +21,7 @@ class ChannelGraph:
         self.space = prop.space
         self.param_ids: dict[str, list[torch.Tensor]] = prop.param_ids
         self.elem_ids: dict[str, torch.Tensor] = prop.elem_ids
+        self.views: dict[str, list[list[int]]] = dict(prop.param_views)  # dims merged in param_ids (einsum weights)
         self.producers = [(name, prop.producer_dim.get(name, 0)) for name, _ in prop.producers]
         # MoE expert weights whose hidden dims are pruned per expert (snp_fx/ops/experts.py): param ->
         # {dim: unit ids (experts, n)}; their param_ids on those dims are slots (kept: the first k)
@@ -27,6 +31,15 @@ class ChannelGraph:
         self.class_of = prop.space.components()
         self.class_size = torch.bincount(self.class_of, minlength=self.class_of.numel())
         self._class_reasons(prop.summed)
+        for name, e in self.elem_ids.items():
+            # a small parameter coupled element by element to channels of different heads along
+            # adjacent dims (XLNet's per-head q biases (heads, head dim), its segment table (2, heads,
+            # head dim)): those dims are kept per head like the channels, not by whole slices
+            cls = L.reduce(self.class_of[e])
+            var = L.varying_dims(cls)
+            if len(var) >= 2 and name not in self.param_ids and var == list(range(var[0], var[-1] + 1)) and \
+                    bool((self.class_size[cls] > 1).all()) and torch.unique(cls).numel() == cls.numel():
+                self.views[name] = [[d] for d in range(var[0])] + [var] + [[d] for d in range(var[-1] + 1, e.dim())]
 
     @property
     def num_units(self) -> int:
@@ -60,13 +73,48 @@ class ChannelGraph:
             members = self.class_of[torch.tensor(sorted(v), dtype=torch.long)].tolist() if v else []
             self.support.setdefault(int(self.class_of[k]), set()).update(members)
 
+    def view_shape(self, name: str, shape) -> tuple:
+        """The shape ``param_ids`` label: the parameter's own, or with its merged dims merged."""
+        view = self.views.get(name)
+        return tuple(shape) if view is None else tuple(math.prod(shape[d] for d in g) for g in view)
+
+    def as_view(self, name: str, t: torch.Tensor) -> torch.Tensor:
+        """``t`` shaped as ``param_ids`` label it (a view of it where its memory allows)."""
+        return t.reshape(self.view_shape(name, t.shape)) if name in self.views else t
+
+    def pruned_shape(self, name: str, shape, keep: torch.Tensor) -> tuple:
+        """The real shape of a parameter sliced by ``keep``: a merged group of dims keeps whole
+        slices on its outer dims and the same count per slice on its last (kept heads x the same
+        width in each); raises RewriteError otherwise."""
+        masks = self.dim_masks(name, shape, keep)
+        if name not in self.views:
+            return tuple(int(m.sum()) for m in masks)
+        out = []
+        for i, (g, m) in enumerate(zip(self.views[name], masks)):
+            if len(g) == 1:
+                out.append(int(m.sum()))
+                continue
+            sizes = [shape[d] for d in g]
+            if name in self.param_ids:
+                ids = self.param_ids[name][i]
+            else:  # element ids: the merged dims' (the others do not vary)
+                ids = self.elem_ids[name][tuple(slice(None) if d in g else 0 for d in range(len(shape)))]
+            try:
+                out += L.pruned_sizes(ids.reshape(sizes), sizes, keep)
+            except L.Irregular as e:
+                raise RewriteError(f"the kept part of `{name}` is not regular: {e}") from None
+        return tuple(out)
+
     def dim_masks(self, name: str, shape, keep: torch.Tensor) -> list[torch.Tensor]:
-        """Per-dim keep masks of a parameter/buffer; raises RewriteError if not a block."""
+        """Per-dim keep masks of a parameter/buffer (per dim of ``view_shape``); raises
+        RewriteError if not a block."""
+        shape = self.view_shape(name, shape)
         masks = [torch.ones(s, dtype=torch.bool) for s in shape]
         for d, ids in enumerate(self.param_ids.get(name, [])):
             masks[d] &= keep[ids]
         e = self.elem_ids.get(name)
         if e is not None:
+            e = e.reshape(shape)
             coupled = self.class_size[self.class_of[e]] > 1  # uncoupled elements may go either way
             k = keep[e]
             keep_el, drop_el = k & coupled, ~k & coupled

@@ -54,6 +54,10 @@ class Group:
     # expert's own neurons; ``slots`` (width,) the activation columns they share, of which a plan
     # keeping k neurons per expert keeps the first k
     slots: torch.Tensor | None = None
+    # the block of each position (width,) where a plan keeps the same count in every block (a grouped
+    # conv's groups, each holding its own outputs); None: no such constraint
+    blocks: torch.Tensor | None = None
+    keep_heads: str = ""  # why whole heads cannot be removed (a grouped conv keeps all its groups)
 
     def size_counts(self, h: int, idx) -> dict[int, int]:
         """How many units of each size positions ``idx`` of head ``h`` hold ({} without unit_sizes)."""
@@ -81,9 +85,10 @@ PROJECTION_NAMES = ("qkv", "query", "q", "q_proj", "c_attn", "in_proj", "query_p
 
 
 def build_groups(channels, sites: list[Site], producers: list[tuple[str, torch.Tensor]],
-                 width_steps=()) -> dict[str, Group]:
+                 width_steps=(), width_blocks=()) -> dict[str, Group]:
     """Groups of a propagated graph (``producers``: weight name, unit ids it makes; ``width_steps``:
-    (unit ids, step) where a kernel needs widths in multiples of step)."""
+    (unit ids, step) where a kernel needs widths in multiples of step; ``width_blocks``: (unit ids
+    (blocks, per block), why) where a plan keeps the same count in every block)."""
     producer_cls = [(name, channels.classes(ids)) for name, ids in producers]
     slot_of = channels.expert_slots
     if slot_of:  # experts pruned per expert: their producers make one 2-d group per MoE layer, below
@@ -205,4 +210,33 @@ def build_groups(channels, sites: list[Site], producers: list[tuple[str, torch.T
             cols = g.slots if g.slots is not None else g.classes if g.classes.dim() == 1 else None
             if cols is not None and bool(torch.isin(cols, cls).any()):
                 g.step = math.lcm(g.step, step)
+    for ids, why in width_blocks:
+        cls = channels.classes(ids)
+        for g in groups:
+            if g.prunable and bool(torch.isin(g.classes, cls).any()):
+                _constrain_blocks(g, cls, why)
     return {g.name: g for g in groups}
+
+
+def _constrain_blocks(g: Group, cls: torch.Tensor, why: str) -> None:
+    """Keep the same count of ``g``'s channels in each row of ``cls`` (blocks x classes): heads must
+    lie whole in blocks (and stay, as no block may go empty); a 1-d group plans per block (``blocks``)
+    unless each of its channels is in every block already (coupled across them: equal for free)."""
+    nb = cls.shape[0]
+    inside = torch.stack([torch.isin(g.classes, row) for row in cls])  # (blocks, *g.classes.shape)
+    if g.classes.dim() == 2:
+        per_head = inside.any(-1)  # (blocks, heads)
+        if bool((per_head.sum(0) > 1).any()) or not bool((inside.any(-1, keepdim=True) <= inside).all()):
+            g.prunable, g.reason = False, f"{why} splits its heads"
+        else:
+            g.keep_heads = f"{why} keeps every group"
+        return
+    counts = inside.sum(0)
+    if bool((counts == nb).all()):
+        return
+    block = inside.float().argmax(0)
+    if not bool((counts == 1).all()) or not bool((torch.bincount(block, minlength=nb) == g.width // nb).all()) or \
+            (g.blocks is not None and not torch.equal(g.blocks, block)):
+        g.prunable, g.reason = False, f"{why} holds its channels unevenly"
+        return
+    g.blocks, g.step = block, math.lcm(g.step, nb)

@@ -6,6 +6,8 @@ model does not run on these inputs); a family's rule failing is snp_fx's (``Inte
 """
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.fx as fx
 
@@ -54,12 +56,25 @@ class Propagator(fx.Interpreter):
         self.expert_uses: list = []
         self.expert_dims: dict[str, dict[int, torch.Tensor]] = {}  # param -> {dim: ids (experts, n)}
         self.expert_slots: dict[int, torch.Tensor] = {}  # slot unit -> its (experts,) units
+        self.param_views: dict[str, list[list[int]]] = {}  # parameter -> its dims merged for param_ids (see pids)
+        # (units (blocks, per block), why): a plan keeps the same count in each block (a grouped conv's groups)
+        self.width_blocks: list[tuple[torch.Tensor, str]] = []
 
     # ---- helpers the families use -------------------------------------------------
-    def pids(self, name: str, t: torch.Tensor, soft: bool = False) -> list[torch.Tensor]:
-        """Unit ids along every dim of a parameter or buffer (allocated once)."""
+    def pids(self, name: str, t: torch.Tensor, soft: bool = False, view=None) -> list[torch.Tensor] | None:
+        """Unit ids along every dim of a parameter or buffer (allocated once).  ``view``: groups of
+        adjacent dims labelled as one (an einsum's (h, n, d) weight as a matrix (h, n * d)); the ids
+        are then per merged dim.  None when the parameter was labelled in another layout before."""
+        view = [list(g) for g in view] if view is not None else None
+        if view is not None and view == [[d] for d in range(t.dim())]:
+            view = None
         if name not in self.param_ids:
-            self.param_ids[name] = [self.space.new(s, soft) for s in t.shape]
+            shape = t.shape if view is None else [math.prod(t.shape[d] for d in g) for g in view]
+            self.param_ids[name] = [self.space.new(s, soft) for s in shape]
+            if view is not None:
+                self.param_views[name] = view
+        elif self.param_views.get(name) != view:
+            return None
         return self.param_ids[name]
 
     def lab(self, a):
@@ -237,6 +252,9 @@ class Propagator(fx.Interpreter):
             return self.pids(n.target, result)[0].reshape(-1, 1)  # rows taken as linear weights
         if result.dim() == 3 and not soft and ops.experts.applies_experts(n):
             return self.full(NONE, result)  # MoE expert weights: their consumers take the parameter's dims
+        if not soft and n.users and all((ops.attention.einsum_weight(u, self.module) or {}).get("name") == n.target
+                                        for u in n.users):
+            return self.full(NONE, result)  # weights of einsums: the einsum takes the parameter's dims
         if result.numel() <= ELEMENT_ID_LIMIT:
             if n.target not in self.elem_ids:
                 self.elem_ids[n.target] = self.space.new(result.numel(), soft).reshape(result.shape)

@@ -36,7 +36,8 @@ class Analysis:
         self.channels = ChannelGraph(prop)
         canon = lambda t: L.reduce(self.channels.classes(t)) if isinstance(t, torch.Tensor) else t  # noqa: E731
         self.labels = {k: map_struct(v, canon) for k, v in prop.labels.items()}
-        self.groups: dict[str, Group] = build_groups(self.channels, self.sites, prop.producers, prop.width_steps)
+        self.groups: dict[str, Group] = build_groups(self.channels, self.sites, prop.producers, prop.width_steps,
+                                                    prop.width_blocks)
 
     def refuse(self, node_name: str, reason: str) -> list[str]:
         """Mark every group with channels at ``node_name`` (or its inputs) unprunable."""

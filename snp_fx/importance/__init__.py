@@ -152,7 +152,7 @@ def norm_scores(analysis, params, p: int) -> torch.Tensor:
         t = params.get(name)
         if t is None:
             continue
-        t = t.detach().double().cpu().abs().pow(p)
+        t = analysis.channels.as_view(name, t.detach().double().cpu().abs().pow(p))
         for d, ids in enumerate(ids_per_dim):
             other = [i for i in range(t.dim()) if i != d]
             scores.index_add_(0, analysis.channels.class_of[ids], t.sum(other) if other else t)
@@ -179,7 +179,8 @@ def producer_rows(analysis, params, classes: torch.Tensor) -> torch.Tensor:
         t = params.get(name)
         if t is None or flat[0] not in pos or not all(c in pos for c in flat):
             continue
-        rows = t.detach().cpu().movedim(dim, 0).reshape(t.shape[dim], -1)
+        t = analysis.channels.as_view(name, t.detach().cpu())
+        rows = t.movedim(dim, 0).reshape(t.shape[dim], -1)
         feats.append(rows[torch.tensor([pos[c] for c in flat])])
     if not feats:
         return torch.zeros(len(flat), 1)
@@ -256,8 +257,9 @@ def residual_tss_average(analysis, params, group) -> torch.Tensor:
             cls = analysis.channels.class_of[ids]
             if not bool((where[cls] >= 0).any()):
                 continue
-            sq = wide(t.detach().cpu()).pow(2) if sq is None else sq  # float16 squares of small weights underflow
-            other = [i for i in range(t.dim()) if i != d]
+            # float16 squares of small weights underflow
+            sq = analysis.channels.as_view(name, wide(t.detach().cpu()).pow(2)) if sq is None else sq
+            other = [i for i in range(sq.dim()) if i != d]
             add_layer(cls, sq.sum(other, dtype=torch.float64) if other else sq)
     for name, ids in analysis.channels.elem_ids.items():
         t = params.get(name)

@@ -25,7 +25,7 @@ import torch
 import torch.fx as fx
 
 from ..calibration import all_reduce_sums, stream
-from ..compensate import weight_uses
+from ..compensate import consumer_input, weight_uses
 from ..ops.experts import GROUPED
 from ..ops.registry import op_key
 
@@ -34,7 +34,7 @@ def linear_consumers(analysis) -> list[tuple[str, str, int, int]]:
     """(node, weight, in_dim, x_pos) of every op applying a 2-d analysed weight to its input's channels."""
     params = dict(analysis.gm.named_parameters())
     return [(n.name, w, in_dim, x_pos) for n, w, _, in_dim, x_pos in weight_uses(analysis)
-            if w in params and params[w].dim() == 2]
+            if w in params and len(analysis.channels.param_ids[w]) == 2]  # an einsum's weight: as a matrix
 
 
 def expert_consumers(analysis) -> list:
@@ -43,16 +43,19 @@ def expert_consumers(analysis) -> list:
     return [u for u in analysis.channels.expert_uses if u.k_dim in dims.get(u.param, {})]
 
 
+
 class _InputMoments(fx.Interpreter):
     """sum x^2, sum x (per input channel, double) and rows of each consumer's input; per expert
     (rows by their expert) for the expert GEMMs."""
 
-    def __init__(self, gm, consumers, params, experts=()):
+    def __init__(self, analysis, consumers, params, experts=()):
+        gm = analysis.gm
         super().__init__(gm, garbage_collect_values=True)
         self.extra_traceback = False
         self.at = {node: x_pos for node, _, _, x_pos in consumers}
         zeros = lambda *n: torch.zeros(*n, dtype=torch.float64)  # noqa: E731
-        self.sums = {node: [zeros(params[w].shape[d]), zeros(params[w].shape[d]), zeros(1)]
+        self.width = {node: analysis.channels.param_ids[w][d].numel() for node, w, d, _ in consumers}
+        self.sums = {node: [zeros(self.width[node]), zeros(self.width[node]), zeros(1)]
                      for node, w, d, _ in consumers}
         self.experts = {u.node: u for u in experts}
         nodes = {x.name: x for x in gm.graph.nodes}
@@ -66,8 +69,7 @@ class _InputMoments(fx.Interpreter):
         x_pos = self.at.get(n.name)
         if x_pos is not None:
             args, _ = self.fetch_args_kwargs_from_env(n)
-            x = args[x_pos].detach()
-            x = x.reshape(-1, x.shape[-1]).double()
+            x = consumer_input(args, x_pos, self.width[n.name]).detach().double()
             s = self.sums[n.name]
             s[0] += x.pow(2).sum(0).cpu()
             s[1] += x.sum(0).cpu()
@@ -104,7 +106,7 @@ def fluctuation_scores(analysis, params, calibration, progress=None) -> torch.Te
     ch = analysis.channels
     consumers = linear_consumers(analysis)
     experts = expert_consumers(analysis)
-    reader = _InputMoments(analysis.gm, consumers, params, experts)
+    reader = _InputMoments(analysis, consumers, params, experts)
     stream(analysis, calibration, lambda inputs: reader.run(*inputs), desc="snp_fx fluctuation",
            progress=progress)
     all_reduce_sums([t for s in reader.sums.values() for t in s])  # each rank's shard of the data, summed
@@ -115,7 +117,7 @@ def fluctuation_scores(analysis, params, calibration, progress=None) -> torch.Te
         n = int(n)
         if not n:  # an op the calibration never reached
             continue
-        w = params[name].detach().cpu().double().movedim(in_dim, 1)     # (out, in)
+        w = ch.as_view(name, params[name].detach().cpu().double()).movedim(in_dim, 1)     # (out, in)
         var = (sq / n - (total / n) ** 2).clamp_min(0) * n / max(n - 1, 1)
         col.index_add_(0, ch.class_of[ch.param_ids[name][in_dim]], var * w.pow(2).sum(0))
         row.index_add_(0, ch.class_of[ch.param_ids[name][1 - in_dim]], (w.abs() * sq.sqrt()).sum(1))

@@ -58,6 +58,9 @@ def contract(p, n, la, lb, out_rank):
         cb = L.constant(NONE, r) if b_vk else lb[..., :1, :]
     else:
         ca, cb = la[..., :, :1], lb[..., :1, :]
+    # a constant of one unit (XLNet's one-hot segment matrix, made from token ids) names no
+    # channels: contracted with scores it is not their values, and the scores stay per head
+    ca, cb = (L.constant(NONE, t.dim()) if t.numel() == 1 and p.space.is_soft(t) else t for t in (ca, cb))
     ca, cb = torch.broadcast_tensors(ca, cb)
     dep_a = p.space.is_dependent(ca)
     dep_b = p.space.is_dependent(cb)
@@ -210,13 +213,66 @@ class Baddbmm(Matmul):
         return math.prod(c.new(n.name)) * c.new(Args(n)["batch1"].name)[-1]
 
 
+def _einsum_parts(n):
+    """(equation without spaces, operand nodes) of an einsum node."""
+    nodes = n.args[1:] if not isinstance(n.args[1], (list, tuple)) else n.args[1]
+    return n.args[0].replace(" ", ""), list(nodes)
+
+
+def einsum_weight(n, root) -> dict | None:
+    """The form of an einsum applying a parameter as a linear map, else None.
+
+    ``'ibh,hnd->ibnd'`` (XLNet's q/k/v: h contracted, n and d made) and ``'ibnd,hnd->ibh'`` (its
+    output projection: two contracted letters).  Each letter of the parameter is either contracted
+    with the activation (not in the output) or made by it (not in the activation); the other letters
+    of the activation pass through.  The parameter is labelled as a matrix: its contracted dims
+    merged into one dim, its made dims into another (each run of letters adjacent), so the kept
+    channels may differ per head (the same count) as they do for a Linear's weight.
+    Returns {"w": operand index, "name", "sx", "sw", "so", "view": [dims, dims], "in": index of the
+    contracted dims in ``view``}."""
+    if n.op != "call_function" or op_key(n, {}) != "einsum" or not isinstance(n.args[0], str):
+        return None
+    eq, nodes = _einsum_parts(n)
+    m = re.fullmatch(r"([a-zA-Z]+),([a-zA-Z]+)->([a-zA-Z]*)", eq)
+    if not m or len(nodes) != 2:
+        return None
+    for w in (1, 0):
+        node = nodes[w]
+        if not isinstance(node, fx.Node) or node.op != "get_attr" or nodes[1 - w] is node:
+            continue
+        try:
+            t = operator.attrgetter(node.target)(root)
+        except AttributeError:
+            continue
+        if not isinstance(t, torch.nn.Parameter):
+            continue
+        sx, sw, so = m.group(2 - w), m.group(1 + w), m.group(3)
+        con = [c for c in sw if c in sx and c not in so]
+        made = [c for c in sw if c not in sx and c in so]
+        if len(set(sx)) != len(sx) or len(set(sw)) != len(sw) or len(set(so)) != len(so) or \
+                not con or not made or len(con) + len(made) != len(sw) or \
+                sorted(so) != sorted([c for c in sx if c not in sw] + made):
+            return None
+        dims_in = [sw.index(c) for c in con]
+        dims_out = [sw.index(c) for c in made]
+        if any(b - a != 1 for dims in (dims_in, dims_out) for a, b in zip(dims, dims[1:])):
+            return None
+        view = sorted([dims_in, dims_out])
+        return {"w": w, "name": node.target, "sx": sx, "sw": sw, "so": so, "view": view,
+                "in": view.index(dims_in), "con": con, "made": made}
+    return None
+
+
 class Einsum(OpFamily):
     kind = "einsum"
 
     def propagate(self, p, n, key, args, kwargs, result):
-        """Two-operand einsum as a broadcast matmul: shared letters are batch dims, one
-        contracted letter; free letters of one operand beyond the last are batch dims
-        the other operand broadcasts over."""
+        """A parameter applied as a linear map (``einsum_weight``); else a two-operand einsum as a
+        broadcast matmul: shared letters are batch dims, one contracted letter; free letters of
+        one operand beyond the last are batch dims the other operand broadcasts over."""
+        form = einsum_weight(n, p.module)
+        if form is not None:
+            return self.linear(p, n, form, args, result)
         eq = args[0].replace(" ", "")
         ops_ = args[1:] if not isinstance(args[1], (list, tuple)) else args[1]
         nodes = n.args[1:] if not isinstance(n.args[1], (list, tuple)) else n.args[1]
@@ -245,12 +301,58 @@ class Einsum(OpFamily):
         order = batch + fa[-1:] + fb[-1:]
         return L.reduce(out.permute([order.index(c) for c in so]))
 
+    def linear(self, p, n, form, args, result):
+        """Labels of a parameter applied as a linear map: the activation's channels (only along the
+        contracted letters) couple with the parameter's contracted dims; the made dims are the
+        output's channels."""
+        ops_ = args[1:] if not isinstance(args[1], (list, tuple)) else args[1]
+        _, nodes = _einsum_parts(n)
+        x_node, x, w = nodes[1 - form["w"]], ops_[1 - form["w"]], ops_[form["w"]]
+        sx, sw, so, con = form["sx"], form["sw"], form["so"], form["con"]
+        x_lab = p.lab(x_node)
+        if not isinstance(x_lab, torch.Tensor):
+            return p.refuse(n, f"{n.name}: einsum of a parameter with an operand without labels", result)
+        x_lab = L.expand(x_lab, x.shape)
+        if any(sx[d] not in con for d in L.varying_dims(L.reduce(x_lab))):
+            return p.refuse(n, f"{n.name}: einsum input carries channels outside its contracted dims", result)
+        ids = p.pids(form["name"], w, view=form["view"])
+        if ids is None:
+            return p.refuse(n, f"{n.name}: parameter `{form['name']}` is used with two layouts", result)
+        # the activation's labels over the contracted letters, in the parameter's order
+        at = x_lab[tuple(slice(None) if c in con else 0 for c in sx)]
+        kept = [c for c in sx if c in con]
+        p.space.union(ids[form["in"]], at.permute([kept.index(c) for c in con]).reshape(-1))
+        out_ids = ids[1 - form["in"]]
+        p.producers.append((form["name"], out_ids))
+        p.producer_dim[form["name"]] = 1 - form["in"]
+        made = form["made"]
+        lab = out_ids.reshape([w.shape[sw.index(c)] for c in made])
+        lab = lab.permute([made.index(c) for c in so if c in made])  # the output's order of them
+        return lab.reshape([w.shape[sw.index(c)] if c in made else 1 for c in so])
+
+    def consumer(self, n, key, modules):
+        """A parameter applied as a linear map whose contracted letters end the input, in the
+        parameter's order (``'ibnd,hnd->ibh'``): the input read as (rows, n * d) meets the weight
+        as a matrix (its ``in`` dim: the contracted dims merged)."""
+        form = einsum_weight(n, modules.get(""))
+        if form is None or not form["sx"].endswith("".join(form["con"])):
+            return None
+        x = 1 - form["w"]
+        return form["name"], None, form["in"], (1, x) if isinstance(n.args[1], (list, tuple)) else 1 + x
+
     def macs(self, c, n, key):
-        a, b = n.args[0].replace(" ", "").split("->")[0].split(",")
-        out = n.args[0].replace(" ", "").split("->")[1]
-        nodes = n.args[1:] if not isinstance(n.args[1], (list, tuple)) else n.args[1]
-        sa = c.new(nodes[0].name)
-        return math.prod(c.new(n.name)) * math.prod(sa[a.index(x)] for x in a if x in b and x not in out)
+        eq, nodes = _einsum_parts(n)
+        if len(nodes) != 2:  # one operand: a permutation or a sum ('ijbn->bnij'), no products
+            return 0
+        a, b = eq.split("->")[0].split(",")
+        out = eq.split("->")[1]
+        # the contracted sizes of an operand computed in the graph (a parameter's get_attr keeps its
+        # dense shape in the estimator)
+        i = 1 if nodes[0].op == "get_attr" and nodes[1].op != "get_attr" else 0
+        letters, sa = (a, b)[i], c.new(nodes[i].name)
+        other = (b, a)[i]
+        return math.prod(c.new(n.name)) * math.prod(sa[letters.index(x)] for x in letters
+                                                     if x in other and x not in out)
 
 
 class SDPA(OpFamily):

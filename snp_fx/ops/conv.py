@@ -8,6 +8,7 @@ import math
 import torch.nn as nn
 
 from .. import labels as L
+from ..labels import Irregular
 from .registry import Args, OpFamily, register
 
 
@@ -38,9 +39,8 @@ class Conv(OpFamily):
             return p.refuse(n, f"{n.name}: {what} with computed parameters", result)
         w_name, w, b_name, b, groups = params
         depthwise = groups > 1 and groups == args[0].shape[1] == w.shape[0] and w.shape[1] == 1
-        if groups != 1 and not depthwise and (transposed or n.op != "call_module"):
-            return p.refuse(n, f"{n.name}: grouped conv_transpose ({groups} groups)" if transposed else
-                            f"{n.name}: grouped functional conv ({groups} groups of {w.shape[1]} channels)", result)
+        if groups != 1 and not depthwise and transposed:
+            return p.refuse(n, f"{n.name}: grouped conv_transpose ({groups} groups)", result)
         x_lab = p.lab(n.args[0])
         if any(d != 1 for d in L.varying_dims(x_lab)):
             return p.refuse(n, f"{n.name}: {what} input carries channels outside dim 1", result)
@@ -55,10 +55,14 @@ class Conv(OpFamily):
             out_ids = ids[1 if transposed else 0]
             if transposed:
                 p.producer_dim[w_name] = 1
-        else:  # a grouped module: its channels stay, it still makes them
-            p.freeze_all(n, f"{n.name}: grouped conv")
-            p.space.freeze(ids[0], f"{n.name}: grouped conv")
+        else:
+            # grouped (SqueezeBERT's 1 x 1 convs): weight column j reads input channel j of every
+            # group, so those channels are one (removed together, every group keeps the same
+            # inputs); each group's outputs are its own, kept in the same count in every group
+            # (the pruned conv keeps its groups: none may go empty)
+            p.space.union(ids[1].unsqueeze(0), x_ch.expand(args[0].shape[1]).reshape(groups, -1))
             out_ids = ids[0]
+            p.width_blocks.append((out_ids.reshape(groups, -1), f"{n.name}: grouped conv ({groups} groups)"))
         if b is not None:
             p.space.union(p.pids(b_name, b)[0], out_ids)
         p.producers.append((w_name, out_ids))
@@ -69,8 +73,12 @@ class Conv(OpFamily):
         groups = a.get("groups", 1)
         if groups != 1 and groups == r.a.shapes[node.name][1]:  # depthwise: one group per kept channel
             a.set(new, "groups", r.sizes_of(node)[1])
+        elif groups != 1:
+            _check_groups(r, a["weight"].target, r.a.shapes[a["weight"].name], groups)
 
     def prune_module(self, r, mod, node):
+        if mod.groups > 1 and not (mod.groups == mod.in_channels == mod.out_channels):
+            _check_groups(r, node.target + ".weight", r.modules[node.target].weight.shape, mod.groups)
         w = mod.weight
         depthwise = mod.groups == mod.in_channels == mod.out_channels and mod.groups > 1
         inner = w.shape[0] if depthwise else w.shape[1] * mod.groups
@@ -96,6 +104,14 @@ class Conv(OpFamily):
             w_name, w_shape = w.target, c.shapes[w.name]
         out = c.shapes[x.name] if self.is_transposed(n) else c.shapes[n.name]
         return out[0] * math.prod(out[2:]) * c.kept(w_name, w_shape)
+
+
+def _check_groups(r, w_name, shape, groups):
+    """A grouped conv keeps its groups: every group the same (non-zero) count of outputs."""
+    counts = r.a.channels.dim_masks(w_name, shape, r.keep)[0].reshape(groups, -1).sum(1)
+    if not bool((counts == counts[0]).all()) or int(counts[0]) == 0:
+        raise Irregular(f"a grouped conv's {groups} groups keep {counts.tolist()} outputs: "
+                        "each must keep the same count")
 
 
 class ConvTranspose(Conv):

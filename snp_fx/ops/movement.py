@@ -33,6 +33,8 @@ class Move(OpFamily):
             data_args[0] = [L.expand(lb, t.shape) for lb, t in zip(seq_labs, seq)]
         elif key == "getitem" and isinstance(args[0], (list, tuple)):
             return labs[0][args[1]]
+        elif key == "one_hot" and isinstance(labs[0], torch.Tensor):  # a new last dim: each element's labels
+            return labs[0].unsqueeze(-1)
         elif isinstance(args[0], torch.Tensor):
             lab0 = labs[0]
             # a constant's channels (a rotary table: repeat_interleave(freqs, 2)) may be moved at will:
@@ -170,7 +172,7 @@ WRAPPED = Wrapped()
 register(Move(), names=[
     "permute", "transpose", "t", "numpy_T", "T", "mT", "squeeze", "unsqueeze", "contiguous", "expand_as", "view_as", "reshape_as",
     "cat", "concat", "concatenate", "stack", "roll", "flip", "repeat", "repeat_interleave", "movedim",
-    "swapaxes", "swapdims", "clone", "alias", "tile", "move"], modules=[torch.nn.Flatten, torch.nn.Unflatten])
+    "swapaxes", "swapdims", "clone", "alias", "tile", "move", "one_hot"], modules=[torch.nn.Flatten, torch.nn.Unflatten])
 register(Reshape(), names=["reshape", "view", "_unsafe_view", "expand", "broadcast_to", "unflatten"])
 register(Flatten(), names=["flatten"])
 register(Pad(), names=["pad", "constant_pad_nd"])
