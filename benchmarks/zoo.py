@@ -73,6 +73,31 @@ def timm_builder(name):
     return model, torch.randn(1, *model.pretrained_cfg.get("input_size", (3, 224, 224)))
 
 
+SCORES = ("matmul", "bmm", "einsum", "baddbmm")
+
+
+def _attention_like(node, shapes) -> bool:
+    """SDPA, or a softmax over scores: (batch, heads, queries, keys), or 3-d from a product of two
+    computed tensors a few ops up.  A mixture-of-experts router's softmax is over (tokens, experts)
+    from a Linear: not attention."""
+    target = str(node.target)
+    if node.op == "placeholder" or "scaled_dot_product" in target:
+        return node.op != "placeholder"
+    shape = shapes.get(node.name)
+    if "softmax" not in target or not isinstance(shape, tuple) or len(shape) < 3:
+        return False
+    if len(shape) >= 4:
+        return True
+    todo, seen = list(node.all_input_nodes), set()
+    while todo and len(seen) < 40:
+        n = todo.pop(0)
+        seen.add(n)
+        if any(k in str(n.target) for k in SCORES) and sum(a.op.startswith("call_") for a in n.all_input_nodes) >= 2:
+            return True
+        todo += [a for a in n.all_input_nodes if a not in seen]
+    return False
+
+
 def run(build, seconds, frontend="auto"):
     signal.signal(signal.SIGALRM, _alarm)
     signal.alarm(seconds)
@@ -96,8 +121,7 @@ def run(build, seconds, frontend="auto"):
                 raise Timeout() from None
             return {"outcome": "refused", "why": str(e).splitlines()[0][:160]}
         if not a.sites:
-            attention_like = any(n.op != "placeholder" and any(
-                k in str(n.target) for k in ("softmax", "scaled_dot_product")) for n in a.gm.graph.nodes)
+            attention_like = any(_attention_like(n, a.shapes) for n in a.gm.graph.nodes)
             # a contraction the analysis refused says more than the first unknown op
             refused = sorted({why for _, why in a.channels.space.frozen
                               if any(w in why for w in ("contraction", "product of", "einsum"))})
@@ -164,14 +188,17 @@ HF_TINY = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, inter
                d_ff=128, d_kv=16, d_head=16, ffn_dim=128, embedding_size=64, rotary_dim=8, image_size=32, patch_size=8, use_cache=False)
 TOKEN_IDS = ("pad_token_id", "bos_token_id", "eos_token_id", "decoder_start_token_id", "sep_token_id", "cls_token_id")
 MOE = ("num_experts", "num_local_experts", "n_routed_experts", "moe_num_experts", "num_experts_per_tok")
+# mixture-of-experts configs: 4 experts, 2 per token, narrow expert FFNs (set where the config has them)
+MOE_TINY = dict(num_experts=4, num_local_experts=4, n_routed_experts=4, moe_num_experts=4, num_experts_per_tok=2,
+                moe_intermediate_size=32, shared_expert_intermediate_size=64, n_group=1, topk_group=1)
 COMPOSITE = ("text_config", "vision_config", "audio_config", "encoder", "decoder", "encoder_config",
              "decoder_config", "codec_config", "semantic_config", "patcher_config", "qformer_config")
 
 
 def hf_architectures():
     """(model_type, why skipped or None) for every entry of the AutoModel mapping: text models
-    (input_ids) and vision models (pixel_values) are swept; multimodal / composite configs, MoE
-    (another sweep), audio, time series and the rest are listed as skipped."""
+    (input_ids) and vision models (pixel_values) are swept, mixture-of-experts ones with 4 experts;
+    multimodal / composite configs, audio, time series and the rest are listed as skipped."""
     import transformers
     from transformers.models.auto.configuration_auto import CONFIG_MAPPING_NAMES
     from transformers.models.auto.modeling_auto import MODEL_MAPPING_NAMES
@@ -202,10 +229,9 @@ def hf_builder(key, cls_name):
         from transformers.models.auto.configuration_auto import CONFIG_MAPPING_NAMES
         cfg_cls = getattr(transformers, CONFIG_MAPPING_NAMES[key])
         default = cfg_cls()
-        if any(isinstance(getattr(default, k, None), int) and getattr(default, k) > 0 for k in MOE):
-            raise Skip("mixture of experts (swept elsewhere)")
+        moe = any(isinstance(getattr(default, k, None), int) and getattr(default, k) > 0 for k in MOE)
         settable = set(inspect.signature(cfg_cls.__init__).parameters) | set(cfg_cls.attribute_map)
-        kw = {k: v for k, v in HF_TINY.items() if k in settable and hasattr(default, k) and
+        kw = {k: v for k, v in {**HF_TINY, **(MOE_TINY if moe else {})}.items() if k in settable and hasattr(default, k) and
               (getattr(default, k) is not None or k == "head_dim") and
               not isinstance(getattr(default, k), (list, tuple))}  # per-stage lists: left as they are
         for k in TOKEN_IDS:  # special tokens inside the tiny vocabulary
