@@ -117,6 +117,14 @@ FAMILIES = {
     # groups (a group holds whole heads; input j of every group is one channel)
     "squeezebert": (encoder(transformers.SqueezeBertConfig, "SqueezeBertModel", SQUEEZEBERT, inputs=TEXT), 2),
     "xlnet": (encoder(transformers.XLNetConfig, "XLNetModel", XLNET, inputs=XLNET_INPUTS), 2),
+    # rotary tables made from parameters, shared by every layer: RoFormer's sinusoidal embedding of
+    # positions (rotating v too with rotary_value), MLCD's learned class-token angles before the
+    # patches' buffer-made ones; gathered per use like a buffer's table
+    "roformer": (encoder(transformers.RoFormerConfig, "RoFormerModel", {**TINY, "embedding_size": 64}), 2),
+    "roformer_rotary_value": (encoder(transformers.RoFormerConfig, "RoFormerModel", {**TINY, "embedding_size": 64},
+                                      rotary_value=True), 2),
+    "mlcd_vision": (encoder(transformers.MLCDVisionConfig, "MLCDVisionModel", inputs={"pixel_values": PIXELS},
+                            image_size=32, patch_size=8), 2),
 }
 FFN_LAYERS = {"t5": 4}  # FFNs where there are fewer than attention sites
 MOE_FAMILIES = ["mixtral", "mixtral_batched_mm", "qwen2_moe", "qwen3_moe", "olmoe"]

@@ -341,6 +341,22 @@ class GroupedFFN(nn.Module):
         return x + self.down(F.gelu(self.up(x)))
 
 
+class PositionTable(nn.Module):
+    """Two FFNs whose hidden units are scaled by one table over positions, a parameter shared by
+    both (RoFormer's sinusoidal embedding of positions, used by every layer's q/k)."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = Sandwich(self._scaled), Sandwich(self._scaled)
+        self.table = nn.Parameter(torch.rand(5, H) + 0.5)
+
+    def _scaled(self, s, y):
+        return F.gelu(y) * F.embedding(torch.arange(y.shape[1]), self.table)
+
+    def forward(self, x):
+        return self.b(self.a(x))
+
+
 def _seq():
     return torch.randn(2, C, 5)
 
@@ -410,6 +426,7 @@ ROWS = [
     ("experts_gathered", lambda: MoE("batched"), _tokens, {"fx": ops.Matmul, "export": ops.Matmul},
      {"ffn": 0.4, "residual": 0.25}),
     ("einsum_weight", EinsumAttention, _tokens, {"fx": ops.Einsum, "export": ops.Einsum}, ATTN),
+    ("position_table", PositionTable, _tokens, {"fx": ops.Binary, "export": ops.Binary}, FFN),
     ("sdpa", lambda: _vit("sdpa"), lambda: torch.randn(2, 3, 32, 32), {"fx": ops.SDPA, "export": ops.SDPA},
      {"qk": 0.5, "v": 0.25, "heads": 0.5}),
 ]
@@ -508,6 +525,20 @@ def test_grouped_conv_keeps_the_same_count_in_every_group(frontend):
         [i for i in range(H) if ffn.blocks[i] == 1][:2]
     with pytest.raises(snp_fx.SNPError, match="same count"):
         snp_fx.apply(model, p, None, analysis=a)
+
+
+@pytest.mark.parametrize("frontend", ["fx", "export"])
+def test_a_position_table_is_gathered_per_use(frontend):
+    """A constant table over positions made from a parameter, multiplied into two FFNs' hidden
+    units, is gathered per use (both FFNs prune) and its units are pinned; a per-channel parameter
+    (a gain) multiplied in is coupled with the channels and sliced with them."""
+    torch.manual_seed(0)
+    a = snp_fx.analyze(PositionTable().eval(), _tokens(), frontend=frontend)
+    assert [g.name for g in a.prunable("ffn")] == ["a.up", "b.up"], a.reasons()
+    assert len(a.gathered) == 2 and any("table" in r for r in a.reasons().values()), a.reasons()
+    a = snp_fx.analyze(Sandwich(_elementwise).eval(), _tokens(), frontend=frontend)
+    gain = next(n.name for n in a.gm.graph.nodes if n.op == "get_attr" and "gain" in n.target)
+    assert not any(gain in ops for ops in a.gathered.values())
 
 
 def test_every_family_has_a_row():
