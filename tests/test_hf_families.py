@@ -123,6 +123,9 @@ FAMILIES = {
     "roformer": (encoder(transformers.RoFormerConfig, "RoFormerModel", {**TINY, "embedding_size": 64}), 2),
     "roformer_rotary_value": (encoder(transformers.RoFormerConfig, "RoFormerModel", {**TINY, "embedding_size": 64},
                                       rotary_value=True), 2),
+    # q/k LayerNorm over each head: the pruned norm keeps the original width's statistics (zeros counted)
+    "persimmon": (decoder(transformers.PersimmonConfig, "PersimmonForCausalLM", qk_layernorm=True), 2),
+    "stablelm_qk_layernorm": (decoder(transformers.StableLmConfig, num_key_value_heads=2, qk_layernorm=True), 2),
     "mlcd_vision": (encoder(transformers.MLCDVisionConfig, "MLCDVisionModel", inputs={"pixel_values": PIXELS},
                             image_size=32, patch_size=8), 2),
 }
