@@ -182,21 +182,6 @@ def test_partial_rotary_keeps_pairs_and_singles_alike_in_every_head(name):
         assert len(layouts) == 1 and len(dict(next(iter(layouts)))) == 2, layouts
 
 
-def test_qk_layer_norm_is_refused_cleanly():
-    # StableLM's per-head LayerNorm centres q and k: a removed (zero) channel becomes -mean / std,
-    # so removing is not zeroing; q/k stay whole, v and the FFN are still pruned exactly
-    FAMILIES["stablelm_qk_layernorm"] = (decoder(transformers.StableLmConfig, num_key_value_heads=2,
-                                                 qk_layernorm=True), 2)
-    try:
-        model, inputs, a, layers = analysis("stablelm_qk_layernorm")
-    finally:
-        del FAMILIES["stablelm_qk_layernorm"]
-    qk = [g for g in a.groups.values() if g.kind == "qk"]
-    assert len(qk) == layers and all(not g.prunable and "layer_norm" in g.reason for g in qk), a.reasons()
-    assert len(a.prunable("v")) == layers
-    check_mask_equivalence(a, {"v": 0.5, "ffn": 0.5}, 0)
-
-
 def experts_groups(a):
     return [g for g in a.prunable("ffn") if any(name.endswith(("experts.gate_up_proj", "experts.down_proj"))
                                                  for name, _ in a.channels.param_ids.items()
