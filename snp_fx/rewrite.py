@@ -109,8 +109,7 @@ class _Rewriter:
         for bname, b in list(mod.named_buffers(recurse=False)):
             if b is not None:
                 mod._buffers[bname] = self.slice_tensor(f"{target}.{bname}", b)
-        ops.family_of(node, self.modules)[1].prune_module(self, mod, node)
-        return mod
+        return ops.family_of(node, self.modules)[1].prune_module(self, mod, node) or mod  # or a replacement
 
     # ---- graph ---------------------------------------------------------------
     def run(self) -> fx.GraphModule:

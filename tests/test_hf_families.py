@@ -117,6 +117,17 @@ FAMILIES = {
     # groups (a group holds whole heads; input j of every group is one channel)
     "squeezebert": (encoder(transformers.SqueezeBertConfig, "SqueezeBertModel", SQUEEZEBERT, inputs=TEXT), 2),
     "xlnet": (encoder(transformers.XLNetConfig, "XLNetModel", XLNET, inputs=XLNET_INPUTS), 2),
+    # rotary tables made from parameters, shared by every layer: RoFormer's sinusoidal embedding of
+    # positions (rotating v too with rotary_value), MLCD's learned class-token angles before the
+    # patches' buffer-made ones; gathered per use like a buffer's table
+    "roformer": (encoder(transformers.RoFormerConfig, "RoFormerModel", {**TINY, "embedding_size": 64}), 2),
+    "roformer_rotary_value": (encoder(transformers.RoFormerConfig, "RoFormerModel", {**TINY, "embedding_size": 64},
+                                      rotary_value=True), 2),
+    # q/k LayerNorm over each head: the pruned norm keeps the original width's statistics (zeros counted)
+    "persimmon": (decoder(transformers.PersimmonConfig, "PersimmonForCausalLM", qk_layernorm=True), 2),
+    "stablelm_qk_layernorm": (decoder(transformers.StableLmConfig, num_key_value_heads=2, qk_layernorm=True), 2),
+    "mlcd_vision": (encoder(transformers.MLCDVisionConfig, "MLCDVisionModel", inputs={"pixel_values": PIXELS},
+                            image_size=32, patch_size=8), 2),
 }
 FFN_LAYERS = {"t5": 4}  # FFNs where there are fewer than attention sites
 MOE_FAMILIES = ["mixtral", "mixtral_batched_mm", "qwen2_moe", "qwen3_moe", "olmoe"]
@@ -169,21 +180,6 @@ def test_partial_rotary_keeps_pairs_and_singles_alike_in_every_head(name):
         assert g.unit_sizes is not None, g.name  # rotated pairs and pass-through singles
         layouts = {tuple(g.size_counts(h, idx).items()) for h, idx in enumerate(plan.groups[g.name]["keep"])}
         assert len(layouts) == 1 and len(dict(next(iter(layouts)))) == 2, layouts
-
-
-def test_qk_layer_norm_is_refused_cleanly():
-    # StableLM's per-head LayerNorm centres q and k: a removed (zero) channel becomes -mean / std,
-    # so removing is not zeroing; q/k stay whole, v and the FFN are still pruned exactly
-    FAMILIES["stablelm_qk_layernorm"] = (decoder(transformers.StableLmConfig, num_key_value_heads=2,
-                                                 qk_layernorm=True), 2)
-    try:
-        model, inputs, a, layers = analysis("stablelm_qk_layernorm")
-    finally:
-        del FAMILIES["stablelm_qk_layernorm"]
-    qk = [g for g in a.groups.values() if g.kind == "qk"]
-    assert len(qk) == layers and all(not g.prunable and "layer_norm" in g.reason for g in qk), a.reasons()
-    assert len(a.prunable("v")) == layers
-    check_mask_equivalence(a, {"v": 0.5, "ffn": 0.5}, 0)
 
 
 def experts_groups(a):

@@ -101,11 +101,22 @@ def test_budget_plans_keep_equal_layouts(analysis):
     keep_mask(analysis, plan)
 
 
+def test_a_table_over_positions_made_by_an_unknown_op_is_gathered():
+    # a constant over positions x channels multiplied into q/k is gathered per use, whatever made it:
+    # q/k prune and equal the masked original
+    torch.manual_seed(0)
+    a = snp_fx.analyze(PartialRotary(table_op=lambda t: torch.cumsum(t, -1) * 0.1).eval(), (X,))
+    assert len(a.prunable("qk")) == 1, a.reasons()
+    for seed in (0, 1):
+        check_mask_equivalence(a, {"qk": 0.5, "v": 0.5, "ffn": 0.5}, seed)
+
+
 def test_prune_sets_aside_groups_whose_rewrite_does_not_run():
     # cumsum is no op the analysis knows: the table's channels are lost, q is not tied to them and its
     # pruned copy no longer fits the table; the self-check names the node and prune leaves q/k whole
+    # (summed over positions: one value per channel; a table over positions would be gathered per use)
     torch.manual_seed(0)
-    model = PartialRotary(table_op=lambda t: torch.cumsum(t, -1) * 0.1).eval()
+    model = PartialRotary(table_op=lambda t: torch.cumsum(t, -1).sum(0) * 0.1).eval()
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         pruned = snp_fx.prune(model, (X,), ratios={"qk": 0.5, "v": 0.5}, importance="l2")

@@ -13,7 +13,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from models import PlainViT, randomize_norms
-from oracles import check_mask_equivalence
+from oracles import check_mask_equivalence, sharpen
 
 import snp_fx
 from snp_fx import ops
@@ -341,6 +341,30 @@ class GroupedFFN(nn.Module):
         return x + self.down(F.gelu(self.up(x)))
 
 
+class PositionTable(nn.Module):
+    """Two FFNs whose hidden units are scaled by one table over positions, a parameter shared by
+    both (RoFormer's sinusoidal embedding of positions, used by every layer's q/k)."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = Sandwich(self._scaled), Sandwich(self._scaled)
+        self.table = nn.Parameter(torch.rand(5, H) + 0.5)
+
+    def _scaled(self, s, y):
+        return F.gelu(y) * F.embedding(torch.arange(y.shape[1]), self.table)
+
+    def forward(self, x):
+        return self.b(self.a(x))
+
+
+def _qk_norm_vit():
+    """timm's ViT with qk_norm: a LayerNorm over each head's q and k (nn.LayerNorm(head_dim))."""
+    timm = pytest.importorskip("timm")
+    model = timm.models.vision_transformer.VisionTransformer(
+        img_size=32, patch_size=8, embed_dim=32, depth=2, num_heads=2, qk_norm=True, num_classes=10)
+    return sharpen(model)  # q/k mistakes must show above the tolerance
+
+
 def _seq():
     return torch.randn(2, C, 5)
 
@@ -410,6 +434,9 @@ ROWS = [
     ("experts_gathered", lambda: MoE("batched"), _tokens, {"fx": ops.Matmul, "export": ops.Matmul},
      {"ffn": 0.4, "residual": 0.25}),
     ("einsum_weight", EinsumAttention, _tokens, {"fx": ops.Einsum, "export": ops.Einsum}, ATTN),
+    ("position_table", PositionTable, _tokens, {"fx": ops.Binary, "export": ops.Binary}, FFN),
+    ("layer_norm_qk", _qk_norm_vit, lambda: torch.randn(2, 3, 32, 32), {"fx": ops.LayerNorm, "export": ops.LayerNorm},
+     {"qk": 0.5, "v": 0.25}),
     ("sdpa", lambda: _vit("sdpa"), lambda: torch.randn(2, 3, 32, 32), {"fx": ops.SDPA, "export": ops.SDPA},
      {"qk": 0.5, "v": 0.25, "heads": 0.5}),
 ]
@@ -508,6 +535,32 @@ def test_grouped_conv_keeps_the_same_count_in_every_group(frontend):
         [i for i in range(H) if ffn.blocks[i] == 1][:2]
     with pytest.raises(snp_fx.SNPError, match="same count"):
         snp_fx.apply(model, p, None, analysis=a)
+
+
+@pytest.mark.parametrize("frontend", ["fx", "export"])
+def test_a_position_table_is_gathered_per_use(frontend):
+    """A constant table over positions made from a parameter, multiplied into two FFNs' hidden
+    units, is gathered per use (both FFNs prune) and its units are pinned; a per-channel parameter
+    (a gain) multiplied in is coupled with the channels and sliced with them."""
+    torch.manual_seed(0)
+    a = snp_fx.analyze(PositionTable().eval(), _tokens(), frontend=frontend)
+    assert [g.name for g in a.prunable("ffn")] == ["a.up", "b.up"], a.reasons()
+    assert len(a.gathered) == 2 and any("table" in r for r in a.reasons().values()), a.reasons()
+    a = snp_fx.analyze(Sandwich(_elementwise).eval(), _tokens(), frontend=frontend)
+    gain = next(n.name for n in a.gm.graph.nodes if n.op == "get_attr" and "gain" in n.target)
+    assert not any(gain in ops for ops in a.gathered.values())
+
+
+@pytest.mark.parametrize("frontend", ["fx", "export"])
+def test_a_q_k_layer_norm_keeps_the_original_widths_statistics(frontend):
+    """A LayerNorm over each head's q / k: q/k prune (the removed channels are zeros in the masked
+    original, its weight and bias entries too), the pruned norm counting them in its statistics."""
+    torch.manual_seed(0)
+    a = snp_fx.analyze(_qk_norm_vit().eval(), torch.randn(2, 3, 32, 32), frontend=frontend)
+    assert len(a.prunable("qk")) == 2, a.reasons()
+    pruned, _ = check_mask_equivalence(a, {"qk": 0.5}, 0)
+    code = pruned.code + "".join(type(m).__name__ for m in pruned.modules())
+    assert "layer_norm_of_width" in code or "LayerNormOfWidth" in code
 
 
 def test_every_family_has_a_row():

@@ -126,16 +126,7 @@ def build_groups(channels, sites: list[Site], producers: list[tuple[str, torch.T
 
     seen_names: dict[str, int] = {}
     for site in sites:
-        qk = rows(channels.classes(site.q))
-        pairs = [unique_ordered(row) for row in qk]  # rotary embeddings pair index i with i + d/2
-        unit_channels, unit_sizes = 1, None
-        if len({p.numel() for p in pairs}) == 1:
-            sizes = torch.stack([(row.unsqueeze(0) == p.unsqueeze(1)).sum(1) for row, p in zip(qk, pairs)])
-            if bool((sizes == sizes[0, 0]).all()):
-                unit_channels = int(sizes[0, 0])
-            elif all(torch.equal(r.sort().values, sizes[0].sort().values) for r in sizes):
-                unit_sizes = sizes  # partial rotary: pairs and singles
-            qk = torch.stack(pairs)
+        qk, unit_channels, unit_sizes = _units(rows(channels.classes(site.q)))
         mod = owner_module(torch.unique(qk), site.producers_before) or site.node
         mod = mod if mod.rsplit(".", 1)[-1] not in PROJECTION_NAMES \
             else mod.rsplit(".", 1)[0] if "." in mod else mod
@@ -152,8 +143,10 @@ def build_groups(channels, sites: list[Site], producers: list[tuple[str, torch.T
             used.setdefault(c, g.name)
         if site.v is None:
             continue
-        v = rows(channels.classes(site.v))
-        g = Group(f"{mod}.v", "v", v, site=mod)
+        v, v_units, _ = _units(rows(channels.classes(site.v)))
+        if v_units == 1:  # pairs with singles (or none) in v: as it is (coupled channels refuse it)
+            v = rows(channels.classes(site.v))
+        g = Group(f"{mod}.v", "v", v, site=mod, unit_channels=v_units)
         check(g, allow_sensitive=False)  # v is pruned per head on its own (GQA: per kv head)
         if g.prunable and any(c in channels.summed for c in torch.unique(v).tolist()):
             # added to channels made elsewhere (EfficientViT's cascaded heads add head i's output
@@ -216,6 +209,21 @@ def build_groups(channels, sites: list[Site], producers: list[tuple[str, torch.T
             if g.prunable and bool(torch.isin(g.classes, cls).any()):
                 _constrain_blocks(g, cls, why)
     return {g.name: g for g in groups}
+
+
+def _units(cls: torch.Tensor):
+    """(classes per head, unit_channels, unit_sizes) of a site's q/k or v classes (heads, width):
+    channels a rotary embedding pairs (i with i + d/2, or 2i with 2i + 1) are one class, a unit
+    of ``unit_channels``; partial rotary mixes pairs and singles (``unit_sizes`` per head)."""
+    pairs = [unique_ordered(row) for row in cls]
+    if len({p.numel() for p in pairs}) != 1:
+        return cls, 1, None
+    sizes = torch.stack([(row.unsqueeze(0) == p.unsqueeze(1)).sum(1) for row, p in zip(cls, pairs)])
+    if bool((sizes == sizes[0, 0]).all()):
+        return torch.stack(pairs), int(sizes[0, 0]), None
+    if all(torch.equal(r.sort().values, sizes[0].sort().values) for r in sizes):
+        return torch.stack(pairs), 1, sizes  # partial rotary: pairs and singles
+    return torch.stack(pairs), 1, None
 
 
 def _constrain_blocks(g: Group, cls: torch.Tensor, why: str) -> None:

@@ -25,6 +25,27 @@ def _shape(v):
     return tuple(v.shape) if isinstance(v, torch.Tensor) else None
 
 
+def _written_attrs(gm: fx.GraphModule, modules) -> set[str]:
+    """Targets of the get_attr tensors that an in-place op writes into (through views)."""
+    out, todo = set(), []
+    for n in gm.graph.nodes:
+        if n.op.startswith("call_") and n.args and isinstance(n.args[0], fx.Node):
+            key = ops.op_key(n, modules)
+            if key.endswith("_") and not key.startswith("_") or key == "setitem" or \
+                    isinstance(n.target, torch._ops.OpOverload) and n.target._schema.is_mutable:
+                todo.append(n.args[0])
+    seen = set()
+    while todo:
+        a = todo.pop()
+        if a in seen:
+            continue
+        seen.add(a)
+        if a.op == "get_attr":
+            out.add(a.target)
+        todo += a.all_input_nodes
+    return out
+
+
 class Propagator(fx.Interpreter):
     """Executes the graph on real inputs and, alongside, on channel labels.
 
@@ -48,6 +69,8 @@ class Propagator(fx.Interpreter):
         self.dep_site: dict[int, Site] = {}
         self.unknown: dict[str, str] = {}
         self.gathered: dict[str, list[str]] = {}  # elementwise node -> operands the rewrite gathers
+        self.dynamic: set[str] = set()  # tensors computed from the model's tensor inputs (not constants)
+        self.written = _written_attrs(gm, self.modules)  # buffers written in place (a KV cache): not constants
         self.tables: list[tuple[int, int]] = []  # id ranges of small parameters (one unit per element)
         self.summed: list[torch.Tensor] = []  # channels two computed tensors are added on (a residual stream)
         self.state: dict[str, str] = {}  # buffer -> the node writing it in place (a KV cache): laid out as it
@@ -196,6 +219,10 @@ class Propagator(fx.Interpreter):
                 self.space.freeze(lab, "it feeds the model output")
             return result
         self.shapes[n.name] = map_struct(result, _shape)
+        if (n.op == "placeholder" or n.op == "get_attr" and n.target in self.written or
+                any(a.name in self.dynamic for a in n.all_input_nodes)) and \
+                flat_labels(map_struct(result, lambda r: r if isinstance(r, torch.Tensor) else None)):
+            self.dynamic.add(n.name)  # through tensors only: sizes read from an input are constants
         try:
             lab = self.rule(n, args, kwargs, result)
         except SNPFXError:

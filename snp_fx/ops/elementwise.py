@@ -48,6 +48,9 @@ class Binary(OpFamily):
         keep = [i for i, (lab, r) in enumerate(zip(labs, real))
                 if isinstance(lab, torch.Tensor) and isinstance(r, torch.Tensor)]
         soft = [i for i in keep if p.space.is_soft(labs[i]) or bool((labs[i] < 0).all())]
+        inputs = [labs[i] for i in keep if nodes[i].name in p.dynamic]
+        if key.rstrip("_") in ("mul", "imul") and inputs:
+            soft += [i for i in keep if i not in soft and _position_table(p, nodes[i], labs[i], real[i], inputs)]
         if soft and len(soft) < len(keep):
             # an operand of no parameter's channels (a rotary table shared by every head and
             # layer, a computed constant) is gathered per use by the rewrite, not coupled
@@ -63,6 +66,24 @@ class Binary(OpFamily):
     def rewrite(self, r, node, new, key):
         if node.name in r.a.gathered:
             gather_operands(r, node, new)
+
+
+def _position_table(p, node, lab, real, inputs) -> bool:
+    """Whether a product's operand is a constant table over positions made from parameters
+    (RoFormer's sinusoidal embedding of arange, MLCD's learned class-token angles): computed from no
+    model input (``inputs``: the labels of the operands that are), with values along a dim where
+    those inputs have no channels (positions).  Shared by every layer's q/k, it is gathered per use
+    like a buffer's table, which is exact for a product (a removed channel is zero either way); its
+    own units are pinned so that nothing slices what the gathers index."""
+    if node.name in p.dynamic or not bool((lab > 0).any()):
+        return False
+    rank = max([real.dim()] + [x.dim() for x in inputs])
+    shape = (1,) * (rank - real.dim()) + tuple(real.shape)
+    if not any(shape[d] > 1 and all(d < rank - x.dim() or x.shape[d - rank + x.dim()] == 1 for x in inputs)
+               for d in range(rank)):
+        return False  # a per-channel scale (LayerScale, a norm's weight): sliced with the channels
+    p.space.freeze(lab, f"{node.name}: a position table gathered per use")
+    return True
 
 
 def gather_operands(r, node, new):

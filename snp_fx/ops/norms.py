@@ -57,6 +57,30 @@ def masked_layer_norm(x, normalized_shape, weight=None, bias=None, eps=1e-5, *un
     return (y * (weight if weight is not None else 1) + (bias if bias is not None else 0)).to(x.dtype)
 
 
+def layer_norm_of_width(x, normalized_shape, weight=None, bias=None, eps=1e-5, *unused, width=None):
+    """LayerNorm over the kept channels of a last dim of ``width`` channels whose removed ones are
+    zero (a q/k norm; the masked original zeroes their weight and bias too): the statistics of the
+    whole width, the zeros counted, so that removing a channel is zeroing it."""
+    xw = wide(x)
+    gone = width - xw.shape[-1]
+    mean = xw.sum(-1, keepdim=True) / width
+    var = ((xw - mean).pow(2).sum(-1, keepdim=True) + gone * mean * mean) / width
+    y = (xw - mean) * torch.rsqrt(var + eps)
+    return (y * (weight if weight is not None else 1) + (bias if bias is not None else 0)).to(x.dtype)
+
+
+class LayerNormOfWidth(nn.Module):
+    """A pruned nn.LayerNorm outside a residual stream: ``layer_norm_of_width``."""
+
+    def __init__(self, mod: nn.LayerNorm, width: int):
+        super().__init__()
+        self.weight, self.bias, self.eps, self.width = mod.weight, mod.bias, mod.eps, width
+        self.normalized_shape = mod.normalized_shape
+
+    def forward(self, x):
+        return layer_norm_of_width(x, self.normalized_shape, self.weight, self.bias, self.eps, width=self.width)
+
+
 def masked_group_norm(x, num_groups, weight=None, bias=None, eps=1e-5, *unused, keep=None):
     """GroupNorm with one group, channels on dim 1, whose statistics run over the kept channels only."""
     shape, dtype, x = (1, -1) + (1,) * (x.dim() - 2), x.dtype, wide(x)  # float32 at least, as group_norm
@@ -99,10 +123,15 @@ def swap_norm(m, node, fn, mask, module_args):
 
 
 class LayerNorm(OpFamily):
-    """A norm over the last dim (``normalized_shape`` of one dim) with per-channel ``PARAMS``."""
+    """A norm over the last dim (``normalized_shape`` of one dim) with per-channel ``PARAMS``.
+
+    In a residual stream its statistics count the kept channels (the masked original's too); over
+    other groups' channels (q/k norms, ``rescaled``) the pruned norm keeps the original width's
+    statistics, the removed channels counted as zeros (``layer_norm_of_width``): exact."""
     kind = "layer_norm"
     makes_channels = True
     PARAMS = ["weight", "bias"]
+    rescaled = True  # RMSNorm: not (yet): sensitive, refused outside residual streams
 
     def propagate(self, p, n, key, args, kwargs, result):
         x_lab = p.lab(n.args[0])
@@ -115,18 +144,37 @@ class LayerNorm(OpFamily):
             return p.refuse(n, f"{n.name}: {self.kind} over {len(shape)} dims", result)
         couple_affine(p, params, x_lab, x_lab.dim() - 1)
         if x_lab.dim() - 1 in L.varying_dims(x_lab):
-            p.space.mark_sensitive(x_lab, f"{n.name}: {self.kind}")
+            p.space.mark_sensitive(x_lab, f"{n.name}: {self.kind}", rescaled=self.rescaled)
         return x_lab
+
+    def _of_width(self, a, node) -> int | None:
+        """The original width when this norm runs outside residual streams on removed channels."""
+        from .reduction import _in_residual
+        if not self.rescaled or _in_residual(a, node):
+            return None
+        return a.shapes[node.args[0].name][-1]
 
     def rewrite(self, r, node, new, key):
         a = Args(node)
         k = len(a["normalized_shape"])
-        a.set(new, "normalized_shape", tuple(r.sizes_of(node.args[0])[-k:]))
+        sizes = tuple(r.sizes_of(node.args[0])[-k:])
+        a.set(new, "normalized_shape", sizes)
+        width = self._of_width(r.a, node)
+        if width is not None and sizes[-1] != width:
+            if key != "layer_norm" or k != 1:
+                raise ValueError(f"`{node.name}` ({key}) normalises over removed channels")
+            new.target, new.kwargs = layer_norm_of_width, {**new.kwargs, "width": width}
 
     def prune_module(self, r, mod, node):
         mod.normalized_shape = (r.sizes_of(node.args[0])[-1],)
+        width = self._of_width(r.a, node)
+        if width is not None and mod.normalized_shape[0] != width:
+            return LayerNormOfWidth(mod, width)
+        return None
 
     def masked(self, m, node, key):
+        if self._of_width(m.a, node) is not None:
+            return  # the original width's statistics over zeros: what the pruned norm computes
         mask_last_dim_norm(m, node, masked_layer_norm,
                            lambda mod: (mod.normalized_shape, mod.weight, mod.bias, mod.eps))
 

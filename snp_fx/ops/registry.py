@@ -53,7 +53,8 @@ class OpFamily:
         (snp_fx.rewrite): ``r.sizes_of(node)`` gives a node's pruned shape."""
 
     def prune_module(self, r, mod: nn.Module, node: fx.Node) -> None:
-        """Update a module's attributes after its parameters were sliced (in place, on a copy)."""
+        """Update a module's attributes after its parameters were sliced (in place, on a copy), or
+        return a module to run instead."""
 
     def macs(self, c, n: fx.Node, key: str) -> int:
         """MACs of the pruned node, as FlopCounterMode counts them.  ``c``: snp_fx.cost's

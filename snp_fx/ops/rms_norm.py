@@ -28,6 +28,7 @@ class RMSNorm(LayerNorm):
     """Propagation, sizes and module attributes as for LayerNorm (``normalized_shape``); no bias."""
     kind = "rms_norm"
     PARAMS = ["weight"]
+    rescaled = False
 
     def masked(self, m, node, key):
         mask_last_dim_norm(m, node, masked_rms_norm, lambda mod: (mod.normalized_shape, mod.weight, mod.eps))
