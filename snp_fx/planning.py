@@ -111,9 +111,12 @@ def split_by_size(g: Group, k: int) -> dict[int, int]:
     return out
 
 
-def pick(g: Group, ranking: torch.Tensor, k: int) -> list[int]:
-    """The top ``k`` positions of a 1-d group by ``ranking``: the same count from each block where the
-    group has blocks (a grouped conv's groups; ``k`` is then a multiple of their count)."""
+def pick(g: Group, ranking: torch.Tensor, k: int) -> list:
+    """The top ``k`` positions of a non-attention group by ``ranking``: the same count from each block
+    where the group has blocks (a grouped conv's groups; ``k`` is then a multiple of their count); for
+    MoE experts ((experts, width) rankings) the top ``k`` of each expert's own."""
+    if ranking.dim() == 2:
+        return [_topk_sorted(row, k) for row in ranking]
     if g.blocks is None:
         return _topk_sorted(ranking, k)
     nb = int(g.blocks.max()) + 1
@@ -223,10 +226,6 @@ def make_plan(analysis: Analysis, ratios: dict, scores, round_to: int = 1) -> Pr
             plan[g.name] = {"kind": g.kind, "keep": keep}
     for g in analysis.groups.values():
         if g.site or not g.prunable:
-            continue
-        if g.classes.dim() == 2:  # MoE experts: each its own neurons, as many in each
-            k = count(g)
-            plan[g.name] = {"kind": g.kind, "keep": [_topk_sorted(scores[row], k) for row in g.classes]}
             continue
         plan[g.name] = {"kind": g.kind, "keep": pick(g, scores[g.classes], count(g))}
     meta = {"ratios": {k: float(v) for k, v in ratios.items()}}
@@ -479,9 +478,7 @@ def plan_for_target(analysis: Analysis, scores, target_macs=None, target_params=
                 rows = set(rows)
                 plan[g.name] = {"kind": g.kind, "keep": [
                     _pick_in_head(scores, g, h, widths[g.name], s[h]) if h in rows else [] for h in range(g.heads)]}
-            elif g.classes.dim() == 2:  # MoE experts: each its own neurons, as many in each
-                plan[g.name] = {"kind": g.kind, "keep": [_topk_sorted(row, widths[g.name]) for row in s]}
-            else:
+            else:  # FFN / residual; MoE experts: each its own neurons (pick)
                 plan[g.name] = {"kind": g.kind, "keep": pick(g, s, widths[g.name])}
         return PruningPlan(plan)
 
