@@ -19,7 +19,8 @@ the model is on.  Nodes with the same op, shapes and layout share one measuremen
 blocks are timed once), and the op grids are cached on disk (``SNP_FX_CACHE`` folder, default
 ``~/.cache/snp_fx``, file latency.json) keyed by the op and the machine: device, threads,
 torch version, CPU name.  The calibration runs on every build (seconds), so a cached table is
-brought to the machine's speed of the day; delete the file to time the grids again.
+brought to the machine's speed of the day, and a cached grid whose corners no longer time in the
+same ratio (timed while the machine was busy) is timed again; delete the file to time every grid again.
 """
 from __future__ import annotations
 
@@ -53,6 +54,7 @@ GRID = 48          # about this many grid points per node: 8 sizes for one varia
 WARMUP, REPEATS = 2, 5
 CALIBRATION_ROUNDS = 8  # turns of the dense model and a half-pruned one
 PROBES = 6          # random plans that find which dims move together
+STALE = 1.5         # a cached grid whose smallest-to-largest time ratio moved by more than this factor is timed again
 
 
 # ---------------------------------------------------------------------------
@@ -447,6 +449,18 @@ def _time_grid(op: _Op, device) -> list[float]:
     return [_seconds(op.runner(list(p)), device) for p in itertools.product(*op.axes)]
 
 
+def _still_holds(op: _Op, seconds: list[float], device) -> bool:
+    """Whether a cached grid still has this machine's shape: its two corners (every variable at its
+    smallest, at its largest) timed again keep their ratio within a factor ``STALE``.  The
+    calibration rescales a table to the day's speed, but not a table timed while the machine was
+    busy, which distorts small ops more than big ones (measured: a DeiT-S table cached under load
+    had corner ratios 3-160x off, and predicted 0.96 of the dense latency for a plan that ran at 0.61)."""
+    lo = _seconds(op.runner([ax[0] for ax in op.axes]), device)
+    hi = _seconds(op.runner([ax[-1] for ax in op.axes]), device)
+    drift = (lo / seconds[0]) / (hi / seconds[-1])
+    return 1 / STALE <= drift <= STALE
+
+
 def _build(analysis, heads: bool, cache: bool) -> LatencyModel:
     device = _device(analysis)
     env = machine(device)
@@ -468,7 +482,9 @@ def _build(analysis, heads: bool, cache: bool) -> LatencyModel:
     new, measured = {}, 0
     for op in table:
         op.cache_key = _key(op.describe(env))
-        entry = new.get(op.cache_key) or stored.get(op.cache_key)
+        entry = new.get(op.cache_key)
+        if entry is None and op.cache_key in stored and _still_holds(op, stored[op.cache_key]["seconds"], device):
+            entry = stored[op.cache_key]
         if entry is None:
             try:
                 entry = {"op": op.describe(env)["op"], "axes": op.axes, "seconds": _time_grid(op, device)}

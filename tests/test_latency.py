@@ -101,6 +101,30 @@ def table_only(monkeypatch):
     monkeypatch.setattr(snp_fx.api, "_latency_feedback", lambda a, scores, p, *args, **kwargs: p)
 
 
+def test_a_distorted_cached_grid_is_timed_again(monkeypatch):
+    """A grid cached while the machine was busy (small ops slowed more than big ones) is found by
+    timing its corners again, and only that grid is re-timed; a grid merely slower overall is kept
+    (the calibration rescales it)."""
+    import json
+    calls = count_grids(monkeypatch)
+    first = latency.latency_model(analysis())
+    fc1 = next(op for op in first.ops if op.node.name == "blocks_0_mlp_fc1")
+    with open(latency.cache_path()) as f:
+        data = json.load(f)
+    for key, entry in data["ops"].items():
+        if key == fc1.cache_key:  # the smallest corner 10x too slow against the largest
+            entry["seconds"] = [s * (10 if i == 0 else 1) for i, s in enumerate(entry["seconds"])]
+        else:  # every point 3x too slow: same shape, another day's speed
+            entry["seconds"] = [3 * s for s in entry["seconds"]]
+    with open(latency.cache_path(), "w") as f:
+        json.dump(data, f)
+    calls.clear()
+    again = latency.latency_model(analysis())
+    assert calls == [len(fc1.seconds)] and again.measured == len(fc1.seconds)
+    with open(latency.cache_path()) as f:  # the re-timed grid replaced the distorted one on disk
+        assert json.load(f)["ops"][fc1.cache_key]["seconds"][0] < 5 * fc1.seconds[0]
+
+
 def test_plan_meets_the_predicted_budget(monkeypatch):
     table_only(monkeypatch)
     a = analysis()
