@@ -182,7 +182,8 @@ def main():
                    "pruned_gmacs": macs / 1e9, "macs_ratio": ratio, "big_batch": big, "device": args.device,
                    "dtype": args.dtype, "fused_attention": fused_attention(m, x1), "threads": args.threads,
                    "paper_speedup": paper, "paper": "-" if paper is None else f"{paper:.2f}x"}
-            tp = tp_of.get(budget) if not label.startswith("torch-pruning") else None
+            # torch-pruning at equal MACs: not for a latency budget's row, whose MACs differ
+            tp = tp_of.get(budget) if not label.startswith("torch-pruning") and asked is None else None
             for compiled in (False, True) if args.compile else (False,):
                 tag = "_compiled" if compiled else ""
                 for batch, b in ((1, "b1"), (big, "bN")):

@@ -11,7 +11,10 @@ for one batch of ``--batch`` test images on this CPU.  Per fraction f: ``plan(ta
 turns with the dense model; an affine fit of measured latency against MACs over that grid (one
 timing swings with the load, the fit less) gives the MACs fraction a MACs plan needs for the
 latency plan's measured latency, and the MACs plans' top-1 there is interpolated between the grid
-plans on either side (both are listed).
+plans on either side (both are listed).  That interpolation is noisy (the fit moves with the load,
+and top-1 is not linear between grid plans); the exact comparison is the last two columns:
+``plan(target_macs=)`` asked for the latency plan's own MACs, whether it is the same plan (both
+planners walk one score threshold; the budget only says where to stop), and its top-1.
 Timings are medians of ``--repeats`` interleaved turns at ``--threads`` threads; the load average
 is printed.  Writes results/quality_latency.json.
 """
@@ -58,7 +61,7 @@ def main():
             t = time_interleaved({"dense": a.gm, "pruned": pruned}, (xb,), repeats=args.repeats)
         return {"planner": label, "latency": t["pruned"] / t["dense"], "top1": accuracy(pruned, xte, yte),
                 "macs": estimate_macs(a, keep_mask(a, plan)) / dense_macs, "load": os.getloadavg()[0],
-                "model": pruned}
+                "model": pruned, "plan": plan}
 
     grid = []
     for g in (0.15, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9):
@@ -84,10 +87,15 @@ def main():
             print(f"latency {f}: measured {lat['latency']:.3f} is outside the MACs grid; skipped", flush=True)
             continue
         top1 = lo["top1"] + (macs - lo["macs"]) / (hi["macs"] - lo["macs"]) * (hi["top1"] - lo["top1"])
+        # the exact comparison, no timing: the MACs plan asked for the latency plan's own MACs
+        same_macs = snp_fx.plan(a, target_macs=lat["macs"], scores=scores, round_to=args.round_to)
+        same = {k: g["keep"] for k, g in same_macs.groups.items()} == {k: g["keep"] for k, g in lat["plan"].groups.items()}
         rows.append({"asked": f, **{key: lat[key] for key in ("latency", "top1", "macs", "load")},
+                     "same_plan": "yes" if same else "no",
+                     "same_macs_top1": lat["top1"] if same else accuracy(snp_fx.apply(a, same_macs), xte, yte),
                      "macs_top1": top1, "macs_macs": macs, "gain": lat["top1"] - top1,
                      "bracket": f"{lo['planner']} ({lo['top1']:.3f}) / {hi['planner']} ({hi['top1']:.3f})"})
-        print({k: v for k, v in rows[-1].items()}, flush=True)
+        print({k: v for k, v in rows[-1].items() if k != "plan"}, flush=True)
     print(f"fit: latency = {my - k * mx:.3f} + {k:.3f} x MACs fraction (MACs plans, {n} points)")
     print(f"dense top-1 {accuracy(model, xte, yte):.3f}; batch {args.batch}, {args.threads} thread(s)")
     report("quality_latency", [("asked", "asked", ".2f"), ("measured latency", "latency", ".3f"),
@@ -95,6 +103,8 @@ def main():
                                ("MACs plan MACs (interp.)", "macs_macs", ".3f"),
                                ("MACs plan top-1 (interp.)", "macs_top1", ".3f"), ("top-1 gain", "gain", "+.3f"),
                                ("MACs plans on either side (top-1)", "bracket", "s"),
+                               ("target_macs at the latency plan's MACs: same plan?", "same_plan", "s"),
+                               ("its top-1", "same_macs_top1", ".3f"),
                                ("load", "load", ".1f")], rows)
 
 
