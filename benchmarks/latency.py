@@ -5,10 +5,11 @@
 
 Per model (timm, random init) the rows are:
   (a) snp_fx with the SNP authors' config ("DeiT_t", "DeiT_s", "DeiT_s_small", "DeiT_b"),
-  (b) snp_fx with target_macs = the same GMACs, round_to=8 (what hardware="cpu" picks),
+  (b) snp_fx with target_macs = the same GMACs, hardware="cpu" (round_to 8, and q/k and v of one
+      head width where the fused kernel would otherwise pad),
   (b') snp_fx with target_latency = the config's MACs fraction of the dense latency, planned on this
       machine's latency table at the big batch (hardware="cpu"): asked vs measured fraction,
-  (c) DeiT-B only: target_macs=3.5e9 with whole heads allowed (heads=True), round_to=8,
+  (c) DeiT-B only: target_macs=3.5e9 with whole heads allowed (heads=True), hardware="cpu",
   (d) torch-pruning (PyPI) with its timm ViT recipe (examples/transformers/prune_timm_vit.py:
       BasePruner, L1 GroupMagnitudeImportance, uniform ratio, head dims pruned, classifier
       ignored), its ratio bisected until the MACs match row (a) / (c) within 1%.
@@ -108,9 +109,9 @@ def variants(name, dense, x, quick, big):
     for cfg, g in configs:
         a = snp_fx.prune(dense, x, ratios=cfg, progress=False)
         out.append((f"snp_fx `{cfg}` config", g, a, PAPER.get((name, g))))
-        b = snp_fx.prune(dense, x, target_macs=g * 1e9, round_to=8, progress=False)
-        out.append((f"snp_fx target {g}G, round_to 8", g, b, PAPER.get((name, g))))
-        if not quick:  # (hardware="cpu" alone is round_to=8 for every kind: the row above)
+        b = snp_fx.prune(dense, x, target_macs=g * 1e9, hardware="cpu", progress=False)
+        out.append((f"snp_fx target {g}G, hardware cpu", g, b, PAPER.get((name, g))))
+        if not quick:
             # a latency budget: the config's MACs fraction of the dense latency at the big batch
             # (the latency table is measured at the example's batch)
             frac = round(count_macs(a, (x,)) / dense_macs, 3)
@@ -126,8 +127,8 @@ def variants(name, dense, x, quick, big):
         out.append((f"torch-pruning L1 uniform r={r:.3f}", g, model, None))
     if name in HEADS_BUDGET and not quick:
         g = HEADS_BUDGET[name]
-        c = snp_fx.prune(dense, x, target_macs=g * 1e9, round_to=8, heads=True, progress=False)
-        out.append((f"snp_fx target {g}G + heads, round_to 8", g, c, PAPER.get((name, g))))
+        c = snp_fx.prune(dense, x, target_macs=g * 1e9, hardware="cpu", heads=True, progress=False)
+        out.append((f"snp_fx target {g}G + heads, hardware cpu", g, c, PAPER.get((name, g))))
         model, _, r = tp_matching(dense, x, count_macs(c, (x,)))
         out.append((f"torch-pruning L1 uniform r={r:.3f}", g, model, None))
     return out

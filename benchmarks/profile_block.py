@@ -4,7 +4,7 @@ per op, ms per forward; every op here runs once per block, so / 12 is one block 
 
     python benchmarks/profile_block.py [--model deit_small_patch16_224] [--config DeiT_s] [--batch 16]
 
-The pruned model is snp_fx's with the authors' config (or --target-macs with round_to 8); "unpadded" swaps its padded_sdpa calls back
+The pruned model is snp_fx's with the authors' config (or --target-macs with hardware="cpu"); "unpadded" swaps its padded_sdpa calls back
 to plain scaled_dot_product_attention (what snp_fx emitted before snp_fx/kernels.py);
 "torch-pruning" is benchmarks/latency.py's recipe bisected to the same MACs (--no-tp skips it).
 Self CPU time per op, averaged over --repeats forwards; the models are profiled in turns, round
@@ -37,7 +37,7 @@ def main():
     ap.add_argument("--batch", type=int, default=16)
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--target-macs", type=float, help="GMACs: snp_fx target_macs with round_to 8 instead of --config")
+    ap.add_argument("--target-macs", type=float, help="GMACs: snp_fx target_macs with hardware=\"cpu\" instead of --config")
     ap.add_argument("--no-tp", action="store_true", help="leave out torch-pruning")
     args = ap.parse_args()
     keep_freed_memory()
@@ -46,7 +46,7 @@ def main():
     dense = timm.create_model(args.model, pretrained=False).eval()
     x1 = torch.randn(1, 3, 224, 224)
     if args.target_macs:
-        pruned = snp_fx.prune(dense, x1, target_macs=args.target_macs * 1e9, round_to=8, progress=False)
+        pruned = snp_fx.prune(dense, x1, target_macs=args.target_macs * 1e9, hardware="cpu", progress=False)
     else:
         pruned = snp_fx.prune(dense, x1, ratios=args.config, progress=False)
     x = torch.randn(args.batch, 3, 224, 224)

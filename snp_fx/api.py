@@ -218,7 +218,8 @@ def plan(model_or_analysis, example_inputs=None, *, ratios=None, importance="snp
     or a callable ``(analysis, group, head, n_keep) -> list[int]`` choosing the kept q/k positions.
     ``preset``: a name from ``PRESETS`` ("best", "paper") filling the options left at their defaults.
     ``hardware``: "cpu" or "cuda": the widths that hardware runs fastest (``HARDWARE``) as
-    ``round_to`` when it is left at 1.
+    ``round_to`` when it is left at 1; a target plan then also gives q/k and v of an SDPA call one
+    head width (``plan_for_target``'s ``fill_padding``: its fused kernels need one).
     ``uniform``: the same widths in every layer, as a standard model config states them (what
     ``snp_fx.to_hf`` writes): ratios per kind only; with a MACs / parameter target one ratio for
     whole heads and FFN neurons is bisected; rotary attention keeps its head dim; FFN and
@@ -256,10 +257,11 @@ def plan(model_or_analysis, example_inputs=None, *, ratios=None, importance="snp
         check_uniform(a, p)
         p.meta["uniform"] = True
     elif targeted:
+        fill = hardware is not None  # the fused kernels need one head width: fill the pad with channels
         p = plan_for_target(a, sc, target_macs, target_params, round_to=round_to, heads=heads,
-                            target_latency=target_latency)
+                            target_latency=target_latency, fill_padding=fill)
         if target_latency is not None:
-            p = _latency_feedback(a, sc, p, round_to, heads)
+            p = _latency_feedback(a, sc, p, round_to, heads, fill)
     else:
         p = make_plan(a, ratios, sc, round_to=round_to)
     p.meta.update(importance=name_of(importance), gamma=gamma, selection=name_of(selection))
@@ -269,8 +271,8 @@ def plan(model_or_analysis, example_inputs=None, *, ratios=None, importance="snp
     return p
 
 
-def _latency_feedback(a: Analysis, scores, p: PruningPlan, round_to, heads: bool, rounds: int = 6,
-                      tolerance: float = 0.025) -> PruningPlan:
+def _latency_feedback(a: Analysis, scores, p: PruningPlan, round_to, heads: bool, fill_padding: bool = False,
+                      rounds: int = 6, tolerance: float = 0.025) -> PruningPlan:
     """Ops timed alone (the latency table) can cost more or less than inside the whole model
     (threads, caches): time the planned model in turns with the dense one on the example inputs and
     re-plan with the table's target moved until the measured fraction of the dense latency is within
@@ -300,7 +302,8 @@ def _latency_feedback(a: Analysis, scores, p: PruningPlan, round_to, heads: bool
         else:
             frac = min(frac * asked / got, 0.99)
         try:
-            p = plan_for_target(a, scores, target_latency=frac, round_to=round_to, heads=heads)
+            p = plan_for_target(a, scores, target_latency=frac, round_to=round_to, heads=heads,
+                                fill_padding=fill_padding)
         except SNPError:  # the table allows nothing smaller: keep the closest plan measured
             break
     best.meta.update(target_latency=asked * best.meta["dense"])

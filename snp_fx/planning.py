@@ -414,7 +414,8 @@ def _round_width(k: int, width: int, round_to: int) -> int:
 
 
 def plan_for_target(analysis: Analysis, scores, target_macs=None, target_params=None, round_to: int = 1,
-                    heads: bool = False, tolerance: float = 0.01, target_latency=None) -> PruningPlan:
+                    heads: bool = False, tolerance: float = 0.01, target_latency=None,
+                    fill_padding: bool = False) -> PruningPlan:
     """Allocate widths over every group to meet a MACs, parameter or latency budget.
 
     Scores are normalised per group (total-sum scaling to mean 1) so one
@@ -425,6 +426,10 @@ def plan_for_target(analysis: Analysis, scores, target_macs=None, target_params=
     (``estimate_macs`` divides by ``analysis.batch``), so the example batch size does not matter.
     ``target_latency``: a fraction (< 1) of the dense model's latency or seconds ("35ms"), for
     the example inputs' whole batch on this machine, predicted by ``snp_fx.latency``.
+    ``fill_padding``: at a ``scaled_dot_product_attention`` site the narrower of q/k and v keeps as
+    many channels per head as the wider (its next best), where the rewrite would otherwise pad it
+    with zeros for the fused kernel: the attention costs the same, the pad copies go, and the
+    projection's extra rows are paid for by a higher threshold elsewhere.
     """
     check_target(analysis, target_macs, target_params, round_to, target_latency=target_latency, heads=heads)
     measure, _, dense, target = _budget(analysis, target_macs, target_params, target_latency, heads)
@@ -450,6 +455,22 @@ def plan_for_target(analysis: Analysis, scores, target_macs=None, target_params=
                     hs = norm[gs["qk"].name].sum(1) + norm[gs["v"].name].sum(1)
                 hnorm[site] = normed(hs)
 
+    fused = {s.name for s in analysis.sites if s.kind == "sdpa"} if fill_padding else set()
+    fillable = {site: (gs["qk"], gs["v"]) for site, gs in sites.items() if site in fused and "qk" in gs
+                and "v" in gs and gs["qk"].unit_sizes is None and gs["qk"].heads % gs["v"].heads == 0}
+
+    def filled(widths):
+        """``widths`` with each fillable site's narrower side widened to the other's channel count."""
+        widths = dict(widths)
+        for qk, v in fillable.values():
+            e, ev = widths[qk.name] * qk.unit_channels, widths[v.name] * v.unit_channels
+            narrow, wide = (qk, ev) if e < ev else (v, e) if ev < e else (None, 0)
+            if narrow is not None and wide % narrow.unit_channels == 0:
+                w = min(wide // narrow.unit_channels, narrow.width)
+                if w % step_of(round_to, narrow) == 0:  # widths stay multiples of round_to
+                    widths[narrow.name] = w
+        return widths
+
     # a plan is a width per group (per head for q/k, v) and the kept heads per site
     def widths_at(t: float):
         widths, heads_kept = {}, {}
@@ -467,7 +488,7 @@ def plan_for_target(analysis: Analysis, scores, target_macs=None, target_params=
             if not g.site:  # (MoE experts: (experts, width), the same count in each)
                 widths[g.name] = _round_width(int(round(float((norm[g.name] >= t).sum()) / g.heads)),
                                               g.width, step_of(round_to, g))
-        return widths, heads_kept
+        return filled(widths), heads_kept
 
     def build(widths, heads_kept) -> PruningPlan:
         plan = {}
@@ -525,6 +546,9 @@ def plan_for_target(analysis: Analysis, scores, target_macs=None, target_params=
                     continue
                 trial = dict(widths)
                 trial[g.name] = min(max(w, 1), g.width)
+                trial = filled(trial)
+                if trial == widths:  # a step the fill undoes (q/k or v of a filled site alone)
+                    continue
                 v, p = value(trial, heads_kept)
                 if direction < 0 and v < target * (1 - tolerance):
                     continue  # would overshoot below the band

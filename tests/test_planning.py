@@ -2,6 +2,7 @@
 import json
 
 import pytest
+import torch
 
 import snp_fx
 from conftest import timm_analysis, timm_model
@@ -195,3 +196,35 @@ def test_hardware_hint_picks_the_width_steps():
     assert explicit.meta["round_to"] == 4  # an explicit round_to wins
     with pytest.raises(SNPError, match="unknown hardware 'tpu'"):
         snp_fx.plan(a, target_macs=0.5, scores=scores, hardware="tpu")
+
+
+def test_hardware_hint_fills_the_padding():
+    """With ``hardware``, q/k and v of a fused-attention site keep one head width (the narrower side
+    keeps its next best channels where the rewrite would pad zeros): no padded call is emitted, the
+    budget is still met, the model is exact; explicit-matmul attention (no fused kernel, no padding)
+    keeps SNP's unequal widths."""
+    from snp_fx.kernels import padded_sdpa
+    a = timm_analysis("deit_tiny_patch16_224")
+    scores = compute_scores(a, "l2")
+    plain = snp_fx.plan(a, target_macs=0.5, scores=scores, round_to=8)
+    filled = snp_fx.plan(a, target_macs=0.5, scores=scores, hardware="cpu")
+    sites = [f"blocks.{i}.attn" for i in range(12)]
+    assert any(plain.widths()[f"{s}.qk"] != plain.widths()[f"{s}.v"] for s in sites)  # it had padding to fill
+    for s in sites:
+        assert filled.widths()[f"{s}.qk"] == filled.widths()[f"{s}.v"], s
+    for p in (plain, filled):
+        assert estimate_macs(a, keep_mask(a, p)) == pytest.approx(0.5 * estimate_macs(a, keep_mask(a, p) | True),
+                                                                  rel=0.011)
+    pruned = snp_fx.apply(a, filled)  # verified against the masked model
+    assert not any(n.target is padded_sdpa for n in pruned.graph.nodes)
+    assert any(n.target is padded_sdpa for n in snp_fx.apply(a, plain).graph.nodes)
+
+    model = timm_model("deit_tiny_patch16_224")
+    for blk in model.blocks:
+        blk.attn.fused_attn = False  # q @ k^T, softmax, @ v: nothing is padded, nothing to fill
+    m = snp_fx.analyze(model, torch.randn(1, 3, 224, 224))
+    s = compute_scores(m, "l2")
+    unfilled = plan_for_target(m, s, target_macs=0.5, round_to=8)
+    assert {x.kind for x in m.sites} == {"matmul"}
+    assert any(unfilled.widths()[f"{x}.qk"] != unfilled.widths()[f"{x}.v"] for x in sites)
+    assert plan_for_target(m, s, target_macs=0.5, round_to=8, fill_padding=True).groups == unfilled.groups
