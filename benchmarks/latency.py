@@ -7,12 +7,14 @@ Per model (timm, random init) the rows are:
   (a) snp_fx with the SNP authors' config ("DeiT_t", "DeiT_s", "DeiT_s_small", "DeiT_b"),
   (b) snp_fx with target_macs = the same GMACs, hardware="cpu" (round_to 8, and q/k and v of one
       head width where the fused kernel would otherwise pad),
-  (b') snp_fx with target_latency = the config's MACs fraction of the dense latency, planned on this
+  (c) the same with whole heads allowed (heads=True),
+  (d) snp_fx with target_latency = the config's MACs fraction of the dense latency, planned on this
       machine's latency table at the big batch (hardware="cpu"): asked vs measured fraction,
-  (c) DeiT-B only: target_macs=3.5e9 with whole heads allowed (heads=True), hardware="cpu",
-  (d) torch-pruning (PyPI) with its timm ViT recipe (examples/transformers/prune_timm_vit.py:
+  (e) DeiT-B only: target_macs=3.5e9 with whole heads allowed (heads=True), hardware="cpu",
+  (f) torch-pruning (PyPI) with its timm ViT recipe (examples/transformers/prune_timm_vit.py:
       BasePruner, L1 GroupMagnitudeImportance, uniform ratio, head dims pruned, classifier
-      ignored), its ratio bisected until the MACs match row (a) / (c) within 1%.
+      ignored), its ratio bisected until the MACs match row (a) / (e) within 1%; rows (b)-(c) are
+      compared with the one of (a) (their MACs within 2% of it).
 fp32, 2 threads (--threads), eval + inference_mode, batch 1 and 16 (--big-batch) at 224x224; --compile
 also times every model under torch.compile; --device cuda --dtype float16 runs the rows on a GPU.
 The dense model and every pruned variant of it are timed in turns in one process (snp_fx.report.time_interleaved), so
@@ -40,7 +42,7 @@ CONFIGS = {
     "deit_small_patch16_224": [("DeiT_s", 2.04), ("DeiT_s_small", 1.27)],
     "deit_base_patch16_224": [("DeiT_b", 6.32)],
 }
-HEADS_BUDGET = {"deit_base_patch16_224": 3.5}  # row (c): whole heads may go
+HEADS_BUDGET = {"deit_base_patch16_224": 3.5}  # row (e): whole heads may go
 # Speedups the SNP paper reports on a server CPU (Xeon 4210R), by (model, GMACs).
 PAPER = {("deit_small_patch16_224", 2.04): 1.38, ("deit_small_patch16_224", 1.27): 1.60,
          ("deit_base_patch16_224", 6.32): 1.89, ("deit_base_patch16_224", 3.5): 2.65}
@@ -111,6 +113,9 @@ def variants(name, dense, x, quick, big):
         out.append((f"snp_fx `{cfg}` config", g, a, PAPER.get((name, g))))
         b = snp_fx.prune(dense, x, target_macs=g * 1e9, hardware="cpu", progress=False)
         out.append((f"snp_fx target {g}G, hardware cpu", g, b, PAPER.get((name, g))))
+        if not quick:  # whole heads may go too: the shapes attention runs fastest in (native_widths.py)
+            h = snp_fx.prune(dense, x, target_macs=g * 1e9, hardware="cpu", heads=True, progress=False)
+            out.append((f"snp_fx target {g}G + heads, hardware cpu", g, h, PAPER.get((name, g))))
         if not quick:
             # a latency budget: the config's MACs fraction of the dense latency at the big batch
             # (the latency table is measured at the example's batch)
