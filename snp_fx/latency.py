@@ -1,4 +1,4 @@
-"""Latency budgets (HALP-style): op latencies measured on this machine predict the pruned model's.
+"""Latency budgets: op latencies measured on this machine (a table, as in HALP) predict the pruned model's.
 
 Every node whose cost depends on pruned widths (a family that counts MACs: linear, addmm,
 matmul / bmm / einsum, attention, conv) is timed alone, with random tensors of its pruned
