@@ -4,11 +4,12 @@ MACs and parameter counts: snp_fx/cost.py."""
 from __future__ import annotations
 
 import os
+import statistics
+import time
 
 import torch
 
 from .planning import kept_width
-
 
 
 @torch.no_grad()
@@ -101,6 +102,13 @@ def time_interleaved(models: dict, inputs: tuple, repeats: int = 10, warmup: int
     keyword args.  On a busy machine even the ratios drift: ``load_warning()`` right after says so
     (``prune_report`` adds it to the latency note).
     """
+    return {name: statistics.median(ts) for name, ts in time_turns(models, inputs, repeats, warmup).items()}
+
+
+@torch.inference_mode()
+def time_turns(models: dict, inputs: tuple, repeats: int = 10, warmup: int = 2) -> dict:
+    """Seconds of every turn of each model, timed in turns as ``time_interleaved`` does: turn i of
+    every model ran back to back, so per-turn ratios cancel the machine's slower spells."""
     values = list(inputs.values()) if isinstance(inputs, dict) else list(inputs)
     cuda = any(isinstance(v, torch.Tensor) and v.is_cuda for v in values)
 
@@ -109,9 +117,6 @@ def time_interleaved(models: dict, inputs: tuple, repeats: int = 10, warmup: int
         if cuda:  # kernels run asynchronously: time them to completion
             torch.cuda.synchronize()
         return out
-
-    import statistics
-    import time
 
     for m in models.values():
         m.eval()
@@ -123,7 +128,7 @@ def time_interleaved(models: dict, inputs: tuple, repeats: int = 10, warmup: int
             t = time.perf_counter()
             call(m)
             times[name].append(time.perf_counter() - t)
-    return {name: statistics.median(ts) for name, ts in times.items()}
+    return times
 
 
 # ---------------------------------------------------------------------------
