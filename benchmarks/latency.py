@@ -116,7 +116,6 @@ def variants(name, dense, x, quick, big):
         if not quick:  # whole heads may go too: the shapes attention runs fastest in (native_widths.py)
             h = snp_fx.prune(dense, x, target_macs=g * 1e9, hardware="cpu", heads=True, progress=False)
             out.append((f"snp_fx target {g}G + heads, hardware cpu", g, h, PAPER.get((name, g))))
-        if not quick:
             # a latency budget: the config's MACs fraction of the dense latency at the big batch
             # (the latency table is measured at the example's batch)
             frac = round(count_macs(a, (x,)) / dense_macs, 3)

@@ -284,10 +284,10 @@ def _latency_feedback(a: Analysis, scores, p: PruningPlan, round_to, heads: bool
     The measured fraction is the median of per-turn ratios (pruned / dense of the same turn): over
     looks of 7 turns on DeiT-S at batch 16 its standard deviation was 0.9%, against 1.1% for the
     ratio of the medians.  A plan that looks within ``tolerance`` is timed for as many turns again
-    before it is taken, so one lucky look does not decide.  The tolerance leaves room for the timing a user
-    checks with, minutes later: a plan taken at the edge of 2.5% measured 6.6% off in
-    benchmarks/latency.py (DeiT-S, batch 16), which times ten models in turns (a pruned model reads up
-    to 2% faster against the dense one there than with the two alone), and the same two models
+    before it is taken, so one lucky look does not decide.  The tolerance leaves room for the timing
+    a user checks with, minutes later: a plan taken at the edge of 2.5% measured 6.6% off in
+    benchmarks/latency.py (DeiT-S, batch 16), which times ten models in turns (a pruned model reads
+    up to 2% faster against the dense one there than with the two alone), and the same two models
     timed a few minutes apart on this shared machine read up to 3% apart."""
     asked = p.meta["target_latency"] / p.meta["dense"]  # the fraction of the dense latency asked for
     frac, tried, best = asked, [], None

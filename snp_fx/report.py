@@ -93,7 +93,6 @@ def load_warning(cores: int | None = None) -> str | None:
     return f"unreliable: load {load:.1f} on {cores} cores" if load > cores else None
 
 
-@torch.inference_mode()
 def time_interleaved(models: dict, inputs: tuple, repeats: int = 10, warmup: int = 2) -> dict:
     """Median seconds per forward pass of each model, timed in turns (a, b, a, b, ...).
 

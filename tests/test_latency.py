@@ -102,6 +102,13 @@ def table_only(monkeypatch):
     monkeypatch.setattr(snp_fx.api, "_latency_feedback", lambda a, scores, p, *args, **kwargs: p)
 
 
+def work_table(monkeypatch):
+    """A latency table proportional to each op's work, so the plans it starts from do not depend on
+    timing noise."""
+    monkeypatch.setattr(latency, "_time_grid",
+                        lambda op, device: [1e-6 * math.prod(p) for p in itertools.product(*op.axes)])
+
+
 def test_a_distorted_cached_grid_is_timed_again(monkeypatch):
     """A grid cached while the machine was busy (small ops slowed more than big ones) is found by
     timing its corners again, and only that grid is re-timed; a grid merely slower overall is kept
@@ -203,9 +210,7 @@ def test_measured_feedback_moves_the_plan_until_the_measured_fraction_is_met(mon
 
     a = analysis()
     dense_macs = count_macs(a.gm, a.inputs)
-    # a table proportional to each op's work, so the plans it starts from do not depend on timing noise
-    monkeypatch.setattr(latency, "_time_grid",
-                        lambda op, device: [1e-6 * math.prod(p) for p in itertools.product(*op.axes)])
+    work_table(monkeypatch)
 
     def clock(models, inputs, repeats=10, warmup=2):
         fraction = (count_macs(models["pruned"], inputs) / dense_macs) ** 2
@@ -231,8 +236,7 @@ def test_one_lucky_look_does_not_decide_the_plan(monkeypatch):
 
     a = analysis()
     dense_macs = count_macs(a.gm, a.inputs)
-    monkeypatch.setattr(latency, "_time_grid",
-                        lambda op, device: [1e-6 * math.prod(p) for p in itertools.product(*op.axes)])
+    work_table(monkeypatch)
     looks = []
 
     def clock(models, inputs, repeats=10, warmup=2):
