@@ -5,16 +5,20 @@
 
 Per model (timm, random init) the rows are:
   (a) snp_fx with the SNP authors' config ("DeiT_t", "DeiT_s", "DeiT_s_small", "DeiT_b"),
+  (a') the same ratios with hardware="cpu" (every kept width rounded to the nearest multiple of 8),
   (b) snp_fx with target_macs = the same GMACs, hardware="cpu" (round_to 8, and q/k and v of one
       head width where the fused kernel would otherwise pad),
   (c) the same with whole heads allowed (heads=True),
   (d) snp_fx with target_latency = the config's MACs fraction of the dense latency, planned on this
-      machine's latency table at the big batch (hardware="cpu"): asked vs measured fraction,
+      machine's latency table at the big batch (hardware="cpu"): asked vs measured fraction, in
+      the table's turns and again timed in pairs with the dense model alone (as the planner times it),
   (e) DeiT-B only: target_macs=3.5e9 with whole heads allowed (heads=True), hardware="cpu",
   (f) torch-pruning (PyPI) with its timm ViT recipe (examples/transformers/prune_timm_vit.py:
       BasePruner, L1 GroupMagnitudeImportance, uniform ratio, head dims pruned, classifier
-      ignored), its ratio bisected until the MACs match row (a) / (e) within 1%; rows (b)-(c) are
-      compared with the one of (a) (their MACs within 2% of it).
+      ignored), its ratio bisected to the MACs of the row it is timed against: row (a) against the
+      recipe as published (round_to 1, within 1%), the hardware="cpu" rows against it with
+      torch-pruning's round_to=8 (its widths in multiples of 8 too, within 2%: the steps are
+      coarse); a torch-pruning row serves every row whose MACs are within 2% of its own.
 fp32, 2 threads (--threads), eval + inference_mode, batch 1 and 16 (--big-batch) at 224x224; --compile
 also times every model under torch.compile; --device cuda --dtype float16 runs the rows on a GPU.
 The dense model and every pruned variant of it are timed in turns in one process (snp_fx.report.time_interleaved), so
@@ -23,6 +27,7 @@ Writes benchmarks/results/latency.json.
 """
 import argparse
 import copy
+import statistics
 
 import timm
 import torch
@@ -31,7 +36,7 @@ from timm.models.vision_transformer import Attention
 
 import snp_fx
 from snp_fx.cost import count_macs
-from snp_fx.report import time_interleaved
+from snp_fx.report import time_interleaved, time_turns
 from torch.profiler import ProfilerActivity, profile
 
 from common import keep_freed_memory, report
@@ -48,14 +53,17 @@ PAPER = {("deit_small_patch16_224", 2.04): 1.38, ("deit_small_patch16_224", 1.27
          ("deit_base_patch16_224", 6.32): 1.89, ("deit_base_patch16_224", 3.5): 2.65}
 
 
-def tp_prune(dense, x, ratio):
-    """torch-pruning's timm ViT recipe at one uniform pruning ratio (a pruned copy of ``dense``)."""
+def tp_prune(dense, x, ratio, round_to=1):
+    """torch-pruning's timm ViT recipe at one uniform pruning ratio (a pruned copy of ``dense``).
+
+    ``round_to``: torch-pruning's own option, kept widths in multiples of it (the recipe's default 1).
+    """
     model = copy.deepcopy(dense)
     num_heads = {m.qkv: m.num_heads for m in model.modules() if isinstance(m, Attention)}
     pruner = tp.pruner.BasePruner(
         model, x, importance=tp.importance.GroupMagnitudeImportance(p=1), global_pruning=False,
         pruning_ratio=ratio, ignored_layers=[model.head], num_heads=num_heads,
-        prune_num_heads=False, prune_head_dims=True, round_to=1)
+        prune_num_heads=False, prune_head_dims=True, round_to=round_to)
     for group in pruner.step(interactive=True):
         group.prune()
     # The recipe then fixes the heads' bookkeeping.  It also replaces Attention.forward, because
@@ -72,12 +80,12 @@ def tp_prune(dense, x, ratio):
     return model.eval()
 
 
-def tp_matching(dense, x, target, tol=0.01):
-    """Bisect torch-pruning's ratio until count_macs is within ``tol`` of ``target``."""
+def tp_matching(dense, x, target, tol=0.01, round_to=1):
+    """Bisect torch-pruning's ratio until count_macs is within ``tol`` of ``target`` (else the nearest)."""
     lo, hi, best = 0.0, 0.95, None
     for _ in range(20):
         r = (lo + hi) / 2
-        model = tp_prune(dense, x, r)
+        model = tp_prune(dense, x, r, round_to)
         macs = count_macs(model, (x,))
         if best is None or abs(macs - target) < abs(best[1] - target):
             best = (model, macs, r)
@@ -104,18 +112,41 @@ def fused_attention(model, x):
 
 
 def variants(name, dense, x, quick, big):
-    """[(label, budget, pruned model, paper speedup or None)] for one dense model."""
+    """[(label, budget, pruned model, paper speedup or None, latency fraction asked or None,
+    label of the torch-pruning row it is timed against or None)] for one dense model."""
     out = []
     configs = CONFIGS[name][:1] if quick else CONFIGS[name]
     dense_macs = count_macs(dense, (x,))
+    tps = []  # (round_to, MACs, label) of the torch-pruning rows made so far
+
+    def torch_pruning(pruned, round_to, pending):
+        """Label of a torch-pruning row with ``round_to`` within 2% of ``pruned``'s MACs; made if none is."""
+        macs = count_macs(pruned, (x,))
+        for rt, m, label in tps:
+            if rt == round_to and abs(m / macs - 1) <= 0.02:
+                return label
+        model, m, r = tp_matching(dense, x, macs, tol=0.01 if round_to == 1 else 0.02, round_to=round_to)
+        label = f"torch-pruning L1 uniform r={r:.3f}" + (f", round_to {round_to}" if round_to > 1 else "")
+        tps.append((round_to, m, label))
+        pending.append((label, None, model, None, None, None))
+        return label
+
+    def snp(label, budget, pruned, round_to, pending, asked=None):
+        versus = None if asked is not None else torch_pruning(pruned, round_to, pending)
+        out.append((label, budget, pruned, PAPER.get((name, budget)), asked, versus))
+
     for cfg, g in configs:
+        pending = []  # this budget's torch-pruning rows, listed after its snp_fx rows
         a = snp_fx.prune(dense, x, ratios=cfg, progress=False)
-        out.append((f"snp_fx `{cfg}` config", g, a, PAPER.get((name, g))))
+        snp(f"snp_fx `{cfg}` config", g, a, 1, pending)
+        # the same per-layer ratios with widths the CPU likes (round_to 8, to the nearest multiple)
+        snp(f"snp_fx `{cfg}` config, hardware cpu", g,
+            snp_fx.prune(dense, x, ratios=cfg, hardware="cpu", progress=False), 8, pending)
         b = snp_fx.prune(dense, x, target_macs=g * 1e9, hardware="cpu", progress=False)
-        out.append((f"snp_fx target {g}G, hardware cpu", g, b, PAPER.get((name, g))))
+        snp(f"snp_fx target {g}G, hardware cpu", g, b, 8, pending)
         if not quick:  # whole heads may go too: the shapes attention runs fastest in (native_widths.py)
             h = snp_fx.prune(dense, x, target_macs=g * 1e9, hardware="cpu", heads=True, progress=False)
-            out.append((f"snp_fx target {g}G + heads, hardware cpu", g, h, PAPER.get((name, g))))
+            snp(f"snp_fx target {g}G + heads, hardware cpu", g, h, 8, pending)
             # a latency budget: the config's MACs fraction of the dense latency at the big batch
             # (the latency table is measured at the example's batch)
             frac = round(count_macs(a, (x,)) / dense_macs, 3)
@@ -125,16 +156,14 @@ def variants(name, dense, x, quick, big):
             except snp_fx.SNPError as e:  # the latency table is measured here: a loaded machine can upset it
                 print(f"{name} | target_latency {frac}: {e}", flush=True)
             else:
-                out.append((f"snp_fx target_latency {frac} (b{big}), hardware cpu", g, d, PAPER.get((name, g)),
-                            frac))
-        model, _, r = tp_matching(dense, x, count_macs(a, (x,)))
-        out.append((f"torch-pruning L1 uniform r={r:.3f}", g, model, None))
+                snp(f"snp_fx target_latency {frac} (b{big}), hardware cpu", g, d, 8, pending, asked=frac)
+        out += pending
     if name in HEADS_BUDGET and not quick:
-        g = HEADS_BUDGET[name]
+        g, pending = HEADS_BUDGET[name], []
         c = snp_fx.prune(dense, x, target_macs=g * 1e9, hardware="cpu", heads=True, progress=False)
-        out.append((f"snp_fx target {g}G + heads, hardware cpu", g, c, PAPER.get((name, g))))
-        model, _, r = tp_matching(dense, x, count_macs(c, (x,)))
-        out.append((f"torch-pruning L1 uniform r={r:.3f}", g, model, None))
+        snp(f"snp_fx target {g}G + heads, hardware cpu", g, c, 8, pending)
+        torch_pruning(c, 1, pending)  # and the recipe as published, for the speedup columns
+        out += pending
     return out
 
 
@@ -162,11 +191,11 @@ def main():
         torch.manual_seed(0)
         dense = timm.create_model(name, pretrained=False).eval()
         x1 = torch.randn(1, 3, 224, 224)
-        vs = [v if len(v) == 5 else (*v, None) for v in variants(name, dense, x1, args.quick, args.big_batch)]
+        vs = variants(name, dense, x1, args.quick, args.big_batch)
         dense_macs = count_macs(dense, (x1,))
-        models = {"dense": dense, **{i: m for i, (_, _, m, _, _) in enumerate(vs)}}
+        models = {"dense": dense, **{i: v[2] for i, v in enumerate(vs)}}
         with torch.inference_mode():
-            for i, (label, _, m, _, _) in enumerate(vs):
+            for i, (label, _, m, *_) in enumerate(vs):
                 y = m(x1)
                 if y.shape != (1, 1000) or not torch.isfinite(y).all():
                     raise RuntimeError(f"{name} / {label}: bad output {tuple(y.shape)}")
@@ -178,17 +207,17 @@ def main():
             for batch, reps in ((1, 3 * args.repeats), (big, args.repeats)):
                 xb = torch.randn(batch, 3, 224, 224, device=device, dtype=dtype)
                 times[compiled, batch] = time_interleaved(timed, (xb,), repeats=reps, warmup=3 if compiled else 2)
-        tp_of = {budget: i for i, (label, budget, _, _, _) in enumerate(vs) if label.startswith("torch-pruning")}
+        index = {v[0]: i for i, v in enumerate(vs)}
         x1 = x1.to(device, dtype)
-        for i, (label, budget, m, paper, asked) in enumerate(vs):
+        for i, (label, budget, m, paper, asked, tp_label) in enumerate(vs):
             macs = count_macs(m, (x1,))
             ratio = dense_macs / macs
             row = {"model": name, "variant": label, "budget_gmacs": budget, "dense_gmacs": dense_macs / 1e9,
                    "pruned_gmacs": macs / 1e9, "macs_ratio": ratio, "big_batch": big, "device": args.device,
                    "dtype": args.dtype, "fused_attention": fused_attention(m, x1), "threads": args.threads,
-                   "paper_speedup": paper, "paper": "-" if paper is None else f"{paper:.2f}x"}
-            # torch-pruning at equal MACs: not for a latency budget's row, whose MACs differ
-            tp = tp_of.get(budget) if not label.startswith("torch-pruning") and asked is None else None
+                   "paper_speedup": paper, "paper": "-" if paper is None else f"{paper:.2f}x",
+                   "timed_against": tp_label or "-"}
+            tp_row = index.get(tp_label)  # torch-pruning at equal MACs (none for a latency budget's row)
             for compiled in (False, True) if args.compile else (False,):
                 tag = "_compiled" if compiled else ""
                 for batch, b in ((1, "b1"), (big, "bN")):
@@ -196,14 +225,22 @@ def main():
                     row[f"dense_ms_{b}{tag}"], row[f"pruned_ms_{b}{tag}"] = t["dense"] * 1e3, t[i] * 1e3
                     row[f"speedup_{b}{tag}"] = t["dense"] / t[i]
                     row[f"speedup_over_macs_{b}{tag}"] = t["dense"] / t[i] / ratio
-                    vs_tp = t[i] / t[tp] if tp is not None else None
+                    vs_tp = t[i] / t[tp_row] if tp_row is not None else None
                     row[f"time_vs_tp_{b}{tag}"] = vs_tp
                     row[f"vs_tp_{b}{tag}"] = "-" if vs_tp is None else f"{vs_tp:.2f}"
             # a latency budget: the fraction of the dense latency asked for vs the one measured here,
-            # eager, at the big batch, in turns with the dense model
+            # eager, at the big batch: in the table's turns (every variant), and timed in pairs with
+            # the dense model alone, as the budget is defined and planned (median per-turn ratio)
             measured = times[False, big][i] / times[False, big]["dense"]
             row["latency_asked_fraction"] = asked
             row["latency_error"] = "-" if asked is None else f"{measured / asked - 1:+.1%}"
+            row["latency_error_pairs"] = "-"
+            if asked is not None:
+                xb = torch.randn(big, 3, 224, 224, device=device, dtype=dtype)
+                t = time_turns({"dense": models["dense"], "pruned": models[i]}, (xb,), repeats=2 * args.repeats)
+                pair = statistics.median(q / d for d, q in zip(t["dense"], t["pruned"]))
+                row["latency_measured_fraction_pairs"] = pair
+                row["latency_error_pairs"] = f"{pair / asked - 1:+.1%}"
             rows.append(row)
             print(f"{name} | {label}: {macs / 1e9:.3f} GMACs, speedup b1 {row['speedup_b1']:.2f}x, "
                   f"b{big} {row['speedup_bN']:.2f}x", flush=True)
@@ -217,7 +254,8 @@ def main():
                     (f"{what}speedup b{big}", f"speedup_bN{tag}", ".2f"),
                     (f"{what}b{big} / MACs ratio", f"speedup_over_macs_bN{tag}", ".2f"),
                     (f"{what}b{big} time / TP's", f"vs_tp_bN{tag}", "")]
-    columns += [("latency measured / asked - 1", "latency_error", ""), ("fused attention", "fused_attention", ""),
+    columns += [("TP's = ", "timed_against", ""), ("latency measured / asked - 1", "latency_error", ""),
+                ("the same, timed in pairs", "latency_error_pairs", ""), ("fused attention", "fused_attention", ""),
                 ("paper (Xeon 4210R)", "paper", "")]
     report("latency" if args.device == "cpu" else f"latency_{args.device}_{args.dtype}", columns, rows)
 
