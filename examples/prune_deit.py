@@ -3,6 +3,7 @@ print the kept widths per block, params, MACs and latency before and after.
 
     python examples/prune_deit.py                          # the authors' DeiT_s config (2.04 GMACs)
     python examples/prune_deit.py --target-macs 0.5 --round-to 8
+    python examples/prune_deit.py --hardware cpu           # the config, widths rounded to what the CPU runs fastest
     python examples/prune_deit.py --pretrained             # timm's ImageNet weights, when you have them
     python examples/prune_deit.py --model deit_tiny_patch16_224 --img-size 64 --calib 4   # a quick run
 
@@ -29,6 +30,8 @@ def main(argv=None):
     ap.add_argument("--config", default="DeiT_s", help="the authors' config: DeiT_t, DeiT_s, DeiT_s_small, DeiT_b")
     ap.add_argument("--target-macs", type=float, help="instead of --config: MACs budget, absolute or a fraction < 1")
     ap.add_argument("--round-to", type=int, default=1, help="with --target-macs: widths are multiples of this")
+    ap.add_argument("--hardware", choices=("cpu", "cuda"),
+                    help="kept widths in the steps this hardware runs fastest (snp_fx.plan's hardware=)")
     ap.add_argument("--calib", type=int, default=8, help="random calibration images")
     ap.add_argument("--pretrained", action="store_true", help="timm's pretrained weights (needs them cached)")
     ap.add_argument("--img-size", type=int, default=224, help="input resolution (timm resizes the position embedding)")
@@ -44,6 +47,7 @@ def main(argv=None):
     print(f"{args.model}: {len(analysis.sites)} attention sites, {len(analysis.prunable())} prunable groups "
           f"({time.perf_counter() - t:.1f} s)")
     budget = {"target_macs": args.target_macs, "round_to": args.round_to} if args.target_macs else {"ratios": args.config}
+    budget["hardware"] = args.hardware
     plan = snp_fx.plan(model, x, analysis=analysis, calibration=calib, **budget)
     pruned = snp_fx.apply(model, plan, x, analysis=analysis)  # checked against the masked original
     elapsed = time.perf_counter() - t

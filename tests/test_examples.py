@@ -35,9 +35,10 @@ def percent(cell):
     return float(m.group(1))
 
 
-def test_prune_deit():
+@pytest.mark.parametrize("hardware", [[], ["--hardware", "cpu"]])
+def test_prune_deit(hardware):
     out = run_example("prune_deit.py", "--model", "deit_tiny_patch16_224", "--config", "DeiT_t", "--calib", "4",
-                      "--img-size", "64")
+                      "--img-size", "64", *hardware)
     m = re.search(r"^deit_tiny_patch16_224: (\d+) attention sites, (\d+) prunable groups", out, re.M)
     assert m and int(m.group(1)) == 12 and int(m.group(2)) > 12, out
     # one row per block: heads kept of 3, q/k and v widths per head of 64, FFN of 768
@@ -46,8 +47,11 @@ def test_prune_deit():
         heads, qk, v, ffn = (tuple(int(x) for x in c.split("/")) for c in cells[1:5])
         assert heads[1] == 3 and qk[1] == 64 and v[1] == 64 and ffn[1] == 768, cells
         assert 1 <= heads[0] <= 3 and 1 <= qk[0] <= 64 and 1 <= v[0] <= 64 and 1 <= ffn[0] <= 768, cells
+        if hardware:  # the authors' widths rounded to the CPU's step
+            assert qk[0] % 8 == 0 and v[0] % 8 == 0 and ffn[0] % 8 == 0, cells
     kept, width = map(int, table_row(out, "residual")[2].split("/"))
     assert width == 192 and 1 <= kept <= 192
+    assert kept == (152 if hardware else 153)  # the DeiT_t config keeps 153 of 192
     assert table_row(out, "head")[2] == "1000/1000 (unprunable: it feeds the model output)"
     for what, unit in (("params", "M"), ("MACs", "G")):
         cells = table_row(out, what)
