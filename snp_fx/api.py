@@ -95,7 +95,7 @@ def analyze(model: torch.nn.Module, example_inputs, *, leaf_modules=(), frontend
             return _analyze(export(_copy(model).eval(), example_inputs), example_inputs, leaf_modules, source)
         except SNPError:
             raise first from None
-    release_memory()
+    release_memory(a.gm)
     if frontend == "auto" and a.unknown_ops and not leaf_modules and a.gm.meta["snp_frontend"] == "fx":
         # ops the table does not know (often python helpers fx keeps whole, like torchvision's
         # shifted_window_attention): torch.export traces through them to ATen; keep whichever
@@ -116,12 +116,16 @@ def _findings(a: Analysis) -> tuple:
     return len(a.sites), classes, -len(a.unknown_ops)
 
 
-def release_memory() -> None:
+def release_memory(model: torch.nn.Module) -> None:
     """Hand freed memory back to the system: the analysis and the check allocate many mid-sized
     label and activation tensors, which glibc keeps in its heap after they are freed (measured on a
-    1.1 B Llama: 1.2 GB of RSS after analysis, gone after malloc_trim).  No-op off glibc."""
+    1.1 B Llama: 1.2 GB of RSS after analysis, gone after malloc_trim).  No-op off glibc, and for a
+    model under 256 MB, whose labels are small: there a full garbage collection costs more (0.3 s
+    in a process holding many models) than it gives back."""
     import ctypes
     import gc
+    if sum(p.numel() * p.element_size() for p in model.parameters()) < 2 ** 28:
+        return
     gc.collect()
     try:
         ctypes.CDLL("libc.so.6").malloc_trim(0)
@@ -370,7 +374,7 @@ def apply(model_or_analysis, plan: PruningPlan, example_inputs=None, *, verify: 
     pruned.eval()
     if verify:
         _check(a, keep, pruned, plan)  # before compensation, which changes the kept weights
-        release_memory()
+        release_memory(a.gm)
     if compensate:
         if calibration is None:
             calibration = default_calibration(a)

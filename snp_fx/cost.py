@@ -10,6 +10,7 @@ and a keep mask alone (no rewrite, no forward): each op family counts its own MA
 """
 from __future__ import annotations
 
+import numpy as np
 import torch
 from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count
 
@@ -79,26 +80,51 @@ def count_params(model: torch.nn.Module) -> int:
 
 
 class _Estimator:
-    """What a family's ``macs`` reads: pruned shapes (``new``), real shapes, modules, kept counts."""
+    """What a family's ``macs`` reads: pruned shapes (``new``), real shapes, modules, kept counts.
+
+    A planner estimates hundreds of plans that differ in one group: each shape and count is
+    memoised per analysis, keyed by the keep bits it reads (its own channels only)."""
 
     def __init__(self, analysis, keep: torch.Tensor):
         self.analysis, self.keep = analysis, keep
         self.shapes, self.labels = analysis.shapes, analysis.labels
         self.modules = dict(analysis.gm.named_modules())
-        self._cache: dict[str, list[int]] = {}
+        self._memo = analysis.__dict__.setdefault("_estimates", {})
+
+    def _memoised(self, key, ids, compute):
+        if key not in self._memo:
+            self._memo[key] = (ids(), {})
+        uids, seen = self._memo[key]
+        bits = np.packbits(self.keep[uids].numpy()).tobytes()
+        if bits not in seen:
+            if len(seen) >= 8:  # the recent plans' values are the ones asked again
+                seen.pop(next(iter(seen)))
+            seen[bits] = compute()
+        return seen[bits]
 
     def new(self, name: str) -> list[int]:
         """Pruned shape of a node's tensor."""
-        if name not in self._cache:
-            try:
-                self._cache[name] = pruned_sizes(self.labels[name], self.shapes[name], self.keep)
-            except Irregular:
-                self._cache[name] = list(self.shapes[name])  # a fused reshape: its parts are counted downstream
-        return self._cache[name]
+        lab = self.labels[name]
+        if not isinstance(lab, torch.Tensor):
+            return self._new(name)
+        return list(self._memoised(("new", name), lambda: torch.unique(lab[lab >= 0]), lambda: self._new(name)))
+
+    def _new(self, name: str) -> list[int]:
+        try:
+            return pruned_sizes(self.labels[name], self.shapes[name], self.keep)
+        except Irregular:
+            return list(self.shapes[name])  # a fused reshape: its parts are counted downstream
 
     def kept(self, param: str, shape) -> int:
         """Elements of a parameter the keep mask leaves."""
-        return self.analysis.channels.kept_count(param, shape, self.keep)
+        ch = self.analysis.channels
+
+        def ids():
+            parts = [t.flatten() for t in ch.param_ids.get(param, [])]
+            if param in ch.elem_ids:
+                parts.append(ch.elem_ids[param].flatten())
+            return torch.unique(torch.cat(parts)) if parts else torch.zeros(0, dtype=torch.long)
+        return self._memoised(("kept", param, tuple(shape)), ids, lambda: ch.kept_count(param, shape, self.keep))
 
 
 def estimate_macs(analysis, keep: torch.Tensor) -> int:

@@ -128,8 +128,10 @@ class UnitSpace:
         return self._parent[:self.next_id]
 
     def canon(self, lab: torch.Tensor) -> torch.Tensor:
-        r = self.roots()
-        return torch.where(lab >= 0, r[lab.clamp(min=0)], lab)
+        if self._compressed:
+            return torch.where(lab >= 0, self._parent[lab.clamp(min=0)], lab)
+        # only these ids' roots: compressing every id after each union costs more on a big graph
+        return torch.where(lab >= 0, self._root(lab.clamp(min=0)), lab)
 
     def is_soft(self, lab: torch.Tensor) -> bool:
         """True if ``lab`` names channels and all of them are of buffers/constants only."""

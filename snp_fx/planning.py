@@ -250,6 +250,8 @@ def _why_heads_stay(qk: Group, v: Group | None) -> str:
 def keep_mask(analysis: Analysis, plan: PruningPlan) -> torch.Tensor:
     """keep[id] for every unit id: False where the plan removes its class."""
     keep_cls = torch.ones(analysis.channels.num_units, dtype=torch.bool)
+    # a planner builds hundreds of plans that differ in one group: each entry is checked once
+    memo = analysis.__dict__.setdefault("_removed_classes", {})
     for name, entry in plan.groups.items():
         g = analysis.groups.get(name)
         if g is None:
@@ -259,62 +261,88 @@ def keep_mask(analysis: Analysis, plan: PruningPlan) -> torch.Tensor:
             raise SNPError(f"plan group '{name}' has kind {entry.get('kind')!r}, the model's is {g.kind!r}")
         if not g.prunable:
             raise SNPError(f"plan prunes group '{name}', which cannot be pruned: {g.reason}")
-        keep = entry["keep"]
-        if g.slots is not None:  # MoE experts: the same count in every expert (rectangular 3-d weights)
-            if not isinstance(keep, list) or len(keep) != g.heads or not all(isinstance(r, list) for r in keep):
-                raise SNPError(f"plan group '{name}' must list kept indices for each of its {g.heads} experts")
-            widths = {len(r) for r in keep}
-            if len(widths) != 1 or not keep[0]:
-                raise SNPError(f"plan group '{name}' keeps widths {sorted(widths)} per expert; every expert must "
-                               "keep the same count (at least one): its weights are one 3-d tensor")
-            k = len(keep[0])
-            if g.step > 1 and k % g.step and k != g.width:
-                raise SNPError(f"plan group '{name}' keeps {k} channels per expert; its kernel takes multiples "
-                               f"of {g.step} (aligned rows)")
-            keep_cls[g.slots[k:]] = False  # pruned activation column s: each row's expert's s-th kept neuron
-            rows = list(enumerate(keep))
-        elif g.classes.dim() == 2:
-            if not isinstance(keep, list) or len(keep) != g.heads:
-                raise SNPError(f"plan group '{name}' must list kept indices for each of its {g.heads} heads")
-            widths = {len(h) for h in keep if h}
-            if len(widths) > 1:
-                raise SNPError(f"plan group '{name}' keeps different widths per head {sorted(widths)}; "
-                               "heads of one site must keep the same count")
-            if not widths:
-                raise SNPError(f"plan group '{name}' removes every head; keep at least one")
-            rows = [(h, idx) for h, idx in enumerate(keep)]
-            if g.unit_sizes is not None and all(isinstance(i, int) and 0 <= i < g.width for r in keep for i in r):
-                layouts = {tuple(g.size_counts(h, idx).items()) for h, idx in rows if idx}
-                if len(layouts) > 1:
-                    raise SNPError(f"plan group '{name}' keeps different counts of channel pairs and single "
-                                   f"channels per head {[dict(x) for x in sorted(layouts)]}; heads of one site "
-                                   "must keep the same layout")
-        else:
-            rows = [(None, keep)]
-            if not keep:
-                raise SNPError(f"plan group '{name}' keeps no channel; keep at least one")
-            if g.step > 1 and len(keep) % g.step and len(keep) != g.width:
-                raise SNPError(f"plan group '{name}' keeps {len(keep)} channels; its kernel takes multiples "
-                               f"of {g.step} (aligned rows)")
-            if g.blocks is not None and all(isinstance(i, int) and 0 <= i < g.width for i in keep):
-                counts = torch.bincount(g.blocks[keep], minlength=int(g.blocks.max()) + 1).tolist()
-                if len(set(counts)) > 1:
-                    raise SNPError(f"plan group '{name}' keeps {counts} channels of its blocks (the groups of a "
-                                   "grouped conv); each must keep the same count")
-        for h, idx in rows:
-            cls = g.classes[h] if h is not None else g.classes
-            if any((not isinstance(i, int)) or i < 0 or i >= cls.numel() for i in idx) or len(set(idx)) != len(idx):
-                raise SNPError(f"plan group '{name}' has invalid indices (must be distinct ints in "
-                               f"[0, {cls.numel()}))")
-            m = torch.ones(cls.numel(), dtype=torch.bool)
-            m[idx] = False
-            keep_cls[cls[m]] = False
+        frozen = _frozen(entry["keep"])
+        removed = memo.get((name, frozen)) if frozen is not None else None
+        if removed is None:
+            removed = _removed_classes(g, entry["keep"])
+            if frozen is not None:
+                if len(memo) > 4 * len(analysis.groups) + 64:  # a few plans' worth
+                    memo.clear()
+                memo[name, frozen] = removed
+        keep_cls[removed] = False
     # dependent classes (heads, head-indexed tables) exist while any support exists
     for dep, sup in analysis.channels.support.items():
         if sup:
             keep_cls[dep] = bool(keep_cls[torch.tensor(sorted(sup))].any())
     _check_heads(analysis, plan, keep_cls)
     return keep_cls[analysis.channels.class_of]
+
+
+def _frozen(keep):
+    """A hashable copy of a plan entry's kept indices (a list of ints, or of lists of ints); None
+    for anything else (checked, and refused, every time)."""
+    if not isinstance(keep, list):
+        return None
+    if all(type(i) is int for i in keep):
+        return tuple(keep)
+    rows = [_frozen(r) for r in keep]
+    return None if any(r is None for r in rows) else tuple(rows)
+
+
+def _removed_classes(g: Group, keep) -> torch.Tensor:
+    """The class ids a plan entry ``keep`` of group ``g`` removes, after checking the entry."""
+    name = g.name
+    removed = []
+    if g.slots is not None:  # MoE experts: the same count in every expert (rectangular 3-d weights)
+        if not isinstance(keep, list) or len(keep) != g.heads or not all(isinstance(r, list) for r in keep):
+            raise SNPError(f"plan group '{name}' must list kept indices for each of its {g.heads} experts")
+        widths = {len(r) for r in keep}
+        if len(widths) != 1 or not keep[0]:
+            raise SNPError(f"plan group '{name}' keeps widths {sorted(widths)} per expert; every expert must "
+                           "keep the same count (at least one): its weights are one 3-d tensor")
+        k = len(keep[0])
+        if g.step > 1 and k % g.step and k != g.width:
+            raise SNPError(f"plan group '{name}' keeps {k} channels per expert; its kernel takes multiples "
+                           f"of {g.step} (aligned rows)")
+        removed.append(g.slots[k:].flatten())  # pruned activation column s: each row's expert's s-th kept neuron
+        rows = list(enumerate(keep))
+    elif g.classes.dim() == 2:
+        if not isinstance(keep, list) or len(keep) != g.heads:
+            raise SNPError(f"plan group '{name}' must list kept indices for each of its {g.heads} heads")
+        widths = {len(h) for h in keep if h}
+        if len(widths) > 1:
+            raise SNPError(f"plan group '{name}' keeps different widths per head {sorted(widths)}; "
+                           "heads of one site must keep the same count")
+        if not widths:
+            raise SNPError(f"plan group '{name}' removes every head; keep at least one")
+        rows = [(h, idx) for h, idx in enumerate(keep)]
+        if g.unit_sizes is not None and all(isinstance(i, int) and 0 <= i < g.width for r in keep for i in r):
+            layouts = {tuple(g.size_counts(h, idx).items()) for h, idx in rows if idx}
+            if len(layouts) > 1:
+                raise SNPError(f"plan group '{name}' keeps different counts of channel pairs and single "
+                               f"channels per head {[dict(x) for x in sorted(layouts)]}; heads of one site "
+                               "must keep the same layout")
+    else:
+        rows = [(None, keep)]
+        if not keep:
+            raise SNPError(f"plan group '{name}' keeps no channel; keep at least one")
+        if g.step > 1 and len(keep) % g.step and len(keep) != g.width:
+            raise SNPError(f"plan group '{name}' keeps {len(keep)} channels; its kernel takes multiples "
+                           f"of {g.step} (aligned rows)")
+        if g.blocks is not None and all(isinstance(i, int) and 0 <= i < g.width for i in keep):
+            counts = torch.bincount(g.blocks[keep], minlength=int(g.blocks.max()) + 1).tolist()
+            if len(set(counts)) > 1:
+                raise SNPError(f"plan group '{name}' keeps {counts} channels of its blocks (the groups of a "
+                               "grouped conv); each must keep the same count")
+    for h, idx in rows:
+        cls = g.classes[h] if h is not None else g.classes
+        if any((not isinstance(i, int)) or i < 0 or i >= cls.numel() for i in idx) or len(set(idx)) != len(idx):
+            raise SNPError(f"plan group '{name}' has invalid indices (must be distinct ints in "
+                           f"[0, {cls.numel()}))")
+        m = torch.ones(cls.numel(), dtype=torch.bool)
+        m[idx] = False
+        removed.append(cls[m].flatten())
+    return torch.cat(removed) if removed else torch.zeros(0, dtype=torch.long)
 
 
 def _check_heads(analysis, plan, keep_cls):
@@ -538,6 +566,8 @@ def plan_for_target(analysis: Analysis, scores, target_macs=None, target_params=
             if abs(best_v - target) <= tolerance * target:
                 break
             direction = -1 if best_v > target else 1
+            # the step of the lowest-scored channels (removing) or the best ones (adding back) whose
+            # budget stays in the band: try them in score order, the first that fits is the step
             options = []
             for g in groups:
                 step = step_of(round_to, g)
@@ -549,15 +579,15 @@ def plan_for_target(analysis: Analysis, scores, target_macs=None, target_params=
                 trial = filled(trial)
                 if trial == widths:  # a step the fill undoes (q/k or v of a filled site alone)
                     continue
+                options.append((step_score(g, widths[g.name], direction) * -direction, trial))
+            options.sort(key=lambda o: o[0])  # stable: ties keep the groups' order
+            for _, trial in options:
                 v, p = value(trial, heads_kept)
-                if direction < 0 and v < target * (1 - tolerance):
-                    continue  # would overshoot below the band
-                if direction > 0 and v > target * (1 + tolerance):
-                    continue
-                options.append((step_score(g, widths[g.name], direction) * -direction, g.name, trial, v, p))
-            if not options:
+                if v >= target * (1 - tolerance) if direction < 0 else v <= target * (1 + tolerance):
+                    widths, best_v, best = trial, v, p
+                    break
+            else:
                 break
-            _, _, widths, best_v, best = min(options, key=lambda o: o[0])
     what = "target_macs" if target_macs is not None else "target_params" if target_params is not None \
         else "target_latency"
     best.meta = {what: float(target), "dense": float(dense), "round_to": round_to, "heads": heads}

@@ -100,6 +100,35 @@ def test_estimates_match_measurement_on_random_plans():
         assert count_params(pruned) == estimate_params(a, keep)
 
 
+def test_memoised_estimates_equal_fresh_ones():
+    """keep_mask and the estimates memoise per analysis (a planner asks hundreds of near-equal
+    plans): plans that share most groups, one asked many times, one edited in place after use,
+    each give what a fresh analysis gives; an invalid entry is refused every time it is asked."""
+    import copy
+    a = timm_analysis("swin_tiny_patch4_window7_224")
+    fresh = copy.deepcopy(a)
+    plans = [make_plan(a, {"qk": 0.5 - s / 8, "v": 0.25, "ffn": 0.3 + s / 8, "residual": 0.2 + s / 8, "heads": 0.25},
+                       compute_scores(a, "random", seed=s)) for s in range(3)]
+    mixed = copy.deepcopy(plans[0])
+    for g in a.prunable("ffn"):  # the FFN groups from another plan
+        mixed.groups[g.name] = plans[1].groups[g.name]
+    edited = copy.deepcopy(plans[2])
+    for p in plans + [mixed, plans[0], edited]:
+        keep = keep_mask(a, p)
+        for k in ("_removed_classes", "_estimates"):
+            fresh.__dict__.pop(k, None)
+        assert torch.equal(keep, keep_mask(fresh, p))
+        assert estimate_macs(a, keep) == estimate_macs(fresh, keep)
+        assert estimate_params(a, keep) == estimate_params(fresh, keep)
+    ffn = next(g for g in a.prunable("ffn"))
+    edited.groups[ffn.name]["keep"].pop()  # the same list, one channel fewer
+    assert not torch.equal(keep_mask(a, edited), keep)
+    edited.groups[ffn.name]["keep"].append(edited.groups[ffn.name]["keep"][0])  # a duplicate index
+    for _ in range(2):
+        with pytest.raises(SNPError, match="invalid indices"):
+            keep_mask(a, edited)
+
+
 from hypothesis import HealthCheck, given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 
