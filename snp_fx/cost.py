@@ -154,5 +154,6 @@ def _counted_nodes(analysis, c) -> list:
 
 def estimate_params(analysis, keep: torch.Tensor) -> int:
     """Parameter count of the pruned model, from the labels alone."""
-    return sum(analysis.channels.kept_count(name, p.shape, keep) for name, p in analysis.gm.named_parameters())
+    c = _Estimator(analysis, keep)
+    return sum(c.kept(name, p.shape) for name, p in analysis.gm.named_parameters())
 
