@@ -118,13 +118,8 @@ class _Estimator:
     def kept(self, param: str, shape) -> int:
         """Elements of a parameter the keep mask leaves."""
         ch = self.analysis.channels
-
-        def ids():
-            parts = [t.flatten() for t in ch.param_ids.get(param, [])]
-            if param in ch.elem_ids:
-                parts.append(ch.elem_ids[param].flatten())
-            return torch.unique(torch.cat(parts)) if parts else torch.zeros(0, dtype=torch.long)
-        return self._memoised(("kept", param, tuple(shape)), ids, lambda: ch.kept_count(param, shape, self.keep))
+        return self._memoised(("kept", param, tuple(shape)), lambda: ch.ids_read(param),
+                              lambda: ch.kept_count(param, shape, self.keep))
 
 
 def estimate_macs(analysis, keep: torch.Tensor) -> int:

@@ -130,6 +130,14 @@ class ChannelGraph:
                 raise RewriteError(f"the kept part of `{name}` is not a block of whole slices")
         return masks
 
+    def ids_read(self, name: str) -> torch.Tensor:
+        """The unit ids whose keep bits ``dim_masks`` reads for a parameter/buffer (its result is a
+        function of ``keep`` at these ids alone)."""
+        parts = [t.flatten() for t in self.param_ids.get(name, [])]
+        if name in self.elem_ids:
+            parts.append(self.elem_ids[name].flatten())
+        return torch.unique(torch.cat(parts)) if parts else torch.zeros(0, dtype=torch.long)
+
     def expert_masks(self, name: str, keep: torch.Tensor) -> dict[int, torch.Tensor]:
         """{dim: keep mask (experts, n)} of the dims of an expert weight pruned per expert; the
         ``dim_masks`` of those dims only count (each expert keeps as many)."""
