@@ -21,12 +21,15 @@ Per model (timm, random init) the rows are:
       coarse); a torch-pruning row serves every row whose MACs are within 2% of its own.
 fp32, 2 threads (--threads), eval + inference_mode, batch 1 and 16 (--big-batch) at 224x224; --compile
 also times every model under torch.compile; --device cuda --dtype float16 runs the rows on a GPU.
-The dense model and every pruned variant of it are timed in turns in one process (snp_fx.report.time_interleaved), so
-the speedups (dense time / pruned time) hold even when the machine is shared.
+The dense model and every pruned variant of it are timed in turns in one process (snp_fx.report.time_turns), so
+the speedups (dense time / pruned time) hold even when the machine is shared; "time / TP's" is the median of
+the per-turn ratios to the torch-pruning row, with their quartiles in brackets.  The load average before
+and after the timing is printed and saved.
 Writes benchmarks/results/latency.json.
 """
 import argparse
 import copy
+import os
 import statistics
 
 import timm
@@ -36,7 +39,7 @@ from timm.models.vision_transformer import Attention
 
 import snp_fx
 from snp_fx.cost import count_macs
-from snp_fx.report import time_interleaved, time_turns
+from snp_fx.report import time_turns
 from torch.profiler import ProfilerActivity, profile
 
 from common import keep_freed_memory, report
@@ -201,12 +204,16 @@ def main():
                     raise RuntimeError(f"{name} / {label}: bad output {tuple(y.shape)}")
         models = {k: m.to(device, dtype) for k, m in models.items()}
         big = args.big_batch
-        times = {}  # (compiled?, batch) -> {model: seconds}
+        load_before = os.getloadavg()[0]  # 1-minute load: this benchmark's own threads count in it
+        times, turns = {}, {}  # (compiled?, batch) -> {model: median seconds}, {model: seconds per turn}
         for compiled in (False, True) if args.compile else (False,):
             timed = {k: torch.compile(m) for k, m in models.items()} if compiled else models
             for batch, reps in ((1, 3 * args.repeats), (big, args.repeats)):
                 xb = torch.randn(batch, 3, 224, 224, device=device, dtype=dtype)
-                times[compiled, batch] = time_interleaved(timed, (xb,), repeats=reps, warmup=3 if compiled else 2)
+                turns[compiled, batch] = time_turns(timed, (xb,), repeats=reps, warmup=3 if compiled else 2)
+                times[compiled, batch] = {k: statistics.median(v) for k, v in turns[compiled, batch].items()}
+        load = f"{load_before:.1f}-{os.getloadavg()[0]:.1f}"
+        print(f"{name}: load average {load} while timing", flush=True)
         index = {v[0]: i for i, v in enumerate(vs)}
         x1 = x1.to(device, dtype)
         for i, (label, budget, m, paper, asked, tp_label) in enumerate(vs):
@@ -216,7 +223,7 @@ def main():
                    "pruned_gmacs": macs / 1e9, "macs_ratio": ratio, "big_batch": big, "device": args.device,
                    "dtype": args.dtype, "fused_attention": fused_attention(m, x1), "threads": args.threads,
                    "paper_speedup": paper, "paper": "-" if paper is None else f"{paper:.2f}x",
-                   "timed_against": tp_label or "-"}
+                   "timed_against": tp_label or "-", "load": load}
             tp_row = index.get(tp_label)  # torch-pruning at equal MACs (none for a latency budget's row)
             for compiled in (False, True) if args.compile else (False,):
                 tag = "_compiled" if compiled else ""
@@ -225,9 +232,15 @@ def main():
                     row[f"dense_ms_{b}{tag}"], row[f"pruned_ms_{b}{tag}"] = t["dense"] * 1e3, t[i] * 1e3
                     row[f"speedup_{b}{tag}"] = t["dense"] / t[i]
                     row[f"speedup_over_macs_{b}{tag}"] = t["dense"] / t[i] / ratio
-                    vs_tp = t[i] / t[tp_row] if tp_row is not None else None
-                    row[f"time_vs_tp_{b}{tag}"] = vs_tp
-                    row[f"vs_tp_{b}{tag}"] = "-" if vs_tp is None else f"{vs_tp:.2f}"
+                    # against torch-pruning: the median of the per-turn ratios (the two ran back to back
+                    # in every turn), and the quartiles of those ratios: how far one turn's reading moves
+                    vs_tp, spread = None, None
+                    if tp_row is not None:
+                        ratios = [a / b for a, b in zip(turns[compiled, batch][i], turns[compiled, batch][tp_row])]
+                        q = statistics.quantiles(ratios, n=4)
+                        vs_tp, spread = statistics.median(ratios), (q[0], q[2])
+                    row[f"time_vs_tp_{b}{tag}"], row[f"time_vs_tp_quartiles_{b}{tag}"] = vs_tp, spread
+                    row[f"vs_tp_{b}{tag}"] = "-" if vs_tp is None else f"{vs_tp:.2f} ({spread[0]:.2f}-{spread[1]:.2f})"
             # a latency budget: the fraction of the dense latency asked for vs the one measured here,
             # eager, at the big batch: in the table's turns (every variant), and timed in pairs with
             # the dense model alone, as the budget is defined and planned (median per-turn ratio)
@@ -256,7 +269,7 @@ def main():
                     (f"{what}b{big} time / TP's", f"vs_tp_bN{tag}", "")]
     columns += [("TP's = ", "timed_against", ""), ("latency measured / asked - 1", "latency_error", ""),
                 ("the same, timed in pairs", "latency_error_pairs", ""), ("fused attention", "fused_attention", ""),
-                ("paper (Xeon 4210R)", "paper", "")]
+                ("paper (Xeon 4210R)", "paper", ""), ("load while timed", "load", "")]
     report("latency" if args.device == "cpu" else f"latency_{args.device}_{args.dtype}", columns, rows)
 
 
