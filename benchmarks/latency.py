@@ -1,7 +1,7 @@
 """Speed of pruned DeiTs on CPU, dense and pruned timed side by side, and torch-pruning at equal MACs.
 
     python benchmarks/latency.py [--models deit_tiny_patch16_224 ...] [--repeats 8] [--threads 2] [--quick]
-                                 [--compile] [--device cuda --dtype float16 --big-batch 64]
+                                 [--compile] [--device cuda --dtype float16 --big-batch 64] [--normalise kind]
 
 Per model (timm, random init) the rows are:
   (a) snp_fx with the SNP authors' config ("DeiT_t", "DeiT_s", "DeiT_s_small", "DeiT_b"),
@@ -25,7 +25,7 @@ The dense model and every pruned variant of it are timed in turns in one process
 the speedups (dense time / pruned time) hold even when the machine is shared; "time / TP's" is the median of
 the per-turn ratios to the torch-pruning row, with their quartiles in brackets.  The load average before
 and after the timing is printed and saved.
-Writes benchmarks/results/latency.json.
+Writes benchmarks/results/latency.json (latency_normalise_kind.json with --normalise kind).
 """
 import argparse
 import copy
@@ -114,7 +114,7 @@ def fused_attention(model, x):
     return f"{fused}/{names.count('aten::scaled_dot_product_attention')}"
 
 
-def variants(name, dense, x, quick, big):
+def variants(name, dense, x, quick, big, normalise="group"):
     """[(label, budget, pruned model, paper speedup or None, latency fraction asked or None,
     label of the torch-pruning row it is timed against or None)] for one dense model."""
     out = []
@@ -145,26 +145,30 @@ def variants(name, dense, x, quick, big):
         # the same per-layer ratios with widths the CPU likes (round_to 8, to the nearest multiple)
         snp(f"snp_fx `{cfg}` config, hardware cpu", g,
             snp_fx.prune(dense, x, ratios=cfg, hardware="cpu", progress=False), 8, pending)
-        b = snp_fx.prune(dense, x, target_macs=g * 1e9, hardware="cpu", progress=False)
-        snp(f"snp_fx target {g}G, hardware cpu", g, b, 8, pending)
+        tag = "" if normalise == "group" else f", normalise {normalise}"
+        b = snp_fx.prune(dense, x, target_macs=g * 1e9, hardware="cpu", normalise=normalise, progress=False)
+        snp(f"snp_fx target {g}G, hardware cpu{tag}", g, b, 8, pending)
         if not quick:  # whole heads may go too: the shapes attention runs fastest in (native_widths.py)
-            h = snp_fx.prune(dense, x, target_macs=g * 1e9, hardware="cpu", heads=True, progress=False)
-            snp(f"snp_fx target {g}G + heads, hardware cpu", g, h, 8, pending)
+            h = snp_fx.prune(dense, x, target_macs=g * 1e9, hardware="cpu", heads=True, normalise=normalise,
+                             progress=False)
+            snp(f"snp_fx target {g}G + heads, hardware cpu{tag}", g, h, 8, pending)
             # a latency budget: the config's MACs fraction of the dense latency at the big batch
             # (the latency table is measured at the example's batch)
             frac = round(count_macs(a, (x,)) / dense_macs, 3)
             xb = torch.randn(big, *x.shape[1:])
             try:
-                d = snp_fx.prune(dense, xb, target_latency=frac, hardware="cpu", progress=False)
+                d = snp_fx.prune(dense, xb, target_latency=frac, hardware="cpu", normalise=normalise, progress=False)
             except snp_fx.SNPError as e:  # the latency table is measured here: a loaded machine can upset it
                 print(f"{name} | target_latency {frac}: {e}", flush=True)
             else:
-                snp(f"snp_fx target_latency {frac} (b{big}), hardware cpu", g, d, 8, pending, asked=frac)
+                snp(f"snp_fx target_latency {frac} (b{big}), hardware cpu{tag}", g, d, 8, pending, asked=frac)
         out += pending
     if name in HEADS_BUDGET and not quick:
         g, pending = HEADS_BUDGET[name], []
-        c = snp_fx.prune(dense, x, target_macs=g * 1e9, hardware="cpu", heads=True, progress=False)
-        snp(f"snp_fx target {g}G + heads, hardware cpu", g, c, 8, pending)
+        tag = "" if normalise == "group" else f", normalise {normalise}"
+        c = snp_fx.prune(dense, x, target_macs=g * 1e9, hardware="cpu", heads=True, normalise=normalise,
+                         progress=False)
+        snp(f"snp_fx target {g}G + heads, hardware cpu{tag}", g, c, 8, pending)
         torch_pruning(c, 1, pending)  # and the recipe as published, for the speedup columns
         out += pending
     return out
@@ -181,6 +185,8 @@ def main():
     ap.add_argument("--dtype", default="float32", choices=("float32", "float16", "bfloat16"),
                     help="timing dtype (pruning runs in float32, then the models are converted)")
     ap.add_argument("--big-batch", type=int, default=16, help="the second batch size timed (e.g. 64 on a GPU)")
+    ap.add_argument("--normalise", choices=("group", "kind"), default="group",
+                    help="how the target rows compare scores across groups (snp_fx.plan's normalise=)")
     args = ap.parse_args()
     keep_freed_memory()
     if args.quick:
@@ -194,7 +200,7 @@ def main():
         torch.manual_seed(0)
         dense = timm.create_model(name, pretrained=False).eval()
         x1 = torch.randn(1, 3, 224, 224)
-        vs = variants(name, dense, x1, args.quick, args.big_batch)
+        vs = variants(name, dense, x1, args.quick, args.big_batch, args.normalise)
         dense_macs = count_macs(dense, (x1,))
         models = {"dense": dense, **{i: v[2] for i, v in enumerate(vs)}}
         with torch.inference_mode():
@@ -270,7 +276,8 @@ def main():
     columns += [("TP's = ", "timed_against", ""), ("latency measured / asked - 1", "latency_error", ""),
                 ("the same, timed in pairs", "latency_error_pairs", ""), ("fused attention", "fused_attention", ""),
                 ("paper (Xeon 4210R)", "paper", ""), ("load while timed", "load", "")]
-    report("latency" if args.device == "cpu" else f"latency_{args.device}_{args.dtype}", columns, rows)
+    name = "latency" if args.device == "cpu" else f"latency_{args.device}_{args.dtype}"
+    report(name + ("" if args.normalise == "group" else f"_normalise_{args.normalise}"), columns, rows)
 
 
 if __name__ == "__main__":

@@ -5,11 +5,13 @@
 DeiT-S shapes (197 tokens, residual 384, 6 heads, FFN 1536), fp32, eval + inference_mode:
   * FFN: fc1 384 -> w and fc2 w -> 384 over batch x 197 tokens, for w in 1224..1240;
   * residual width d in 376..392: LayerNorm, a GEMM reading the stream (d -> 1536), one writing it, the add;
-  * head width: fused attention [batch, 6, 197, w] and the qkv GEMM 384 -> 6 * 3w, w in 20..40.
+  * head width: fused attention [batch, 6, 197, w] and the qkv GEMM 384 -> 6 * 3w, w in 20..40;
+  * the fused attention alone at head widths 8..64 (steps of 8): how little of its time a narrower
+    head saves (the 197 x 197 scores and their softmax cost the same at any width).
 Every width of a sweep is timed in turns (a, b, c, a, b, c, ...; medians), so load hits all alike.
 The column "ns per MAC" shows whether a width costs more than its size says: spikes at widths off
 a multiple mean that multiple is worth rounding to (snp_fx's hardware="cpu" default, HARDWARE in
-snp_fx/planning.py, is set from this table).  Writes results/widths.json.
+snp_fx/api.py, is set from this table).  Writes results/widths.json.
 """
 import argparse
 import statistics
@@ -71,6 +73,14 @@ def main():
         t = interleaved({w: f for w, (f, _) in att.items()}, args.repeats)
         rows += [{"kind": "head (qkv GEMM + fused attention)", "width": w, "ms": t[w] * 1e3,
                   "ns_per_mac": t[w] / m * 1e9} for w, (_, m) in att.items()]
+        sdpa = {}  # the fused kernel alone over the head widths pruning leaves: its cost is not its MACs
+        for w in range(8, 65, 8):
+            q, k, v = (torch.randn(args.batch, heads, 197, w) for _ in range(3))
+            sdpa[w] = (lambda q=q, k=k, v=v: F.scaled_dot_product_attention(q, k, v),
+                       2 * args.batch * heads * 197 * 197 * w)
+        t = interleaved({w: f for w, (f, _) in sdpa.items()}, args.repeats)
+        rows += [{"kind": "fused attention alone", "width": w, "ms": t[w] * 1e3, "ns_per_mac": t[w] / m * 1e9}
+                 for w, (_, m) in sdpa.items()]
     report("widths", [("kind", "kind", "s"), ("width", "width", "d"), ("ms", "ms", ".2f"),
                       ("ns per MAC", "ns_per_mac", ".4f")], rows)
 

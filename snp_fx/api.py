@@ -15,7 +15,7 @@ from .compensate import DEFAULT_RIDGE
 from .compensate import compensate as _compensate
 from .errors import RewriteError, SNPError, SNPFXError, brief
 from .importance import DEFAULT_GAMMA, check_importance, check_selection, compute_scores, name_of
-from .planning import (UNIFORM_STEP, PruningPlan, check_ratios, check_target, check_uniform,
+from .planning import (UNIFORM_STEP, PruningPlan, check_normalise, check_ratios, check_target, check_uniform,
                        check_uniform_ratios, keep_mask, make_plan, paper_ratios, plan_for_target,
                        uniform_ratios_for_target)
 from .report import time_turns
@@ -194,7 +194,7 @@ def plan(model_or_analysis, example_inputs=None, *, ratios=None, importance="snp
          gamma: int = DEFAULT_GAMMA, progress: bool | None = None, target_macs=None, target_params=None,
          round_to=1, heads: bool = False, scores=None, selection="score",
          preset: str | None = None, hardware: str | None = None, target_latency=None,
-         frontend: str = "auto", uniform: bool = False) -> PruningPlan:
+         frontend: str = "auto", uniform: bool = False, normalise: str = "group") -> PruningPlan:
     """Which channels to keep in every group, as a JSON-serialisable PruningPlan.
 
     ``plan(model, example_inputs, ratios=...)`` analyzes the model first (``frontend`` and
@@ -229,8 +229,13 @@ def plan(model_or_analysis, example_inputs=None, *, ratios=None, importance="snp
     ``snp_fx.to_hf`` writes): ratios per kind only; with a MACs / parameter target one ratio for
     whole heads and FFN neurons is bisected; rotary attention keeps its head dim; FFN and
     residual widths are multiples of 8 (``round_to`` left at 1).
+    ``normalise``: how a target plan compares scores across groups: "group" (each group's scores
+    over their mean, one threshold for all) or "kind" (then each kind's deviations from 1 over their
+    pooled spread: nearly flat scores, such as SNP's v and FFN redundancy, are cut gradually rather
+    than at once; see ``plan_for_target`` and README "Where a MACs budget goes").
     ``progress``: tqdm bars (None: when stderr is a terminal).
     """
+    check_normalise(normalise)
     round_to = hardware_round_to(hardware, round_to)
     if uniform:
         round_to = UNIFORM_STEP if round_to == 1 else round_to
@@ -244,6 +249,9 @@ def plan(model_or_analysis, example_inputs=None, *, ratios=None, importance="snp
     targeted = target_macs is not None or target_params is not None or target_latency is not None
     if targeted and ratios:
         raise SNPError("give either ratios or a target (target_macs / target_params / target_latency), not both")
+    if normalise != "group" and (not targeted or uniform):
+        raise SNPError(f"normalise={normalise!r} compares groups for a target plan (target_macs / target_params "
+                       "/ target_latency, not uniform=True); ratios set the widths themselves: drop normalise")
     if targeted:
         check_target(a, target_macs, target_params, round_to, target_latency=target_latency, heads=heads or uniform)
     else:
@@ -264,12 +272,14 @@ def plan(model_or_analysis, example_inputs=None, *, ratios=None, importance="snp
     elif targeted:
         fill = hardware is not None  # the fused kernels need one head width: fill the pad with channels
         p = plan_for_target(a, sc, target_macs, target_params, round_to=round_to, heads=heads,
-                            target_latency=target_latency, fill_padding=fill)
+                            target_latency=target_latency, fill_padding=fill, normalise=normalise)
         if target_latency is not None:
-            p = _latency_feedback(a, sc, p, round_to, heads, fill)
+            p = _latency_feedback(a, sc, p, round_to, heads, fill, normalise=normalise)
     else:
         p = make_plan(a, ratios, sc, round_to=round_to)
     p.meta.update(importance=name_of(importance), gamma=gamma, selection=name_of(selection))
+    if targeted and not uniform:
+        p.meta["normalise"] = normalise
     for site, why in p.meta.get("heads_kept", {}).items():
         warnings.warn(f"snp_fx: heads of {site} kept: {why}", stacklevel=2)
     p.scores = sc
@@ -277,7 +287,8 @@ def plan(model_or_analysis, example_inputs=None, *, ratios=None, importance="snp
 
 
 def _latency_feedback(a: Analysis, scores, p: PruningPlan, round_to, heads: bool, fill_padding: bool = False,
-                      rounds: int = 8, tolerance: float = 0.01, turns: int = 7) -> PruningPlan:
+                      rounds: int = 8, tolerance: float = 0.01, turns: int = 7,
+                      normalise: str = "group") -> PruningPlan:
     """Ops timed alone (the latency table) can cost more or less than inside the whole model
     (threads, caches): time the planned model in turns with the dense one on the example inputs and
     re-plan with the table's target moved until the measured fraction of the dense latency is within
@@ -316,7 +327,7 @@ def _latency_feedback(a: Analysis, scores, p: PruningPlan, round_to, heads: bool
             frac = min(frac * asked / got, 0.99)
         try:
             p = plan_for_target(a, scores, target_latency=frac, round_to=round_to, heads=heads,
-                                fill_padding=fill_padding)
+                                fill_padding=fill_padding, normalise=normalise)
         except SNPError:  # the table allows nothing smaller: keep the closest plan measured
             break
     best.meta.update(target_latency=asked * best.meta["dense"])
@@ -449,7 +460,7 @@ def prune(model, example_inputs, *, ratios=None, importance="snp", verify: bool 
           progress: bool | None = None, target_macs=None, target_params=None, round_to=1,
           heads: bool = False, selection="score", compensate: bool = False,
           preset: str | None = None, hardware: str | None = None, target_latency=None,
-          uniform: bool = False) -> fx.GraphModule:
+          uniform: bool = False, normalise: str = "group") -> fx.GraphModule:
     """Analyze, plan and rewrite in one call (arguments as in ``plan`` and ``apply``).
 
     ``preset="best"``: exact q/k selection and least-squares compensation (see ``PRESETS``).
@@ -462,13 +473,14 @@ def prune(model, example_inputs, *, ratios=None, importance="snp", verify: bool 
     check_importance(importance)
     check_selection(selection)
     hardware_round_to(hardware, round_to)  # a bad name fails before the analysis
+    check_normalise(normalise)
     a = analyze(model, example_inputs, leaf_modules=leaf_modules, frontend=frontend)
     sc = None  # scored once (one calibration pass), re-planned if a group has to be set aside
     for _ in range(len(a.groups) + 1):
         p = plan(a, ratios=ratios, importance=importance, seed=seed, calibration=calibration,
                  gamma=gamma, progress=progress, target_macs=target_macs, target_params=target_params,
                  round_to=round_to, heads=heads, scores=sc, selection=selection, hardware=hardware,
-                 target_latency=target_latency, uniform=uniform)
+                 target_latency=target_latency, uniform=uniform, normalise=normalise)
         sc = p.scores
         try:
             return apply(model, p, example_inputs, verify=verify, analysis=a, compensate=compensate,

@@ -492,7 +492,7 @@ def cmd_prune(args) -> int:
     plan = api.plan(analysis, importance=args.importance or "snp", selection=args.selection or "score",
                     preset=args.preset,
                     seed=args.seed, calibration=data.calibration, gamma=args.gamma, round_to=args.round_to,
-                    heads=args.heads, hardware=args.hardware, **budget)
+                    heads=args.heads, hardware=args.hardware, normalise=args.normalise, **budget)
     _status("rewriting and verifying" + (" and compensating" if _compensates(args) else ""))
     pruned = api.apply(model, plan, x, analysis=analysis, compensate=_compensates(args),
                        calibration=data.calibration)
@@ -628,6 +628,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--heads", action="store_true", help="with a target: let whole heads go too")
     p.add_argument("--hardware", choices=("cpu", "cuda"),
                    help="round widths to what this hardware runs fastest (when --round-to is not given)")
+    p.add_argument("--normalise", choices=("group", "kind"), default="group",
+                   help="with a target: compare scores across groups by their mean (group) or also by each "
+                        "kind's spread (kind: nearly flat scores are cut gradually)")
     p.add_argument("--round-to", type=parse_round_to, default=1, metavar="N|KIND=N,...",
                    help="kept widths are multiples of N, or per kind: qk=8,v=8,ffn=64")
     p.add_argument("--preset", choices=list(PRESETS), help="named options: best (fluctuation widths, exact q/k selection, "

@@ -443,7 +443,7 @@ def _round_width(k: int, width: int, round_to: int) -> int:
 
 def plan_for_target(analysis: Analysis, scores, target_macs=None, target_params=None, round_to: int = 1,
                     heads: bool = False, tolerance: float = 0.01, target_latency=None,
-                    fill_padding: bool = False) -> PruningPlan:
+                    fill_padding: bool = False, normalise: str = "group") -> PruningPlan:
     """Allocate widths over every group to meet a MACs, parameter or latency budget.
 
     Scores are normalised per group (total-sum scaling to mean 1) so one
@@ -458,7 +458,13 @@ def plan_for_target(analysis: Analysis, scores, target_macs=None, target_params=
     many channels per head as the wider (its next best), where the rewrite would otherwise pad it
     with zeros for the fused kernel: the attention costs the same, the pad copies go, and the
     projection's extra rows are paid for by a higher threshold elsewhere.
+    ``normalise``: "group" (the scaling above) or "kind": then each kind's deviations from 1 are
+    divided by their pooled standard deviation over the kind's groups (heads: over the sites), so
+    that a kind whose scores are nearly flat (SNP's v and FFN redundancy) is not kept whole until
+    the threshold passes 1 and then cut at once, while the layers of one kind keep their relative
+    spreads (see README, "Where a MACs budget goes").
     """
+    check_normalise(normalise)
     check_target(analysis, target_macs, target_params, round_to, target_latency=target_latency, heads=heads)
     measure, _, dense, target = _budget(analysis, target_macs, target_params, target_latency, heads)
     head_scores = getattr(scores, "heads", {})
@@ -482,6 +488,9 @@ def plan_for_target(analysis: Analysis, scores, target_macs=None, target_params=
                 if hs is None:
                     hs = norm[gs["qk"].name].sum(1) + norm[gs["v"].name].sum(1)
                 hnorm[site] = normed(hs)
+    if normalise == "kind":
+        norm = _unit_spread_per_kind(norm, {g.name: g.kind for g in groups})
+        hnorm = _unit_spread_per_kind(hnorm, {site: "heads" for site in hnorm})
 
     fused = {s.name for s in analysis.sites if s.kind == "sdpa"} if fill_padding else set()
     fillable = {site: (gs["qk"], gs["v"]) for site, gs in sites.items() if site in fused and "qk" in gs
@@ -595,6 +604,28 @@ def plan_for_target(analysis: Analysis, scores, target_macs=None, target_params=
         best.meta.update(predicted_latency=float(best_v), latency_machine=measure.machine,
                          latency_inputs=[list(x.shape) for x in analysis.inputs if isinstance(x, torch.Tensor)])
     return best
+
+
+NORMALISE = ("group", "kind")
+
+
+def check_normalise(normalise) -> None:
+    if normalise not in NORMALISE:
+        raise SNPError(f"normalise={normalise!r} is not one of {list(NORMALISE)}")
+
+
+def _unit_spread_per_kind(norm: dict, kind_of: dict) -> dict:
+    """Mean-1 scores (name -> tensor) with each kind's deviations from 1 over their pooled standard
+    deviation (a kind with one score, or all equal, is left as it is)."""
+    pooled = {}
+    for name, x in norm.items():
+        pooled.setdefault(kind_of[name], []).append(x.flatten() - 1)
+    spread = {}
+    for kind, devs in pooled.items():
+        d = torch.cat(devs)
+        sd = float(d.std()) if d.numel() > 1 else 0.0
+        spread[kind] = sd if sd > 1e-12 else 1.0
+    return {name: 1 + (x - 1) / spread[kind_of[name]] for name, x in norm.items()}
 
 
 def _budget(analysis: Analysis, target_macs, target_params, target_latency, heads: bool):

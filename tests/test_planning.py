@@ -7,7 +7,7 @@ import torch
 import snp_fx
 from conftest import timm_analysis, timm_model
 from snp_fx.importance import compute_scores
-from snp_fx.planning import BUNDLED_CONFIGS, keep_mask, make_plan, paper_ratios, plan_for_target
+from snp_fx.planning import BUNDLED_CONFIGS, _unit_spread_per_kind, keep_mask, make_plan, paper_ratios, plan_for_target
 from snp_fx.cost import count_macs, count_params, estimate_macs, estimate_params
 from snp_fx.rewrite import rewrite
 from snp_fx.errors import SNPError
@@ -276,3 +276,48 @@ def test_hardware_hint_fills_the_padding():
     assert {x.kind for x in m.sites} == {"matmul"}
     assert any(unfilled.widths()[f"{x}.qk"] != unfilled.widths()[f"{x}.v"] for x in sites)
     assert plan_for_target(m, s, target_macs=0.5, round_to=8, fill_padding=True).groups == unfilled.groups
+
+
+def _kept_fraction(a, plan, kind) -> float:
+    kept = total = 0
+    for name, g in a.groups.items():
+        if g.kind == kind and g.prunable:
+            keep = plan.groups[name]["keep"]
+            total += g.classes.numel()
+            kept += sum(len(h) for h in keep) if keep and isinstance(keep[0], list) else len(keep)
+    return kept / total
+
+
+def test_normalise_by_kind_cuts_flat_kinds_gradually():
+    """SNP's FFN redundancy scores are nearly flat: compared by their mean alone, a MACs budget keeps
+    the FFN almost whole and halves the residual stream; with normalise="kind" the FFN gives its share,
+    and both plans meet the budget."""
+    a = timm_analysis("deit_tiny_patch16_224")
+    s = compute_scores(a, "snp", progress=False)
+    by_group = plan_for_target(a, s, target_macs=0.5)
+    by_kind = plan_for_target(a, s, target_macs=0.5, normalise="kind")
+    dense = estimate_macs(a, keep_mask(a, snp_fx.PruningPlan({})))
+    for p in (by_group, by_kind):
+        assert abs(estimate_macs(a, keep_mask(a, p)) / dense - 0.5) <= 0.01 * 0.5
+    assert _kept_fraction(a, by_group, "ffn") > 0.9 and _kept_fraction(a, by_group, "residual") < 0.6
+    assert _kept_fraction(a, by_kind, "ffn") < _kept_fraction(a, by_group, "ffn") - 0.1
+    assert _kept_fraction(a, by_kind, "residual") > _kept_fraction(a, by_group, "residual")
+    with pytest.raises(snp_fx.SNPError, match="normalise='layer' is not one of"):
+        snp_fx.plan(a, target_macs=0.5, normalise="layer")
+    with pytest.raises(snp_fx.SNPError, match="ratios set the widths themselves"):
+        snp_fx.plan(a, ratios={"ffn": 0.5}, normalise="kind", scores=s)
+
+
+def test_unit_spread_per_kind_keeps_the_layers_relative_spreads():
+    norm = {"ffn.0": torch.tensor([1.2, 0.8, 1.0], dtype=torch.float64),
+            "ffn.1": torch.tensor([1.02, 0.98, 1.0], dtype=torch.float64),
+            "qk.0": torch.tensor([[3.0, -1.0], [1.0, 1.0]], dtype=torch.float64)}
+    out = _unit_spread_per_kind(norm, {"ffn.0": "ffn", "ffn.1": "ffn", "qk.0": "qk"})
+    for kind in (("ffn.0", "ffn.1"), ("qk.0",)):
+        dev = torch.cat([out[n].flatten() - 1 for n in kind])
+        assert abs(float(dev.std()) - 1) < 1e-12  # each kind's pooled spread is one
+    # a kind's layers keep their relative spreads (standardising each group would make them equal)
+    assert torch.allclose(out["ffn.0"] - 1, 10 * (out["ffn.1"] - 1))
+    assert out["qk.0"].shape == (2, 2) and float(out["qk.0"][1, 0]) == 1.0
+    flat = _unit_spread_per_kind({"v.0": torch.ones(4, dtype=torch.float64)}, {"v.0": "v"})
+    assert torch.equal(flat["v.0"], torch.ones(4, dtype=torch.float64))  # all equal: left as it is
