@@ -121,7 +121,7 @@ def lm_quality():
             row = {"scores": label, "how": how}
             for r in LM_REMOVED:
                 p = plan_with(a, sc, how, target_params=1 - r)
-                row[f"at_{r}"] = perplexity(snp_fx.apply(a, p, verify=False, calibration=cal, compensate=comp,
+                row[f"at_{r}"] = perplexity(snp_fx.apply(a, p, calibration=cal, compensate=comp,
                                                          progress=False), ev)
             rows.append(row)
             print(row, flush=True)
@@ -208,8 +208,7 @@ HOW = ("mean 1", "unit spread per group", "unit spread per kind", "normalise=\"k
 def plan_with(a, scores, how, **budget):
     """The plan for ``budget`` with the scores compared across groups as ``how`` says."""
     normalise = "kind" if how == "normalise=\"kind\"" else "group"
-    return snp_fx.plan(a, hardware=budget.pop("hardware", None), scores=compared_by(a, scores, how),
-                       normalise=normalise, progress=False, **budget)
+    return snp_fx.plan(a, scores=compared_by(a, scores, how), normalise=normalise, progress=False, **budget)
 
 
 def quality():
@@ -230,7 +229,7 @@ def quality():
             row = {"model": f"digits ViT, residual {residual}", "metric": "top-1", "how": how}
             for f in FRACTIONS:
                 p = plan_with(a, sc, how, target_macs=f, hardware="cpu")
-                row[f"at_{f}"] = accuracy(snp_fx.apply(a, p, verify=False), xte, yte)
+                row[f"at_{f}"] = accuracy(snp_fx.apply(a, p), xte, yte)
             rows.append(row)
             print(row, flush=True)
     model, cal, ev, _ = load(64, 128, 8, 32)
@@ -241,7 +240,7 @@ def quality():
         row = {"model": "all-MiniLM-L6-v2", "metric": "embedding cosine", "how": how}
         for f in FRACTIONS:
             p = plan_with(a, sc, how, target_macs=f, hardware="cpu")
-            row[f"at_{f}"] = evaluate(snp_fx.apply(a, p, verify=False), ev, dense)["cosine"]
+            row[f"at_{f}"] = evaluate(snp_fx.apply(a, p), ev, dense)["cosine"]
         rows.append(row)
         print(row, flush=True)
     return rows

@@ -121,6 +121,7 @@ def variants(name, dense, x, quick, big, normalise="group"):
     configs = CONFIGS[name][:1] if quick else CONFIGS[name]
     dense_macs = count_macs(dense, (x,))
     tps = []  # (round_to, MACs, label) of the torch-pruning rows made so far
+    suffix = "" if normalise == "group" else f", normalise {normalise}"  # of the target rows' labels
 
     def torch_pruning(pruned, round_to, pending):
         """Label of a torch-pruning row with ``round_to`` within 2% of ``pruned``'s MACs; made if none is."""
@@ -145,13 +146,12 @@ def variants(name, dense, x, quick, big, normalise="group"):
         # the same per-layer ratios with widths the CPU likes (round_to 8, to the nearest multiple)
         snp(f"snp_fx `{cfg}` config, hardware cpu", g,
             snp_fx.prune(dense, x, ratios=cfg, hardware="cpu", progress=False), 8, pending)
-        tag = "" if normalise == "group" else f", normalise {normalise}"
         b = snp_fx.prune(dense, x, target_macs=g * 1e9, hardware="cpu", normalise=normalise, progress=False)
-        snp(f"snp_fx target {g}G, hardware cpu{tag}", g, b, 8, pending)
+        snp(f"snp_fx target {g}G, hardware cpu{suffix}", g, b, 8, pending)
         if not quick:  # whole heads may go too: the shapes attention runs fastest in (native_widths.py)
             h = snp_fx.prune(dense, x, target_macs=g * 1e9, hardware="cpu", heads=True, normalise=normalise,
                              progress=False)
-            snp(f"snp_fx target {g}G + heads, hardware cpu{tag}", g, h, 8, pending)
+            snp(f"snp_fx target {g}G + heads, hardware cpu{suffix}", g, h, 8, pending)
             # a latency budget: the config's MACs fraction of the dense latency at the big batch
             # (the latency table is measured at the example's batch)
             frac = round(count_macs(a, (x,)) / dense_macs, 3)
@@ -161,14 +161,13 @@ def variants(name, dense, x, quick, big, normalise="group"):
             except snp_fx.SNPError as e:  # the latency table is measured here: a loaded machine can upset it
                 print(f"{name} | target_latency {frac}: {e}", flush=True)
             else:
-                snp(f"snp_fx target_latency {frac} (b{big}), hardware cpu{tag}", g, d, 8, pending, asked=frac)
+                snp(f"snp_fx target_latency {frac} (b{big}), hardware cpu{suffix}", g, d, 8, pending, asked=frac)
         out += pending
     if name in HEADS_BUDGET and not quick:
         g, pending = HEADS_BUDGET[name], []
-        tag = "" if normalise == "group" else f", normalise {normalise}"
         c = snp_fx.prune(dense, x, target_macs=g * 1e9, hardware="cpu", heads=True, normalise=normalise,
                          progress=False)
-        snp(f"snp_fx target {g}G + heads, hardware cpu{tag}", g, c, 8, pending)
+        snp(f"snp_fx target {g}G + heads, hardware cpu{suffix}", g, c, 8, pending)
         torch_pruning(c, 1, pending)  # and the recipe as published, for the speedup columns
         out += pending
     return out
