@@ -109,7 +109,8 @@ def lm_quality():
     cal = batched(random_windows(train_data, c["n_cal"], c["seq"], torch.Generator().manual_seed(2)), EVAL_BATCH)
     a = snp_fx.analyze(model, cal[0])
     best = PRESETS["best"]
-    rows = [{"scores": "-", "how": "dense", **{f"at_{r}": perplexity(a.gm, ev) for r in LM_REMOVED}}]
+    dense = perplexity(a.gm, ev)
+    rows = [{"scores": "-", "how": "dense", **{f"at_{r}": dense for r in LM_REMOVED}}]
     # (label, scores, compensate, ways): snp every way; the fluctuation scores (preset="best"'s widths,
     # with and without its exact selection and compensation) by mean and by kind
     for label, sc, comp, ways in (

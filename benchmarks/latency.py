@@ -39,6 +39,7 @@ from timm.models.vision_transformer import Attention
 
 import snp_fx
 from snp_fx.cost import count_macs
+from snp_fx.planning import NORMALISE
 from snp_fx.report import time_turns
 from torch.profiler import ProfilerActivity, profile
 
@@ -184,7 +185,7 @@ def main():
     ap.add_argument("--dtype", default="float32", choices=("float32", "float16", "bfloat16"),
                     help="timing dtype (pruning runs in float32, then the models are converted)")
     ap.add_argument("--big-batch", type=int, default=16, help="the second batch size timed (e.g. 64 on a GPU)")
-    ap.add_argument("--normalise", choices=("group", "kind"), default="group",
+    ap.add_argument("--normalise", choices=NORMALISE, default="group",
                     help="how the target rows compare scores across groups (snp_fx.plan's normalise=)")
     args = ap.parse_args()
     keep_freed_memory()

@@ -608,6 +608,7 @@ def _model_options(p):
 def build_parser() -> argparse.ArgumentParser:
     from .api import PRESETS
     from .importance import DEFAULT_GAMMA, IMPORTANCES, SELECTIONS
+    from .planning import NORMALISE
     ap = _Parser(prog="snp-fx", description="Structured neuron-level pruning of transformers.")
     sub = ap.add_subparsers(dest="cmd", required=True, parser_class=_Parser)
     p = sub.add_parser("prune", help="prune a model, print a report, write the pruned model and plots",
@@ -628,7 +629,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--heads", action="store_true", help="with a target: let whole heads go too")
     p.add_argument("--hardware", choices=("cpu", "cuda"),
                    help="round widths to what this hardware runs fastest (when --round-to is not given)")
-    p.add_argument("--normalise", choices=("group", "kind"), default="group",
+    p.add_argument("--normalise", choices=NORMALISE, default="group",
                    help="with a target: compare scores across groups by their mean (group) or also by each "
                         "kind's spread (kind: nearly flat scores are cut gradually)")
     p.add_argument("--round-to", type=parse_round_to, default=1, metavar="N|KIND=N,...",
