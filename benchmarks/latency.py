@@ -18,7 +18,10 @@ Per model (timm, random init) the rows are:
       ignored), its ratio bisected to the MACs of the row it is timed against: row (a) against the
       recipe as published (round_to 1, within 1%), the hardware="cpu" rows against it with
       torch-pruning's round_to=8 (its widths in multiples of 8 too, within 2%: the steps are
-      coarse); a torch-pruning row serves every row whose MACs are within 2% of its own.
+      coarse); a torch-pruning row serves every row whose MACs are within 2% of its own,
+  (g) snp_fx at each torch-pruning row's own widths (head width, residual and FFN width read off its
+      model, as per-kind ratios; SNP scores pick the channels), timed against that row: the same
+      shapes, so the difference is the implementation alone (FX graph, padded attention, rewrite).
 fp32, 2 threads (--threads), eval + inference_mode, batch 1 and 16 (--big-batch) at 224x224; --compile
 also times every model under torch.compile; --device cuda --dtype float16 runs the rows on a GPU.
 The dense model and every pruned variant of it are timed in turns in one process (snp_fx.report.time_turns), so
@@ -84,6 +87,19 @@ def tp_prune(dense, x, ratio, round_to=1):
     return model.eval()
 
 
+def tp_widths(dense, model) -> dict:
+    """Per-kind ratios that give snp_fx the widths of torch-pruning's ``model`` (uniform over blocks)."""
+    def widths(m):
+        attn = [b.attn for b in m.blocks]
+        return {"qk": {a.head_dim for a in attn}, "ffn": {b.mlp.fc1.out_features for b in m.blocks},
+                "residual": {m.patch_embed.proj.out_channels}}
+    dense_w, w = widths(dense), widths(model)
+    if any(len(v) != 1 for v in w.values()):
+        raise RuntimeError(f"torch-pruning's widths differ between blocks: {w}")
+    ratios = {k: 1 - next(iter(w[k])) / next(iter(dense_w[k])) for k in w}
+    return {**ratios, "v": ratios["qk"]}
+
+
 def tp_matching(dense, x, target, tol=0.01, round_to=1):
     """Bisect torch-pruning's ratio until count_macs is within ``tol`` of ``target`` (else the nearest)."""
     lo, hi, best = 0.0, 0.95, None
@@ -134,6 +150,11 @@ def variants(name, dense, x, quick, big, normalise="group"):
         label = f"torch-pruning L1 uniform r={r:.3f}" + (f", round_to {round_to}" if round_to > 1 else "")
         tps.append((round_to, m, label))
         pending.append((label, None, model, None, None, None))
+        # (g) snp_fx at exactly these widths: the implementation against torch-pruning's, shapes equal
+        twin = snp_fx.prune(dense, x, ratios=tp_widths(dense, model), round_to=round_to, progress=False)
+        if abs(count_macs(twin, (x,)) / m - 1) > 1e-3:
+            raise RuntimeError(f"snp_fx at {label}'s widths: {count_macs(twin, (x,)):.4g} MACs, not {m:.4g}")
+        pending.append((f"snp_fx at the widths of {label}", None, twin, None, None, label))
         return label
 
     def snp(label, budget, pruned, round_to, pending, asked=None):
