@@ -21,7 +21,6 @@ Writes benchmarks/results/allocation.json (and allocation_quality.json, allocati
 """
 import argparse
 import dataclasses
-import json
 import os
 import statistics
 
@@ -31,7 +30,7 @@ import torch
 import snp_fx
 from common import report
 from snp_fx.api import PRESETS
-from snp_fx.planning import BUNDLED_CONFIGS
+from snp_fx.planning import paper_ratios
 from digits import data, make_model, trained_model
 
 KINDS = ("qk", "v", "ffn", "residual")
@@ -56,15 +55,11 @@ def kept_and_spread(a, p):
     return {k: (kept[k] / total[k], statistics.mean(spread[k])) if total[k] else None for k in KINDS}
 
 
-def paper_kept(name):
-    """Kept fractions of the authors' config (mean over layers, as published)."""
-    with open(BUNDLED_CONFIGS[name]) as f:
-        c = json.load(f)
-    qk = [c["matmul" if i == 0 else f"matmul_{2 * i}"] for i in range(12)]
-    v = [c[f"matmul_{2 * i + 1}"] for i in range(12)]
-    ffn = [c[f"blocks_{i}_mlp_fc1"] for i in range(12)]
-    return {"qk": 1 - statistics.mean(qk), "v": 1 - statistics.mean(v), "ffn": 1 - statistics.mean(ffn),
-            "residual": 1 - c["add_24"]}
+def paper_kept(a, name):
+    """Kept fractions of the authors' config (mean over layers, as published), mapped onto the
+    groups of ``a`` (any DeiT's analysis: the configs name nodes by block) by snp_fx.paper_ratios."""
+    ratios = paper_ratios(a, name)
+    return {k: 1 - statistics.mean(r for g, r in ratios.items() if a.groups[g].kind == k) for k in KINDS}
 
 
 def compared_by(a, scores, how):
@@ -184,10 +179,11 @@ def main():
             row[f"spread_{k}"] = "-" if v is None else f"{v[1]:.3f}"
         rows.append(row)
         print(row, flush=True)
+    deit_t = snp_fx.analyze(*deit("deit_tiny_patch16_224"))
     for cfg, model_name in (("DeiT_t", "DeiT-T"), ("DeiT_s", "DeiT-S"), ("DeiT_s_small", "DeiT-S"),
                             ("DeiT_b", "DeiT-B")):
         row = {"model": model_name, "weights": "-", "budget": f"authors' `{cfg}` config"}
-        for k, v in paper_kept(cfg).items():
+        for k, v in paper_kept(deit_t, cfg).items():
             row[f"kept_{k}"], row[f"spread_{k}"] = f"{v:.2f}", "-"
         rows.append(row)
     columns = [("model", "model", ""), ("weights", "weights", ""), ("budget", "budget", "")]

@@ -152,8 +152,9 @@ def variants(name, dense, x, quick, big, normalise="group"):
         pending.append((label, None, model, None, None, None))
         # (g) snp_fx at exactly these widths: the implementation against torch-pruning's, shapes equal
         twin = snp_fx.prune(dense, x, ratios=tp_widths(dense, model), round_to=round_to, progress=False)
-        if abs(count_macs(twin, (x,)) / m - 1) > 1e-3:
-            raise RuntimeError(f"snp_fx at {label}'s widths: {count_macs(twin, (x,)):.4g} MACs, not {m:.4g}")
+        twin_macs = count_macs(twin, (x,))
+        if abs(twin_macs / m - 1) > 1e-3:
+            raise RuntimeError(f"snp_fx at {label}'s widths: {twin_macs:.4g} MACs, not {m:.4g}")
         pending.append((f"snp_fx at the widths of {label}", None, twin, None, None, label))
         return label
 
